@@ -1,0 +1,147 @@
+"""The checkpoint format: a directory written atomically.
+
+    checkpoint_000010/
+      flowrl_checkpoint.json   format version, versions, algorithm, env, iteration, counters
+      params.json              the full config
+      policies/<policy_id>.pt  torch state dict per policy (weights + optimizer + extras)
+
+Policy files hold only tensors, arrays and plain containers and are read with
+``torch.load(weights_only=True)``: a checkpoint never runs code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import uuid
+from typing import Any
+
+import torch
+
+import flowrl
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "flowrl_checkpoint.json"
+PARAMS_FILE = "params.json"
+POLICY_DIR = "policies"
+
+
+def json_default(value: Any) -> Any:
+    """JSON fallback for configs: classes and functions are written by name."""
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return repr(value)
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, default=json_default, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_checkpoint(path: str, manifest: dict, params: dict,
+                     policy_states: dict[str, dict]) -> str:
+    """Writes a checkpoint directory at ``path`` atomically and returns its path.
+
+    Everything goes to a temporary sibling directory first, which is renamed into place
+    only when complete: a crash mid-write never leaves a half-written checkpoint, and an
+    older checkpoint at the same path is replaced only after the new one is whole.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(os.path.join(tmp, POLICY_DIR))
+    try:
+        files = {}
+        for pid, state in policy_states.items():
+            rel = f"{POLICY_DIR}/{pid}.pt"
+            with open(os.path.join(tmp, rel), "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            files[pid] = rel
+        full_manifest = {
+            "format_version": FORMAT_VERSION,
+            "flowrl_version": flowrl.__version__,
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "policies": files,
+            **manifest,
+        }
+        _write_json(os.path.join(tmp, PARAMS_FILE), params)
+        # The manifest goes last: its presence marks a complete checkpoint.
+        _write_json(os.path.join(tmp, MANIFEST_FILE), full_manifest)
+        if os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)  # Tune hands us an empty directory to fill
+        if os.path.exists(path):
+            old = os.path.join(parent, f".{os.path.basename(path)}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def find_checkpoint_dir(path: str) -> str:
+    """Accepts a checkpoint directory or its manifest file; raises a clear error if absent."""
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if os.path.isfile(path) and os.path.basename(path) == MANIFEST_FILE:
+        path = os.path.dirname(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Checkpoint not found: {path!r} does not exist. Pass the "
+                                "directory returned by Agent.save() (it holds "
+                                f"{MANIFEST_FILE}).")
+    if not os.path.isfile(os.path.join(path, MANIFEST_FILE)):
+        raise FileNotFoundError(f"{path!r} is not a flowrl checkpoint: it has no "
+                                f"{MANIFEST_FILE}. Pass the directory returned by "
+                                "Agent.save().")
+    return path
+
+
+def read_manifest(path: str) -> dict:
+    """Reads and checks the manifest of the checkpoint at ``path``."""
+    path = find_checkpoint_dir(path)
+    try:
+        with open(os.path.join(path, MANIFEST_FILE)) as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"Checkpoint {path!r} is corrupt: {MANIFEST_FILE} is not valid "
+                         f"JSON ({e}).") from e
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"Checkpoint {path!r} has format version {version!r} (written by flowrl "
+            f"{manifest.get('flowrl_version', '?')}), but this flowrl "
+            f"{flowrl.__version__} reads format version {FORMAT_VERSION}.")
+    return manifest
+
+
+def read_params(path: str) -> dict:
+    """The config stored with the checkpoint at ``path``."""
+    path = find_checkpoint_dir(path)
+    with open(os.path.join(path, PARAMS_FILE)) as f:
+        return json.load(f)
+
+
+def read_policy_states(path: str, manifest: dict) -> dict[str, dict]:
+    """Loads every policy's state dict (``weights_only=True``)."""
+    path = find_checkpoint_dir(path)
+    states = {}
+    for pid, rel in manifest["policies"].items():
+        file = os.path.join(path, rel)
+        try:
+            states[pid] = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"Checkpoint {path!r}: cannot load policy {pid!r} from "
+                             f"{rel} ({type(e).__name__}: {e}).") from e
+    return states

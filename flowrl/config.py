@@ -1,0 +1,143 @@
+"""COMMON_CONFIG, deep merging, and validation of user configs.
+
+    config = merge_config(COMMON_CONFIG, PPO_DEFAULT_CONFIG)  # algorithm defaults
+    config = merge_config(config, {"lr": 1e-3}, check_keys=True)  # user config
+
+Unknown keys fail with the closest valid key; wrong types fail naming the key, the
+value and the expected type. All of it happens before any worker starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from typing import Any
+
+from flowrl.policies.models import MODEL_DEFAULTS
+
+# Keys whose values are free-form dicts owned by the user (not validated inside).
+FREE_FORM_KEYS = {"env_config", "custom_model_config", "evaluation_config",
+                  "custom_eval_config", "multiagent"}
+
+COMMON_CONFIG: dict[str, Any] = {
+    # -- environment --------------------------------------------------------------
+    "env": None,                  # name, gymnasium id, or env class
+    "env_config": {},             # passed to the env creator inside an EnvContext
+    "clip_actions": True,         # clip Box actions to the space bounds when stepping
+    # -- rollouts -----------------------------------------------------------------
+    "num_workers": 0,             # remote rollout actors; 0 = sample in this process
+    "num_envs_per_worker": 1,     # envs stepped together, one batched forward pass
+    "rollout_fragment_length": 200,  # steps per env per sample() call
+    "batch_mode": "truncate_episodes",  # or "complete_episodes"
+    "explore": True,
+    "seed": None,
+    # -- training -----------------------------------------------------------------
+    "gamma": 0.99,
+    "lr": 1e-4,
+    "train_batch_size": 200,
+    "grad_clip": None,
+    "model": copy.deepcopy(MODEL_DEFAULTS),
+    # -- resources ----------------------------------------------------------------
+    "num_gpus": 0,                # GPUs for the learner (the driver / Tune trial)
+    "num_cpus_for_driver": 1,
+    "num_cpus_per_worker": 1,
+    "num_gpus_per_worker": 0,
+    # -- reporting ----------------------------------------------------------------
+    "timesteps_per_iteration": 0,  # at least this many sampled steps per train()
+    "min_iter_time_s": 0,          # at least this long per train()
+    "metrics_smoothing_episodes": 100,
+    "evaluation_interval": None,   # run evaluation every N train() calls
+    "evaluation_num_episodes": 10,
+    "evaluation_config": {},       # overrides for evaluation (e.g. {"explore": False})
+    # -- reliability --------------------------------------------------------------
+    "recreate_failed_workers": True,
+    "max_worker_restarts": 100,
+    "log_level": "WARN",
+}
+
+
+# Numeric keys whose integer defaults also accept fractions.
+FRACTIONAL_KEYS = {"num_gpus", "num_cpus_for_driver", "num_cpus_per_worker",
+                   "num_gpus_per_worker", "min_iter_time_s"}
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _check_type(key: str, value: Any, default: Any) -> None:
+    """Raises if ``value`` does not fit the type of the key's default."""
+    if default is None or value is None:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int) and key.rsplit(".", 1)[-1] not in FRACTIONAL_KEYS:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ValueError(f"Config key {key!r} has value {value!r} of type "
+                         f"{_type_name(value)}; expected {_type_name(default)} "
+                         f"(like the default {default!r}).")
+
+
+def _unknown_key_error(key: str, known: list[str], where: str) -> ValueError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.4)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"Unknown config key {key!r}{where}.{hint} "
+                      f"Valid keys: {', '.join(sorted(known))}.")
+
+
+def merge_config(base: dict, overrides: dict | None, check_keys: bool = False,
+                 _path: str = "") -> dict:
+    """Deep-merges ``overrides`` into a copy of ``base``.
+
+    Dict-valued keys merge recursively (so ``{"model": {"fcnet_hiddens": [32]}}`` keeps
+    the other model keys). With ``check_keys``, keys unknown to ``base`` and values
+    of the wrong type raise ``ValueError``.
+    """
+    merged = copy.deepcopy(base)
+    for key, value in (overrides or {}).items():
+        name = f"{_path}{key}"
+        if check_keys and key not in base:
+            raise _unknown_key_error(name, list(base),
+                                     f" in {_path.rstrip('.')!r}" if _path else "")
+        default = base.get(key)
+        if check_keys:
+            _check_type(name, value, default)
+        if isinstance(default, dict) and isinstance(value, dict) and \
+                key not in FREE_FORM_KEYS:
+            merged[key] = merge_config(default, value, check_keys, f"{name}.")
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def require(condition: bool, message: str) -> None:
+    """Raises ``ValueError(message)`` unless ``condition`` holds (config checks)."""
+    if not condition:
+        raise ValueError(message)
+
+
+def validate_common(config: dict) -> None:
+    """Checks of COMMON_CONFIG values that any algorithm relies on."""
+    for key in ("num_envs_per_worker", "rollout_fragment_length", "train_batch_size"):
+        require(config[key] >= 1, f"{key}={config[key]!r} must be >= 1.")
+    require(config["num_workers"] >= 0, f"num_workers={config['num_workers']!r} must be >= 0.")
+    require(config["batch_mode"] in ("truncate_episodes", "complete_episodes"),
+            f"batch_mode={config['batch_mode']!r}; expected 'truncate_episodes' or "
+            "'complete_episodes'.")
+    require(0.0 <= config["gamma"] <= 1.0, f"gamma={config['gamma']!r} must be in [0, 1].")
+    require(config["lr"] >= 0, f"lr={config['lr']!r} must be >= 0.")
+    require(config["num_gpus"] >= 0, f"num_gpus={config['num_gpus']!r} must be >= 0.")
+    interval = config["evaluation_interval"]
+    require(interval is None or (isinstance(interval, int) and interval >= 1),
+            f"evaluation_interval={interval!r} must be None or an int >= 1.")

@@ -1,0 +1,155 @@
+"""Env registry, EnvContext, and creation of gymnasium envs from names.
+
+    register_env("my_env", lambda ctx: MyEnv(ctx["size"]))
+    creator = make_env_creator("my_env")        # or "CartPole-v1", or an env class
+    env = creator(EnvContext({"size": 3}, worker_index=1))
+
+Envs written against the old gym API (``reset() -> obs``, 4-tuple ``step``) are
+wrapped by :class:`OldGymAPIAdapter` automatically.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, Callable
+
+import gymnasium as gym
+
+from flowrl.envs.compat import ensure_gymnasium_env
+
+EnvCreator = Callable[["EnvContext"], Any]
+
+_ENV_CREATORS: dict[str, EnvCreator] = {}
+
+
+class EnvContext(dict):
+    """The ``env_config`` dict, plus where the env lives.
+
+    Attributes:
+        worker_index: 0 for the local worker, 1..N for remote workers.
+        vector_index: index of this env among the worker's ``num_envs_per_worker``.
+        num_workers: number of remote workers.
+    """
+
+    def __init__(self, env_config: dict | None = None, worker_index: int = 0,
+                 vector_index: int = 0, num_workers: int = 0):
+        super().__init__(env_config or {})
+        self.worker_index = worker_index
+        self.vector_index = vector_index
+        self.num_workers = num_workers
+
+    def copy_with_overrides(self, worker_index: int | None = None,
+                            vector_index: int | None = None) -> "EnvContext":
+        return EnvContext(
+            dict(self),
+            self.worker_index if worker_index is None else worker_index,
+            self.vector_index if vector_index is None else vector_index,
+            self.num_workers,
+        )
+
+
+def register_env(name: str, env_creator: EnvCreator) -> None:
+    """Registers ``env_creator(env_context) -> env`` under ``name``.
+
+    The name can then be used as ``env`` in any config, CLI call or Tune experiment.
+    Registration is per process; remote workers receive the creator function itself,
+    so registering in the driver is enough.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_env: name must be a non-empty string, got {name!r}")
+    if not callable(env_creator):
+        raise TypeError(f"register_env({name!r}, ...): env_creator must be callable, "
+                        f"got {type(env_creator).__name__}")
+    _ENV_CREATORS[name] = env_creator
+    # Tune trials run in other processes: Ray's registry carries the creator there.
+    from ray.tune.registry import register_env as tune_register_env
+    tune_register_env(name, env_creator)
+
+
+def registered_envs() -> list[str]:
+    """Names registered with :func:`register_env`."""
+    return sorted(_ENV_CREATORS)
+
+
+def _unknown_env_error(name: str) -> ValueError:
+    known = list(_ENV_CREATORS) + list(gym.registry.keys())
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return ValueError(
+        f"Unknown env {name!r}: it is neither registered with flowrl.register_env() "
+        f"nor a gymnasium env id.{hint}"
+    )
+
+
+def make_env_creator(env: Any) -> EnvCreator:
+    """Returns a creator ``fn(EnvContext) -> gymnasium.Env`` for ``env``.
+
+    ``env`` may be a name given to :func:`register_env`, a gymnasium id
+    (``"CartPole-v1"``), a short Atari name (``"Breakout"``, when Atari support is
+    installed), or an env class / callable taking the ``EnvContext``.
+    Unknown names fail here, before any worker starts.
+    """
+    if env is None:
+        raise ValueError("No env given: pass env=... to the agent or set config['env'] "
+                         "(e.g. 'CartPole-v1').")
+    if isinstance(env, str):
+        if env in _ENV_CREATORS:
+            creator = _ENV_CREATORS[env]
+        elif env in gym.registry:
+            creator = _GymnasiumCreator(env)
+        else:
+            creator = _from_tune_registry(env) or _resolve_extra_names(env)
+            if creator is None:
+                raise _unknown_env_error(env)
+    elif inspect.isclass(env) or callable(env):
+        creator = env
+    else:
+        raise ValueError(f"env must be a name or a callable, got {env!r}")
+    return _CompatCreator(creator)
+
+
+def _from_tune_registry(name: str) -> EnvCreator | None:
+    """A creator registered in the driver, seen from a Tune trial's process."""
+    import ray
+    if not ray.is_initialized():
+        return None
+    from ray.tune.registry import ENV_CREATOR, _global_registry
+    if _global_registry.contains(ENV_CREATOR, name):
+        return _global_registry.get(ENV_CREATOR, name)
+    return None
+
+
+def _resolve_extra_names(name: str) -> EnvCreator | None:
+    """Hook for short names (e.g. Atari games); None when the name is unknown."""
+    try:
+        from flowrl.envs import atari  # optional module, present with Atari support
+    except ImportError:
+        return None
+    return atari.resolve_short_name(name)
+
+
+class _GymnasiumCreator:
+    """Picklable creator for a gymnasium id; env_config entries become make() kwargs."""
+
+    def __init__(self, env_id: str):
+        self.env_id = env_id
+
+    def __call__(self, ctx: EnvContext):
+        return gym.make(self.env_id, **dict(ctx))
+
+    def __repr__(self) -> str:
+        return f"gymnasium.make({self.env_id!r})"
+
+
+class _CompatCreator:
+    """Wraps any creator so that its env speaks the gymnasium API."""
+
+    def __init__(self, creator: EnvCreator):
+        self.creator = creator
+
+    def __call__(self, ctx: EnvContext):
+        return ensure_gymnasium_env(self.creator(ctx))
+
+    def __repr__(self) -> str:
+        return repr(self.creator)

@@ -1,0 +1,124 @@
+"""StandardMetricsReporting: turns a training stream into one result dict per iteration."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from flowrl.flow import LocalIterator, Metrics, NotReady
+from flowrl.ops.counters import LEARNER_INFO, NUM_STEPS_SAMPLED
+from flowrl.workers.worker_set import WorkerSet
+
+logger = logging.getLogger(__name__)
+
+
+class CollectMetrics:
+    """Builds a result dict from worker episode stats, counters and timers.
+
+        CollectMetrics(workers, metrics, smoothing_episodes=100)()  -> {"episode_reward_mean": ...}
+
+    Episode stats come from ``selected_workers`` (default: all remote workers, or the
+    local worker when there are none); means are over the last ``smoothing_episodes``.
+    Reads counters: num_steps_sampled and all others (reported under ``info``).
+    """
+
+    def __init__(self, workers: WorkerSet, metrics: Metrics, smoothing_episodes: int = 100,
+                 selected_workers: list | None = None):
+        self.workers = workers
+        self.metrics = metrics
+        self.selected_workers = selected_workers
+        self.episodes: collections.deque = collections.deque(maxlen=smoothing_episodes)
+        self.episodes_total = 0
+        self.last_steps = 0
+
+    def _fetch_episodes(self) -> list[tuple[float, int]]:
+        remote = self.selected_workers if self.selected_workers is not None \
+            else self.workers.remote_workers()
+        if not remote:
+            return self.workers.local_worker().get_metrics()
+        import ray
+        episodes = []
+        refs = {w.get_metrics.remote(): w for w in remote}
+        for ref, worker in refs.items():
+            try:
+                episodes.extend(ray.get(ref))
+            except ray.exceptions.RayActorError as error:
+                # The rollout gathers replace dead workers; their stats are lost.
+                logger.warning("Could not collect episode stats from a dead worker: %s",
+                               error)
+        return episodes
+
+    def __call__(self, _item: Any = None) -> dict:
+        new_episodes = self._fetch_episodes()
+        self.episodes.extend(new_episodes)
+        self.episodes_total += len(new_episodes)
+        returns = [r for r, _ in self.episodes]
+        lengths = [n for _, n in self.episodes]
+        steps = self.metrics.get(NUM_STEPS_SAMPLED)
+        result = {
+            "episode_reward_mean": float(np.mean(returns)) if returns else float("nan"),
+            "episode_reward_min": float(np.min(returns)) if returns else float("nan"),
+            "episode_reward_max": float(np.max(returns)) if returns else float("nan"),
+            "episode_len_mean": float(np.mean(lengths)) if lengths else float("nan"),
+            "episodes_this_iter": len(new_episodes),
+            "episodes_total": self.episodes_total,
+            "timesteps_total": steps,
+            "timesteps_this_iter": steps - self.last_steps,
+            "num_healthy_workers": self.workers.num_healthy_workers(),
+            "info": {**self.metrics.counters_snapshot(),
+                     "num_worker_restarts": self.workers.num_worker_restarts,
+                     LEARNER_INFO: self.metrics.info.get(LEARNER_INFO, {})},
+            "timers": self.metrics.timers_snapshot(),
+        }
+        self.last_steps = steps
+        return result
+
+    def save(self) -> dict:
+        return {"episodes_total": self.episodes_total, "last_steps": self.last_steps}
+
+    def restore(self, state: dict) -> None:
+        self.episodes_total = state.get("episodes_total", 0)
+        self.last_steps = state.get("last_steps", 0)
+
+
+def StandardMetricsReporting(train_op: LocalIterator, workers: WorkerSet, config: dict,
+                             metrics: Metrics, selected_workers: list | None = None
+                             ) -> LocalIterator:
+    """One item = one training iteration's result dict.
+
+        train_op = rollouts.combine(ConcatBatches(4000)).for_each(TrainOneStep(...))
+        plan = StandardMetricsReporting(train_op, workers, config, metrics)
+        result = next(plan)
+
+    Pulls ``train_op`` until at least ``timesteps_per_iteration`` new steps were sampled
+    and ``min_iter_time_s`` passed (and at least one item arrived), then reports.
+    NotReady items are waited out here with a short back-off, so results are never
+    NotReady. Reads counters: num_steps_sampled.
+    """
+    collect = CollectMetrics(workers, metrics, config.get("metrics_smoothing_episodes", 100),
+                             selected_workers)
+    min_steps = config.get("timesteps_per_iteration", 0)
+    min_time = config.get("min_iter_time_s", 0)
+
+    def reports(_non_blocking: bool):
+        while True:
+            start_time = time.perf_counter()
+            start_steps = metrics.get(NUM_STEPS_SAMPLED)
+            pulled, backoff = 0, 1e-4
+            while (pulled == 0 or metrics.get(NUM_STEPS_SAMPLED) - start_steps < min_steps
+                   or time.perf_counter() - start_time < min_time):
+                if next(train_op) is NotReady:
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 5e-3)
+                else:
+                    pulled, backoff = pulled + 1, 1e-4
+            yield collect()
+
+    reporter = LocalIterator(reports, metrics,
+                             name=f"{train_op.name} -> StandardMetricsReporting")
+    reporter.collect_metrics = collect  # the Agent saves/restores its totals
+    return reporter

@@ -1,0 +1,148 @@
+"""Training operators: learn on the local worker, move gradients and weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from flowrl.flow import Metrics
+from flowrl.ops.counters import (APPLY_GRADS_TIMER, GRAD_TIMER, LEARN_TIMER, LEARNER_INFO,
+                                 NUM_STEPS_SAMPLED, NUM_STEPS_TRAINED, NUM_WEIGHT_BROADCASTS,
+                                 WEIGHT_SYNC_TIMER)
+from flowrl.workers.worker_set import WorkerSet
+
+
+class TrainOneStep:
+    """Trains the local worker's policies on a batch.
+
+        rollouts.combine(ConcatBatches(4000)).for_each(TrainOneStep(workers, metrics,
+                                                                    num_sgd_iter=10,
+                                                                    sgd_minibatch_size=128))
+
+    Emits ``(batch, learner_info)``; ``num_sgd_iter`` epochs of shuffled minibatches of
+    ``sgd_minibatch_size`` (0 = one step on the whole batch).
+    Counters: num_steps_trained. Timers: learn. Info: learner (stats per policy).
+    """
+
+    def __init__(self, workers: WorkerSet, metrics: Metrics, num_sgd_iter: int = 1,
+                 sgd_minibatch_size: int = 0):
+        self.workers = workers
+        self.metrics = metrics
+        self.num_sgd_iter = num_sgd_iter
+        self.sgd_minibatch_size = sgd_minibatch_size
+
+    def __call__(self, batch) -> tuple[Any, dict]:
+        timer = self.metrics.timer(LEARN_TIMER)
+        with timer:
+            info = self.workers.local_worker().learn_on_batch(
+                batch, self.num_sgd_iter, self.sgd_minibatch_size)
+        timer.push_units_processed(batch.count)
+        self.metrics.inc(NUM_STEPS_TRAINED, batch.count)
+        self.metrics.set_info(LEARNER_INFO, info)
+        return batch, info
+
+    def __repr__(self) -> str:
+        if self.num_sgd_iter == 1 and not self.sgd_minibatch_size:
+            return "TrainOneStep"
+        return f"TrainOneStep({self.num_sgd_iter}x{self.sgd_minibatch_size})"
+
+
+class BroadcastWeights:
+    """Sends the local worker's weights (one ``ray.put``) and global vars to all workers.
+
+        ... .for_each(TrainOneStep(workers, metrics)).for_each(BroadcastWeights(workers, metrics))
+
+    Passes its input through. Global vars: ``{"timestep": num_steps_sampled}``.
+    Counters: num_weight_broadcasts. Timers: synch_weights.
+    """
+
+    def __init__(self, workers: WorkerSet, metrics: Metrics):
+        self.workers = workers
+        self.metrics = metrics
+
+    def __call__(self, item: Any) -> Any:
+        with self.metrics.timer(WEIGHT_SYNC_TIMER):
+            self.workers.sync_weights({"timestep": self.metrics.get(NUM_STEPS_SAMPLED)})
+        self.metrics.inc(NUM_WEIGHT_BROADCASTS)
+        return item
+
+    def __repr__(self) -> str:
+        return "BroadcastWeights"
+
+
+class ComputeGradients:
+    """Computes gradients of a batch on the local worker (A2C microbatching).
+
+        rollouts.combine(ConcatBatches(mb)).for_each(ComputeGradients(workers, metrics))
+
+    Emits ``(grads, count)``. Timers: grad. Info: learner.
+    """
+
+    def __init__(self, workers: WorkerSet, metrics: Metrics):
+        self.workers = workers
+        self.metrics = metrics
+
+    def __call__(self, batch) -> tuple[dict, int]:
+        with self.metrics.timer(GRAD_TIMER):
+            grads, info = self.workers.local_worker().compute_gradients(batch)
+        self.metrics.set_info(LEARNER_INFO, info)
+        return grads, batch.count
+
+    def __repr__(self) -> str:
+        return "ComputeGradients"
+
+
+class AverageGradients:
+    """Averages a list of ``(grads, count)`` into one ``(grads, total_count)``.
+
+        ... .for_each(ComputeGradients(...)).batch(k).for_each(AverageGradients())
+
+    No counters.
+    """
+
+    def __call__(self, items: list[tuple[dict, int]]) -> tuple[dict, int]:
+        total = sum(count for _, count in items)
+        averaged = {}
+        for pid in items[0][0]:
+            per_item = [grads[pid] for grads, _ in items]
+            averaged[pid] = [np.mean(np.stack(parts), axis=0) for parts in zip(*per_item)]
+        return averaged, total
+
+    def __repr__(self) -> str:
+        return "AverageGradients"
+
+
+class ApplyGradients:
+    """Applies gradients to the local worker and sends back new weights.
+
+        A2C: ... .for_each(AverageGradients()).for_each(ApplyGradients(workers, metrics))
+        A3C: AsyncGradients(workers, metrics).for_each(
+                 ApplyGradients(workers, metrics, update_all=False))
+
+    Input ``(grads, count)``, or ``(actor, grads, count)`` from AsyncGradients. With
+    ``update_all`` every worker gets the new weights; otherwise only the source actor.
+    Counters: num_steps_trained. Timers: apply_grad.
+    """
+
+    def __init__(self, workers: WorkerSet, metrics: Metrics, update_all: bool = True):
+        self.workers = workers
+        self.metrics = metrics
+        self.update_all = update_all
+
+    def __call__(self, item: tuple) -> tuple:
+        actor, (grads, count) = (item[0], item[1:]) if len(item) == 3 else (None, item)
+        local = self.workers.local_worker()
+        with self.metrics.timer(APPLY_GRADS_TIMER):
+            local.apply_gradients(grads)
+        self.metrics.inc(NUM_STEPS_TRAINED, count)
+        global_vars = {"timestep": self.metrics.get(NUM_STEPS_SAMPLED)}
+        if self.update_all or actor is None:
+            self.workers.sync_weights(global_vars)
+        else:
+            local.set_global_vars(global_vars)
+            actor.set_weights.remote(local.get_weights(), global_vars)
+        return item
+
+    def __repr__(self) -> str:
+        return f"ApplyGradients(update_all={self.update_all})"

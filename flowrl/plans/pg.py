@@ -1,0 +1,42 @@
+"""Vanilla policy gradient (REINFORCE with discounted returns).
+
+    rollouts(bulk_sync) -> ConcatBatches(train_batch_size) -> TrainOneStep
+        -> BroadcastWeights -> StandardMetricsReporting
+"""
+
+from __future__ import annotations
+
+from flowrl.agent import Agent
+from flowrl.flow import LocalIterator, Metrics
+from flowrl.ops import (BroadcastWeights, ConcatBatches, ParallelRollouts,
+                        StandardMetricsReporting, TrainOneStep)
+from flowrl.policies.pg import PGTorchPolicy
+from flowrl.workers.worker_set import WorkerSet
+
+DEFAULT_CONFIG: dict = {
+    "num_workers": 0,
+    "num_envs_per_worker": 8,
+    "batch_mode": "complete_episodes",  # returns over whole episodes, no bootstrapping
+    "rollout_fragment_length": 50,
+    "train_batch_size": 2000,
+    "lr": 4e-3,
+    "gamma": 0.99,
+}
+
+
+def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:
+    rollouts = ParallelRollouts(workers, metrics, mode="bulk_sync")
+    train_op = (rollouts
+                .combine(ConcatBatches(config["train_batch_size"], metrics))
+                .for_each(TrainOneStep(workers, metrics))
+                .for_each(BroadcastWeights(workers, metrics)))
+    return StandardMetricsReporting(train_op, workers, config, metrics)
+
+
+class PGAgent(Agent):
+    """Policy gradient; see the module docstring for the plan."""
+
+    _name = "PG"
+    _default_config = DEFAULT_CONFIG
+    _policy_class = PGTorchPolicy
+    execution_plan = staticmethod(execution_plan)

@@ -1,0 +1,92 @@
+"""Proximal policy optimization (clipped surrogate + adaptive KL penalty).
+
+    rollouts(bulk_sync) -> SelectExperiences -> ConcatBatches(train_batch_size)
+        -> StandardizeFields(advantages) -> TrainOneStep(num_sgd_iter, sgd_minibatch_size)
+        -> UpdateKL -> BroadcastWeights -> StandardMetricsReporting
+"""
+
+from __future__ import annotations
+
+from flowrl.agent import Agent
+from flowrl.config import require
+from flowrl.flow import LocalIterator, Metrics
+from flowrl.ops import (BroadcastWeights, ConcatBatches, ParallelRollouts, SelectExperiences,
+                        StandardMetricsReporting, StandardizeFields, TrainOneStep)
+from flowrl.policies.ppo import PPOTorchPolicy
+from flowrl.sample_batch import DEFAULT_POLICY_ID
+from flowrl.workers.worker_set import WorkerSet
+
+DEFAULT_CONFIG: dict = {
+    "num_workers": 0,
+    "num_envs_per_worker": 8,
+    "rollout_fragment_length": 256,
+    "train_batch_size": 2048,
+    "sgd_minibatch_size": 64,
+    "num_sgd_iter": 10,
+    "lr": 3e-4,
+    "gamma": 0.99,
+    "lambda": 0.95,
+    "use_gae": True,
+    "use_critic": True,
+    "clip_param": 0.2,
+    "vf_clip_param": 10.0,
+    "vf_loss_coeff": 0.5,
+    "entropy_coeff": 0.0,
+    "kl_coeff": 0.2,
+    "kl_target": 0.01,
+    "grad_clip": 0.5,
+}
+
+
+class UpdateKL:
+    """Adapts each policy's KL penalty coefficient toward ``kl_target``.
+
+        ... .for_each(TrainOneStep(...)).for_each(UpdateKL(workers))
+
+    Reads the ``kl`` learner stat emitted by TrainOneStep. No counters.
+    """
+
+    def __init__(self, workers: WorkerSet):
+        self.workers = workers
+
+    def __call__(self, item):
+        batch, info = item
+        for pid, stats in info.items():
+            if "kl" in stats:
+                self.workers.local_worker().get_policy(pid).update_kl(stats["kl"])
+        return item
+
+    def __repr__(self) -> str:
+        return "UpdateKL"
+
+
+def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:
+    rollouts = ParallelRollouts(workers, metrics, mode="bulk_sync")
+    train_op = (rollouts
+                .for_each(SelectExperiences([DEFAULT_POLICY_ID]))
+                .combine(ConcatBatches(config["train_batch_size"], metrics))
+                .for_each(StandardizeFields(["advantages"]))
+                .for_each(TrainOneStep(workers, metrics,
+                                       num_sgd_iter=config["num_sgd_iter"],
+                                       sgd_minibatch_size=config["sgd_minibatch_size"]))
+                .for_each(UpdateKL(workers))
+                .for_each(BroadcastWeights(workers, metrics)))
+    return StandardMetricsReporting(train_op, workers, config, metrics)
+
+
+class PPOAgent(Agent):
+    """PPO; see the module docstring for the plan."""
+
+    _name = "PPO"
+    _default_config = DEFAULT_CONFIG
+    _policy_class = PPOTorchPolicy
+    execution_plan = staticmethod(execution_plan)
+
+    @classmethod
+    def validate_config(cls, config: dict) -> None:
+        require(config["sgd_minibatch_size"] <= config["train_batch_size"],
+                f"sgd_minibatch_size={config['sgd_minibatch_size']} must be <= "
+                f"train_batch_size={config['train_batch_size']}.")
+        require(config["num_sgd_iter"] >= 1,
+                f"num_sgd_iter={config['num_sgd_iter']!r} must be >= 1.")
+        require(config["clip_param"] > 0, f"clip_param={config['clip_param']!r} must be > 0.")

@@ -1,0 +1,417 @@
+"""The torch :class:`Policy` base class: model + action distribution + optimizer + loss.
+
+Subclasses (PG, A2C, PPO, ...) set :attr:`Policy.loss_columns`, implement
+:meth:`Policy.loss` and, where needed, extra state (``kl_coeff``). Everything
+else -- acting, GAE postprocessing, minibatch SGD, gradients as numpy, weights,
+checkpoints and TorchScript export -- lives here.
+
+Hot-path notes: ``compute_actions`` runs one batched forward pass under
+``torch.inference_mode``; ``learn_on_batch`` converts the train batch to
+tensors once, shuffles it once per epoch with one gather per column, and takes
+minibatches as views. Learner statistics stay tensors until the end of the
+call, so a GPU learner syncs once per ``learn_on_batch``, not once per step.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from flowrl.policies.distributions import get_dist_class
+from flowrl.policies.models import get_model, merge_model_config
+from flowrl.policies.postprocessing import compute_advantages
+from flowrl.sample_batch import SampleBatch, minibatch_bounds
+
+__all__ = ["Policy"]
+
+TensorDict = dict[str, torch.Tensor]
+
+
+def _to_cpu_copy(value: Any) -> Any:
+    """Deep copy of a nested state structure with every tensor moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu_copy(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_to_cpu_copy(v) for v in value)
+    return value
+
+
+def _writable(arr: np.ndarray) -> np.ndarray:
+    # Arrays read zero-copy from Ray's object store are read-only; torch.from_numpy
+    # warns on those (and a later in-place op would be undefined), so copy them.
+    arr = np.ascontiguousarray(arr)
+    return arr if arr.flags.writeable else arr.copy()
+
+
+class Policy:
+    """A torch policy for one (observation space, action space) pair.
+
+    ``config`` is the full algorithm config; keys read here (with these
+    fallbacks when absent): ``gamma`` (0.99), ``lr`` (5e-4), ``model`` (merged
+    over ``MODEL_DEFAULTS``), ``num_gpus`` (0; the learner uses ``cuda`` when
+    > 0 and a GPU exists), ``seed`` (None), ``grad_clip`` (None = off, else max
+    global grad norm), ``use_gae`` (True), ``lambda`` (1.0), ``use_critic``
+    (True). Subclasses add their loss coefficients to :attr:`DEFAULT_CONFIG`.
+    """
+
+    #: Fallbacks for config keys this class reads; the algorithm config wins.
+    DEFAULT_CONFIG: dict[str, Any] = {
+        "gamma": 0.99,
+        "lr": 5e-4,
+        "model": {},
+        "num_gpus": 0,
+        "seed": None,
+        "grad_clip": None,
+        "use_gae": True,
+        "lambda": 1.0,
+        "use_critic": True,
+    }
+
+    #: Train-batch columns the loss reads; only these are converted to tensors.
+    loss_columns: tuple[str, ...] = (SampleBatch.OBS, SampleBatch.ACTIONS, SampleBatch.ADVANTAGES)
+
+    def __init__(
+        self, observation_space: gym.Space, action_space: gym.Space, config: dict[str, Any]
+    ) -> None:
+        self.observation_space = observation_space
+        self.action_space = action_space
+        merged = {**self.DEFAULT_CONFIG, **(config or {})}
+        merged["model"] = merge_model_config(merged.get("model"))
+        self.config: dict[str, Any] = merged
+        #: Whether a value head is trained and used (``vf_preds``, bootstrapping).
+        self.has_critic: bool = bool(merged.get("use_critic", True))
+        self.device = self._choose_device(merged.get("num_gpus", 0))
+
+        seed = merged.get("seed")
+        if seed is not None:
+            torch.manual_seed(int(seed))  # deterministic init and action sampling
+        self._rng = np.random.default_rng(seed)
+
+        self.dist_class, self.num_outputs = get_dist_class(action_space)
+        self.model: nn.Module = self.make_model().to(self.device)
+        self._params: list[nn.Parameter] = list(self.model.parameters())
+        self.optimizer: torch.optim.Optimizer = self.make_optimizer()
+        self.global_timestep = 0
+
+        self._discrete_actions = isinstance(action_space, gym.spaces.Discrete)
+        self._action_shape = tuple(action_space.shape or ())
+        self._action_dtype = np.int64 if self._discrete_actions else np.dtype(action_space.dtype)
+
+    # ------------------------------------------------------------ construction
+    @staticmethod
+    def _choose_device(num_gpus: float) -> torch.device:
+        if num_gpus and num_gpus > 0 and torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+
+    def make_model(self) -> nn.Module:
+        """Build the model from the catalog (override for a different architecture)."""
+        return get_model(
+            self.observation_space, self.action_space, self.num_outputs, self.config["model"]
+        )
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """Adam over all model parameters with ``config["lr"]``.
+
+        Uses the fused Adam kernel where torch has one for the device (several
+        times faster than the per-parameter loop for small nets on CPU).
+        """
+        lr = float(self.config["lr"])
+        try:
+            return torch.optim.Adam(self._params, lr=lr, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            return torch.optim.Adam(self._params, lr=lr)
+
+    # ------------------------------------------------------------------ acting
+    def _obs_to_tensor(self, obs_batch: Any) -> torch.Tensor:
+        arr = np.asarray(obs_batch)
+        if arr.dtype == np.float64:
+            arr = arr.astype(np.float32)  # models compute in float32 anyway
+        return torch.from_numpy(_writable(arr)).to(self.device)
+
+    def _actions_to_numpy(self, actions: torch.Tensor) -> np.ndarray:
+        out = actions.cpu().numpy()
+        if self._discrete_actions:
+            return out.astype(np.int64, copy=False)
+        return out.reshape((out.shape[0], *self._action_shape)).astype(self._action_dtype, copy=False)
+
+    def compute_actions(
+        self, obs_batch: np.ndarray, explore: bool = True
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Actions for a batch of observations, plus extra columns for the sample batch.
+
+        Returns ``(actions [B, ...], {"action_logp": [B], "action_dist_inputs":
+        [B, num_outputs], "vf_preds": [B]})`` (``vf_preds`` only with a critic).
+        ``explore=False`` gives the deterministic (greedy / mean) action. Box
+        actions are raw samples, not clipped to the space bounds.
+        """
+        obs = self._obs_to_tensor(obs_batch)
+        with torch.inference_mode():
+            dist_inputs, values = self.model(obs)
+            dist = self.dist_class(dist_inputs)
+            actions = dist.sample() if explore else dist.deterministic_sample()
+            logp = dist.logp(actions)
+        extra = {
+            SampleBatch.ACTION_LOGP: logp.cpu().numpy(),
+            SampleBatch.ACTION_DIST_INPUTS: dist_inputs.cpu().numpy(),
+        }
+        if self.has_critic:
+            extra[SampleBatch.VF_PREDS] = values.cpu().numpy()
+        return self._actions_to_numpy(actions), extra
+
+    def compute_single_action(self, obs: Any, explore: bool = False) -> Any:
+        """The action for one unbatched observation (an ``int`` for Discrete spaces)."""
+        actions, _ = self.compute_actions(np.asarray(obs)[None], explore=explore)
+        return int(actions[0]) if self._discrete_actions else actions[0]
+
+    def value(self, obs_batch: np.ndarray) -> np.ndarray:
+        """Value estimates ``V(obs)``, shape ``[B]`` float32."""
+        obs = self._obs_to_tensor(obs_batch)
+        with torch.inference_mode():
+            _, values = self.model(obs)
+        return values.cpu().numpy()
+
+    # ---------------------------------------------------------- postprocessing
+    def postprocess_trajectory(self, batch: SampleBatch) -> SampleBatch:
+        """Add ``advantages`` / ``value_targets`` to a trajectory fragment.
+
+        Bootstrap rule: if the fragment's last step has ``terminateds=True`` the
+        value after it is 0; otherwise (time-limit truncation, or the fragment
+        was cut by the sampler) it is ``V(new_obs[-1])`` from the value head --
+        so ``new_obs[-1]`` must be the real final observation, not the reset one.
+        Without a critic (PG) the bootstrap value is always 0.
+
+        A fragment is expected to hold one episode; if its ``eps_id`` column
+        shows several, each episode is processed on its own and the results are
+        concatenated. Missing ``vf_preds`` are computed from ``obs``.
+        """
+        if batch.count == 0:
+            batch[SampleBatch.ADVANTAGES] = np.zeros(0, dtype=np.float32)
+            batch[SampleBatch.VALUE_TARGETS] = np.zeros(0, dtype=np.float32)
+            return batch
+        if SampleBatch.EPS_ID in batch:
+            eps_ids = batch[SampleBatch.EPS_ID]
+            if np.any(eps_ids[1:] != eps_ids[:-1]):
+                return SampleBatch.concat_samples(
+                    [self.postprocess_trajectory(piece) for piece in batch.split_by_episode()]
+                )
+        if self.has_critic and SampleBatch.VF_PREDS not in batch:
+            batch[SampleBatch.VF_PREDS] = self.value(batch[SampleBatch.OBS])
+        return compute_advantages(
+            batch,
+            last_r=self._bootstrap_value(batch),
+            gamma=float(self.config["gamma"]),
+            lambda_=float(self.config["lambda"]),
+            use_gae=bool(self.config["use_gae"]) and self.has_critic,
+            use_critic=self.has_critic,
+        )
+
+    def _bootstrap_value(self, batch: SampleBatch) -> float:
+        terminated = SampleBatch.TERMINATEDS in batch and bool(batch[SampleBatch.TERMINATEDS][-1])
+        if terminated or not self.has_critic:
+            return 0.0
+        if SampleBatch.NEW_OBS not in batch:
+            raise ValueError(
+                "postprocess_trajectory needs 'new_obs' to bootstrap a fragment that did not terminate"
+            )
+        return float(self.value(batch[SampleBatch.NEW_OBS][-1:])[0])
+
+    # ---------------------------------------------------------------- learning
+    def loss(self, train_batch: TensorDict) -> tuple[torch.Tensor, TensorDict]:
+        """Scalar loss and detached scalar stats for one minibatch of tensors."""
+        raise NotImplementedError(f"{type(self).__name__} must implement loss()")
+
+    def _batch_to_tensors(self, batch: SampleBatch) -> TensorDict:
+        """The loss columns of ``batch`` as tensors on the learner device (one copy each)."""
+        tensors: TensorDict = {}
+        for column in self.loss_columns:
+            if column not in batch:
+                raise KeyError(
+                    f"{type(self).__name__}.learn_on_batch needs column {column!r}; "
+                    f"the batch has {sorted(batch.keys())}"
+                )
+            arr = np.asarray(batch[column])
+            if arr.dtype == np.float64:
+                arr = arr.astype(np.float32)
+            elif column == SampleBatch.ACTIONS and self._discrete_actions and arr.dtype != np.int64:
+                arr = arr.astype(np.int64)
+            tensors[column] = torch.from_numpy(_writable(arr)).to(self.device)
+        return tensors
+
+    def _grad_norm_and_clip(self) -> torch.Tensor:
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        clip = self.config.get("grad_clip")
+        if clip is not None:
+            return nn.utils.clip_grad_norm_(
+                [p for p in self._params if p.grad is not None], float(clip), foreach=True
+            )
+        return nn.utils.get_total_norm(grads, foreach=True)
+
+    def _backward(self, minibatch: TensorDict) -> TensorDict:
+        """Loss, backward and grad clipping on one minibatch; returns stats tensors."""
+        loss, stats = self.loss(minibatch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        stats["total_loss"] = loss.detach()
+        stats["grad_gnorm"] = self._grad_norm_and_clip().detach()
+        return stats
+
+    def learn_on_batch(
+        self, batch: SampleBatch, num_sgd_iter: int = 1, sgd_minibatch_size: int = 0
+    ) -> dict[str, float]:
+        """Run ``num_sgd_iter`` epochs of minibatch SGD on ``batch``.
+
+        Each epoch shuffles the rows and steps once per minibatch of
+        ``sgd_minibatch_size`` rows (0 = the whole batch in one step; the last
+        minibatch follows :func:`flowrl.sample_batch.minibatch_bounds`).
+        Advantages are used as given (standardize them beforehand). Returns
+        float stats averaged over the last epoch's minibatches, plus ``cur_lr``.
+        """
+        tensors = self._batch_to_tensors(batch)
+        count = batch.count
+        bounds = minibatch_bounds(count, sgd_minibatch_size)
+        self.model.train()
+        last_epoch: list[TensorDict] = []
+        for _ in range(max(1, int(num_sgd_iter))):
+            last_epoch = []
+            if len(bounds) == 1:
+                epoch_data = tensors  # one full-batch step: order doesn't matter
+            else:
+                perm = torch.from_numpy(self._rng.permutation(count)).to(self.device)
+                epoch_data = {k: v.index_select(0, perm) for k, v in tensors.items()}
+            for start, end in bounds:
+                minibatch = {k: v[start:end] for k, v in epoch_data.items()}
+                stats = self._backward(minibatch)
+                self.optimizer.step()
+                last_epoch.append(stats)
+        return self._summarize(last_epoch)
+
+    def _summarize(self, stats_list: list[TensorDict]) -> dict[str, float]:
+        summary: dict[str, float] = {}
+        if stats_list:
+            keys = stats_list[0].keys()
+            means = torch.stack(
+                [torch.stack([s[k].float() for s in stats_list]).mean() for k in keys]
+            ).cpu().tolist()  # one device sync for all stats
+            summary = dict(zip(keys, means))
+        summary["cur_lr"] = float(self.optimizer.param_groups[0]["lr"])
+        summary.update(self._extra_learn_stats())
+        return summary
+
+    def _extra_learn_stats(self) -> dict[str, float]:
+        """Scalars appended to every learn_on_batch / compute_gradients result."""
+        return {}
+
+    def evaluate_loss(self, batch: SampleBatch) -> dict[str, float]:
+        """Loss stats on the whole ``batch`` without updating anything."""
+        tensors = self._batch_to_tensors(batch)
+        with torch.no_grad():
+            loss, stats = self.loss(tensors)
+        stats["total_loss"] = loss
+        return {k: float(v) for k, v in stats.items()}
+
+    def compute_gradients(self, batch: SampleBatch) -> tuple[list[np.ndarray], dict[str, float]]:
+        """Gradients of the loss on the whole ``batch`` (after ``grad_clip``), as numpy.
+
+        The list is ordered like ``model.parameters()``; parameters the loss
+        does not touch get zeros. Nothing is updated.
+        """
+        self.model.train()
+        stats = self._backward(self._batch_to_tensors(batch))
+        grads = [
+            p.grad.detach().cpu().numpy().copy()
+            if p.grad is not None
+            else np.zeros(tuple(p.shape), dtype=np.float32)
+            for p in self._params
+        ]
+        return grads, self._summarize([stats])
+
+    def apply_gradients(self, grads: list[np.ndarray]) -> None:
+        """One optimizer step with ``grads`` (as from :meth:`compute_gradients`)."""
+        if len(grads) != len(self._params):
+            raise ValueError(f"expected {len(self._params)} gradient arrays, got {len(grads)}")
+        for param, grad in zip(self._params, grads):
+            grad_t = torch.as_tensor(np.array(grad, dtype=np.float32, copy=True))
+            if tuple(grad_t.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"gradient of shape {tuple(grad_t.shape)} for a parameter of shape {tuple(param.shape)}"
+                )
+            param.grad = grad_t.to(device=self.device, dtype=param.dtype)
+        self.optimizer.step()
+
+    # ------------------------------------------------------- weights and state
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """The model's state dict as numpy arrays (copies)."""
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+
+    def set_weights(self, weights: dict[str, Any]) -> None:
+        """Load a state dict of numpy arrays or tensors into the model."""
+        state = {
+            k: v if isinstance(v, torch.Tensor) else torch.as_tensor(np.array(v, copy=True))
+            for k, v in weights.items()
+        }
+        self.model.load_state_dict(state)
+
+    def get_state(self) -> dict[str, Any]:
+        """Weights, optimizer state and counters as CPU tensors and plain Python values.
+
+        Safe for ``torch.save`` and ``torch.load(..., weights_only=True)`` (no
+        numpy arrays or custom classes inside).
+        """
+        return {
+            "weights": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": _to_cpu_copy(self.optimizer.state_dict()),
+            "global_timestep": int(self.global_timestep),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`get_state` returned."""
+        self.set_weights(state["weights"])
+        if state.get("optimizer") is not None:
+            # load_state_dict moves the optimizer state onto the parameters' device.
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.global_timestep = int(state.get("global_timestep", 0))
+
+    def on_global_var_update(self, global_vars: dict[str, Any]) -> None:
+        """Receive global variables (``{"timestep": int}``) from the driver."""
+        if "timestep" in global_vars:
+            self.global_timestep = int(global_vars["timestep"])
+
+    def export(self, export_dir: str) -> str:
+        """Write the model as TorchScript (``torch.jit.trace``) to ``export_dir/model.pt``.
+
+        The traced CPU module takes a batch of raw observations and returns
+        ``(dist_inputs, value)``. Returns the file path.
+        """
+        os.makedirs(export_dir, exist_ok=True)
+        path = os.path.join(export_dir, "model.pt")
+        example = np.stack([self.observation_space.sample() for _ in range(2)])
+        if example.dtype == np.float64:
+            example = example.astype(np.float32)
+        model = copy.deepcopy(self.model).cpu().eval()
+        with warnings.catch_warnings():
+            # torch marks jit.trace deprecated, but TorchScript is still the format
+            # that loads without Python model code (torch.jit.load, libtorch).
+            warnings.simplefilter("ignore", DeprecationWarning)
+            traced = torch.jit.trace(model, torch.from_numpy(example))
+            traced.save(path)
+        return path
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(obs={self.observation_space}, actions={self.action_space}, "
+            f"device={self.device})"
+        )

@@ -1,0 +1,24 @@
+"""Algorithm names -> Agent classes (imported lazily)."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+
+ALGORITHMS: dict[str, str] = {
+    "PG": "flowrl.plans.pg:PGAgent",
+    "A2C": "flowrl.plans.a2c:A2CAgent",
+    "PPO": "flowrl.plans.ppo:PPOAgent",
+}
+
+
+def get_agent_class(name: str) -> type:
+    """``get_agent_class("PPO") -> PPOAgent``; unknown names raise ``ValueError``."""
+    if name not in ALGORITHMS:
+        close = difflib.get_close_matches(str(name).upper(), list(ALGORITHMS), n=1,
+                                          cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown algorithm {name!r}.{hint} "
+                         f"Known algorithms: {', '.join(ALGORITHMS)}.")
+    module_name, class_name = ALGORITHMS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)

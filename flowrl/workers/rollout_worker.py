@@ -1,0 +1,162 @@
+"""RolloutWorker: envs + policies + sampling, usable locally or as a Ray actor.
+
+    worker = RolloutWorker(make_env_creator("CartPole-v1"), PPOTorchPolicy, config)
+    batch = worker.sample()                 # postprocessed SampleBatch
+    stats = worker.learn_on_batch(batch)    # {policy_id: learner stats}
+
+As a ParallelIteratorWorker it yields ``sample()`` forever, so
+``ParallelIterator.from_actors(remote_workers, ...)`` turns a set of them into a stream.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from flowrl.envs.compat import ensure_gymnasium_env
+from flowrl.envs.registry import EnvContext
+from flowrl.flow import ParallelIteratorWorker
+from flowrl.sample_batch import DEFAULT_POLICY_ID, MultiAgentBatch, SampleBatch
+from flowrl.workers.sampler import VectorSampler
+
+
+def worker_seed(seed: int | None, worker_index: int, vector_index: int = 0) -> int | None:
+    """Seed of one env: ``seed + 1000 * worker_index + vector_index`` (None stays None)."""
+    return None if seed is None else seed + 1000 * worker_index + vector_index
+
+
+class RolloutWorker(ParallelIteratorWorker):
+    """Owns ``num_envs_per_worker`` envs and the policy map; samples and learns.
+
+    Args:
+        env_creator: ``fn(EnvContext) -> gymnasium.Env``.
+        policy_cls: a Policy class, built as ``policy_cls(obs_space, act_space, config)``.
+        config: the full algorithm config.
+        worker_index: 0 for the local (learner) worker, 1..N for remote workers.
+        num_workers: number of remote workers in the set.
+    """
+
+    def __init__(self, env_creator: Callable[[EnvContext], Any], policy_cls: type,
+                 config: dict, worker_index: int = 0, num_workers: int = 0):
+        self.worker_index = worker_index
+        self.num_workers = num_workers
+        self.config = config
+        if worker_index > 0:
+            # Many workers share the machine's cores; one torch thread each avoids
+            # oversubscription (it is also the fastest for small per-step batches).
+            torch.set_num_threads(1)
+        seed = config.get("seed")
+        if seed is not None:
+            torch.manual_seed(worker_seed(seed, worker_index))
+            np.random.seed(worker_seed(seed, worker_index) % (2**32))
+        context = EnvContext(config.get("env_config", {}), worker_index, 0, num_workers)
+        num_envs = config.get("num_envs_per_worker", 1)
+        self.envs = [ensure_gymnasium_env(env_creator(context.copy_with_overrides(vector_index=i)))
+                     for i in range(num_envs)]
+        self.env = self.envs[0]
+        self.policy_map = {
+            DEFAULT_POLICY_ID: policy_cls(self.env.observation_space,
+                                          self.env.action_space, config)
+        }
+        self.sampler = VectorSampler(
+            self.envs, self.policy_map[DEFAULT_POLICY_ID],
+            fragment_length=config.get("rollout_fragment_length", 200),
+            batch_mode=config.get("batch_mode", "truncate_episodes"),
+            seeds=[worker_seed(seed, worker_index, i) for i in range(num_envs)],
+            clip_actions=config.get("clip_actions", True),
+            explore=config.get("explore", True),
+            episode_id_base=worker_index << 40,
+        )
+        ParallelIteratorWorker.__init__(self, lambda: iter(self.sample, None), repeat=True)
+
+    # -- sampling ---------------------------------------------------------------
+    def sample(self) -> SampleBatch:
+        """One fragment: ``rollout_fragment_length`` steps per env, postprocessed."""
+        return self.sampler.sample()
+
+    def sample_with_count(self) -> tuple[SampleBatch, int]:
+        batch = self.sample()
+        return batch, batch.count
+
+    def get_metrics(self) -> list[tuple[float, int]]:
+        """(return, length) of the episodes finished since the last call."""
+        return self.sampler.pop_episode_metrics()
+
+    # -- learning ---------------------------------------------------------------
+    def _policy_batches(self, batch: SampleBatch | MultiAgentBatch) -> dict[str, SampleBatch]:
+        if isinstance(batch, MultiAgentBatch):
+            return batch.policy_batches
+        return {DEFAULT_POLICY_ID: batch}
+
+    def learn_on_batch(self, batch: SampleBatch | MultiAgentBatch, num_sgd_iter: int = 1,
+                       sgd_minibatch_size: int = 0) -> dict[str, dict]:
+        """Trains each policy on its part of ``batch``; returns ``{policy_id: stats}``."""
+        return {
+            pid: self.policy_map[pid].learn_on_batch(b, num_sgd_iter, sgd_minibatch_size)
+            for pid, b in self._policy_batches(batch).items()
+        }
+
+    def compute_gradients(self, batch: SampleBatch | MultiAgentBatch
+                          ) -> tuple[dict[str, list[np.ndarray]], dict[str, dict]]:
+        grads, stats = {}, {}
+        for pid, b in self._policy_batches(batch).items():
+            grads[pid], stats[pid] = self.policy_map[pid].compute_gradients(b)
+        return grads, stats
+
+    def apply_gradients(self, grads: dict[str, list[np.ndarray]]) -> None:
+        for pid, g in grads.items():
+            self.policy_map[pid].apply_gradients(g)
+
+    def sample_and_compute_gradients(self) -> tuple[dict, dict, int]:
+        """Samples one fragment and returns ``(grads, stats, count)`` (A3C)."""
+        batch = self.sample()
+        grads, stats = self.compute_gradients(batch)
+        return grads, stats, batch.count
+
+    # -- weights and state --------------------------------------------------------
+    def get_policy(self, policy_id: str = DEFAULT_POLICY_ID):
+        return self.policy_map[policy_id]
+
+    def get_weights(self) -> dict[str, dict[str, np.ndarray]]:
+        return {pid: p.get_weights() for pid, p in self.policy_map.items()}
+
+    def set_weights(self, weights: dict[str, dict[str, np.ndarray]],
+                    global_vars: dict | None = None) -> None:
+        for pid, w in weights.items():
+            self.policy_map[pid].set_weights(w)
+        if global_vars:
+            self.set_global_vars(global_vars)
+
+    def set_global_vars(self, global_vars: dict) -> None:
+        for p in self.policy_map.values():
+            p.on_global_var_update(global_vars)
+
+    def get_state(self) -> dict:
+        return {pid: p.get_state() for pid, p in self.policy_map.items()}
+
+    def set_state(self, state: dict) -> None:
+        for pid, s in state.items():
+            self.policy_map[pid].set_state(s)
+
+    def apply(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Runs ``fn(self, *args)`` on this worker and returns its result."""
+        return fn(self, *args)
+
+    def foreach_policy(self, fn: Callable[[Any, str], Any]) -> list:
+        return [fn(p, pid) for pid, p in self.policy_map.items()]
+
+    def get_pid(self) -> int:
+        return os.getpid()
+
+    def ping(self) -> str:
+        return "ok"
+
+    def stop(self) -> None:
+        for env in self.envs:
+            env.close()
+
+    def __repr__(self) -> str:
+        return f"RolloutWorker(index={self.worker_index}, pid={os.getpid()})"

@@ -1,0 +1,184 @@
+"""Vectorised sampling: N envs stepped together with one batched policy call per step.
+
+Rollouts are written time-major into preallocated ``[T, N]`` arrays, then cut into
+per-episode pieces that the policy postprocesses (GAE, n-step, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+
+from flowrl.sample_batch import SampleBatch
+
+_STEP_COLUMNS = (SampleBatch.REWARDS, SampleBatch.TERMINATEDS, SampleBatch.TRUNCATEDS)
+
+
+class EpisodeTracker:
+    """Running return/length per env; finished episodes are kept until collected."""
+
+    def __init__(self, num_envs: int):
+        self.returns = np.zeros(num_envs, dtype=np.float64)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.finished: list[tuple[float, int]] = []
+
+    def end(self, env_index: int) -> None:
+        self.finished.append((float(self.returns[env_index]), int(self.lengths[env_index])))
+        self.returns[env_index] = 0.0
+        self.lengths[env_index] = 0
+
+    def pop_finished(self) -> list[tuple[float, int]]:
+        out, self.finished = self.finished, []
+        return out
+
+
+class VectorSampler:
+    """Steps ``envs`` in lock-step and returns postprocessed SampleBatches.
+
+        sampler = VectorSampler(envs, policy, fragment_length=200,
+                                batch_mode="truncate_episodes", seeds=[0, 1])
+        batch = sampler.sample()   # count == 200 * len(envs) in truncate mode
+
+    ``truncate_episodes``: each call returns exactly ``fragment_length`` steps per env;
+    episodes cut at the end are bootstrapped by the policy.
+    ``complete_episodes``: each call returns only whole episodes, at least
+    ``fragment_length * len(envs)`` steps; unfinished episodes carry over to the next call.
+    """
+
+    def __init__(self, envs: Sequence[gym.Env], policy: Any, fragment_length: int,
+                 batch_mode: str = "truncate_episodes", seeds: Sequence[int | None] = (),
+                 clip_actions: bool = True, explore: bool = True, episode_id_base: int = 0):
+        if batch_mode not in ("truncate_episodes", "complete_episodes"):
+            raise ValueError(f"batch_mode={batch_mode!r}; expected 'truncate_episodes' or "
+                             "'complete_episodes'")
+        self.envs = list(envs)
+        self.policy = policy
+        self.fragment_length = int(fragment_length)
+        self.batch_mode = batch_mode
+        self.explore = explore
+        self.num_envs = len(self.envs)
+        space = self.envs[0].action_space
+        self._clip_low = self._clip_high = None
+        if clip_actions and isinstance(space, gym.spaces.Box):
+            self._clip_low, self._clip_high = space.low, space.high
+        self.tracker = EpisodeTracker(self.num_envs)
+        self._next_eps_id = episode_id_base
+        self._unroll_id = 0
+        seeds = list(seeds) or [None] * self.num_envs
+        first = []
+        for env, seed in zip(self.envs, seeds):
+            if seed is not None:
+                env.action_space.seed(seed)
+            obs, _ = env.reset(seed=seed)
+            first.append(obs)
+        self._obs = np.stack([np.asarray(o) for o in first])
+        self._eps_ids = np.array([self._new_eps_id() for _ in range(self.num_envs)])
+        self._t = np.zeros(self.num_envs, dtype=np.int64)
+        # complete_episodes: per env, the unfinished piece of the current episode
+        self._pending: list[SampleBatch | None] = [None] * self.num_envs
+
+    def _new_eps_id(self) -> int:
+        self._next_eps_id += 1
+        return self._next_eps_id
+
+    def sample(self) -> SampleBatch:
+        if self.batch_mode == "truncate_episodes":
+            return SampleBatch.concat_samples(self._run_chunk(final=True))
+        done_steps, episodes = 0, []
+        target = self.fragment_length * self.num_envs
+        while done_steps < target:
+            finished = self._run_chunk(final=False)
+            episodes.extend(finished)
+            done_steps += sum(b.count for b in finished)
+        return SampleBatch.concat_samples(episodes)
+
+    def _run_chunk(self, final: bool) -> list[SampleBatch]:
+        """Steps all envs fragment_length times; returns postprocessed pieces.
+
+        final=True: every piece is returned (cut pieces are bootstrapped).
+        final=False: only finished episodes; unfinished ones are kept pending.
+        """
+        T, N = self.fragment_length, self.num_envs
+        obs_buf = np.empty((T,) + self._obs.shape, dtype=self._obs.dtype)
+        new_obs_buf = np.empty_like(obs_buf)
+        rewards = np.zeros((T, N), dtype=np.float32)
+        terms = np.zeros((T, N), dtype=bool)
+        truncs = np.zeros((T, N), dtype=bool)
+        eps_ids = np.empty((T, N), dtype=np.int64)
+        ts = np.empty((T, N), dtype=np.int64)
+        actions_buf = extras_buf = None
+        envs, tracker = self.envs, self.tracker
+        for t in range(T):
+            obs = self._obs
+            actions, extras = self.policy.compute_actions(obs, explore=self.explore)
+            if actions_buf is None:
+                actions_buf = np.empty((T,) + actions.shape, dtype=actions.dtype)
+                extras_buf = {k: np.empty((T,) + v.shape, dtype=v.dtype)
+                              for k, v in extras.items()}
+            actions_buf[t] = actions
+            for k, v in extras.items():
+                extras_buf[k][t] = v
+            obs_buf[t] = obs
+            eps_ids[t] = self._eps_ids
+            ts[t] = self._t
+            env_actions = actions
+            if self._clip_low is not None:
+                env_actions = np.clip(actions, self._clip_low, self._clip_high)
+            next_obs = obs.copy()
+            for i, env in enumerate(envs):
+                o, r, term, trunc, _ = env.step(env_actions[i])
+                new_obs_buf[t, i] = o
+                rewards[t, i] = r
+                terms[t, i] = term
+                truncs[t, i] = trunc
+                tracker.returns[i] += r
+                tracker.lengths[i] += 1
+                if term or trunc:
+                    tracker.end(i)
+                    o, _ = env.reset()
+                    self._eps_ids[i] = self._new_eps_id()
+                    self._t[i] = 0
+                else:
+                    self._t[i] += 1
+                next_obs[i] = o
+            self._obs = next_obs
+        self._unroll_id += 1
+        columns = {
+            SampleBatch.OBS: obs_buf, SampleBatch.NEW_OBS: new_obs_buf,
+            SampleBatch.ACTIONS: actions_buf, SampleBatch.REWARDS: rewards,
+            SampleBatch.TERMINATEDS: terms, SampleBatch.TRUNCATEDS: truncs,
+            SampleBatch.EPS_ID: eps_ids, SampleBatch.T: ts,
+            **extras_buf,
+        }
+        return self._cut_into_episodes(columns, final)
+
+    def _cut_into_episodes(self, columns: dict, final: bool) -> list[SampleBatch]:
+        T = self.fragment_length
+        ended = columns[SampleBatch.TERMINATEDS] | columns[SampleBatch.TRUNCATEDS]
+        pieces = []
+        for i in range(self.num_envs):
+            env_columns = {k: v[:, i] for k, v in columns.items()}
+            env_columns[SampleBatch.UNROLL_ID] = np.full(T, self._unroll_id, dtype=np.int64)
+            env_columns[SampleBatch.AGENT_INDEX] = np.zeros(T, dtype=np.int64)
+            start = 0
+            for end in list(np.flatnonzero(ended[:, i]) + 1) + [T]:
+                if end <= start:
+                    continue
+                piece = SampleBatch({k: v[start:end] for k, v in env_columns.items()})
+                episode_done = bool(ended[end - 1, i])
+                if not final:
+                    if self._pending[i] is not None:
+                        piece = SampleBatch.concat_samples([self._pending[i], piece])
+                        self._pending[i] = None
+                    if not episode_done:
+                        self._pending[i] = piece
+                        break
+                pieces.append(self.policy.postprocess_trajectory(piece))
+                start = end
+        return pieces
+
+    def pop_episode_metrics(self) -> list[tuple[float, int]]:
+        """(return, length) of episodes finished since the last call."""
+        return self.tracker.pop_finished()

@@ -1,0 +1,131 @@
+"""WorkerSet: one local (learner) worker plus ``num_workers`` remote RolloutWorker actors.
+
+    workers = WorkerSet(env_creator, PPOTorchPolicy, config, num_workers=2)
+    workers.foreach_worker(lambda w: w.worker_index)      # [0, 1, 2]
+    workers.sync_weights(global_vars={"timestep": 1000})  # one ray.put, refs to all
+
+With ``num_workers=0`` no actor is created and Ray is not needed at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+from flowrl.envs.registry import EnvContext
+from flowrl.workers.rollout_worker import RolloutWorker
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerSet:
+    """The local worker (index 0) and the remote workers (indexes 1..num_workers).
+
+    Counters: ``num_worker_restarts`` (read by the Agent's reports).
+    """
+
+    def __init__(self, env_creator: Callable[[EnvContext], Any], policy_cls: type,
+                 config: dict, num_workers: int | None = None):
+        self.env_creator = env_creator
+        self.policy_cls = policy_cls
+        self.config = config
+        self.num_workers = config.get("num_workers", 0) if num_workers is None else num_workers
+        self.num_worker_restarts = 0
+        self._lock = threading.Lock()
+        self._local = RolloutWorker(env_creator, policy_cls, config, 0, self.num_workers)
+        self._remote: list = []
+        self._index_of: dict = {}  # actor handle -> worker index
+        if self.num_workers > 0:
+            import ray
+            self._actor_cls = ray.remote(RolloutWorker).options(
+                num_cpus=config.get("num_cpus_per_worker", 1),
+                num_gpus=config.get("num_gpus_per_worker", 0),
+            )
+            self._remote = [self._start_actor(i) for i in range(1, self.num_workers + 1)]
+            # Surface env/policy construction errors now, with the worker's traceback.
+            ray.get([w.ping.remote() for w in self._remote])
+            self.sync_weights()
+
+    def _start_actor(self, index: int):
+        actor = self._actor_cls.remote(self.env_creator, self.policy_cls, self.config,
+                                       index, self.num_workers)
+        self._index_of[actor] = index
+        return actor
+
+    def local_worker(self) -> RolloutWorker:
+        return self._local
+
+    def remote_workers(self) -> list:
+        return list(self._remote)
+
+    def worker_index(self, actor) -> int:
+        """The worker index (1..N) of a remote worker handle."""
+        return self._index_of[actor]
+
+    def num_healthy_workers(self) -> int:
+        return len(self._remote)
+
+    def foreach_worker(self, fn: Callable[[RolloutWorker], Any]) -> list:
+        """``fn(worker)`` on the local worker and every remote worker, local first."""
+        results = [fn(self._local)]
+        if self._remote:
+            import ray
+            results += ray.get([w.apply.remote(fn) for w in self._remote])
+        return results
+
+    def foreach_worker_with_index(self, fn: Callable[[RolloutWorker, int], Any]) -> list:
+        """``fn(worker, index)`` on every worker; index 0 is the local worker."""
+        results = [fn(self._local, 0)]
+        if self._remote:
+            import ray
+            results += ray.get([w.apply.remote(fn, self._index_of[w]) for w in self._remote])
+        return results
+
+    def sync_weights(self, global_vars: dict | None = None) -> None:
+        """Sends the local worker's weights to all remote workers (one ``ray.put``)."""
+        if global_vars:
+            self._local.set_global_vars(global_vars)
+        if not self._remote:
+            return
+        import ray
+        weights_ref = ray.put(self._local.get_weights())
+        for w in self._remote:
+            w.set_weights.remote(weights_ref, global_vars)
+
+    def handle_actor_failure(self, actor, error: Exception):
+        """Called by gathers when ``actor`` died: returns a replacement or None.
+
+        Replaces the worker when ``recreate_failed_workers`` is on and fewer than
+        ``max_worker_restarts`` restarts happened; otherwise drops it from the set.
+        """
+        with self._lock:
+            if actor not in self._index_of:
+                return None
+            index = self._index_of.pop(actor)
+            self._remote = [w for w in self._remote if w is not actor]
+            allowed = self.config.get("max_worker_restarts", 100)
+            if not self.config.get("recreate_failed_workers", True) or \
+                    self.num_worker_restarts >= allowed:
+                logger.error("Rollout worker %d died and is not replaced: %s", index, error)
+                return None
+            logger.warning("Rollout worker %d died (%s); starting a replacement.",
+                           index, type(error).__name__)
+            self.num_worker_restarts += 1
+            new_actor = self._start_actor(index)
+            import ray
+            new_actor.set_weights.remote(ray.put(self._local.get_weights()))
+            self._remote.append(new_actor)
+            self._remote.sort(key=lambda w: self._index_of[w])
+            return new_actor
+
+    def stop(self) -> None:
+        """Stops the envs and kills the remote actors."""
+        try:
+            self._local.stop()
+        finally:
+            if self._remote:
+                import ray
+                for w in self._remote:
+                    ray.kill(w)
+                self._remote = []

@@ -1,0 +1,26 @@
+"""Shared fixtures: Ray is started once per test session and shut down at the end."""
+
+import os
+
+import pytest
+import ray
+
+# Learning tests and benchmarks compare numbers across runs: keep torch to the machine.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A Ray instance shared by all tests that need actors (2 CPUs, no dashboard)."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch):
+    """Points ~/ray_results of Agents used outside Tune to a temporary directory."""
+    import flowrl.agent
+    monkeypatch.setattr(flowrl.agent, "DEFAULT_RESULTS_DIR", str(tmp_path / "ray_results"))
+    return tmp_path / "ray_results"
