@@ -173,7 +173,7 @@ def train_main(argv: list[str] | None = None) -> int:
         last = trial.last_result or {}
         print(f"{trial.trial_id}: {trial.status}, iterations="
               f"{last.get('training_iteration')}, episode_reward_mean="
-              f"{last.get('episode_reward_mean')}, dir={trial.local_path}")
+              f"{last.get('episode_reward_mean')}, dir={getattr(trial, 'path', trial.local_path)}")
         if trial.checkpoint is not None:
             print(f"  last checkpoint: {trial.checkpoint.path}")
     if failed:

@@ -36,23 +36,29 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 # --------------------------------------------------------------------------
 
 class CountingShard(ParallelIteratorWorker):
-    """Yields (tag, 0), (tag, 1), ...; records how many items it produced."""
+    """Yields (tag, 0), (tag, 1), ...; records how many items it produced.
 
-    def __init__(self, tag, n=None, delay=0.0, worker_index=None):
+    ``set_limit(n)`` makes the streams of later gathers end after n items.
+    """
+
+    def __init__(self, tag, delay=0.0, worker_index=None):
         self.tag = tag
         self.produced = 0
         self.delay = delay
+        self.limit = None
         if worker_index is not None:
             self.worker_index = worker_index
-        ParallelIteratorWorker.__init__(self, self._items if n is None else
-                                        (lambda: self._items(n)), repeat=False)
+        ParallelIteratorWorker.__init__(self, self._items, repeat=False)
 
-    def _items(self, n=None):
-        for i in itertools.count() if n is None else range(n):
+    def _items(self):
+        for i in itertools.count() if self.limit is None else range(self.limit):
             if self.delay:
                 time.sleep(self.delay)
             self.produced += 1
             yield (self.tag, i)
+
+    def set_limit(self, n):
+        self.limit = n
 
     def get_produced(self):
         return self.produced
@@ -93,16 +99,48 @@ class ConcurrencyShard(CountingShard):
 
 @ray.remote(num_cpus=0)
 class NotAShard:
-    def ping(self):
-        return 1
+    def get_tag(self):
+        return None
+
+
+class Cluster:
+    """All actors of this module, started together (each actor start costs seconds)."""
+
+    def __init__(self):
+        # Long-lived shards, tags 0..2, worker indexes 1..3, infinite streams.
+        self.pool = [Shard.remote(i, worker_index=i + 1) for i in range(3)]
+        self.threaded = ConcurrencyShard.remote(50, delay=0.02)
+        # Fresh shards for the failure tests to kill.
+        self._victims = [Shard.remote(10 + i) for i in range(2)]
+        self._dead = []
+        self.not_a_shard = NotAShard.remote()
+        ray.get([a.get_tag.remote() for a in
+                 [*self.pool, self.threaded, *self._victims, self.not_a_shard]])
+
+    def victim(self):
+        """A live shard that the caller will kill."""
+        v = self._victims.pop()
+        self._dead.append(v)
+        return v
+
+    def dead_actor(self):
+        """A shard actor that is already dead (killed by an earlier test, or now)."""
+        if not self._dead:
+            _kill_and_wait(self.victim())
+        return self._dead[0]
+
+    def produced(self, actors):
+        return ray.get([a.get_produced.remote() for a in actors])
 
 
 @pytest.fixture(scope="module")
-def shards(ray_session):
-    """Three long-lived shards, tags 0..2, infinite streams."""
-    actors = [Shard.remote(i, worker_index=i + 1) for i in range(3)]
-    ray.get([a.get_tag.remote() for a in actors])
-    return actors
+def cluster(ray_session):
+    return Cluster()
+
+
+@pytest.fixture
+def shards(cluster):
+    return cluster.pool
 
 
 # --------------------------------------------------------------------------
@@ -498,7 +536,8 @@ def test_timer_used_from_several_threads():
 # --------------------------------------------------------------------------
 
 def test_worker_mixin_works_locally():
-    w = CountingShard("local", n=2)
+    w = CountingShard("local")
+    w.set_limit(2)
     w.par_iter_init("it1", [("for_each", lambda x: x[1] * 10, "times10")], "Local -> times10")
     assert [w.par_iter_next("it1") for _ in range(2)] == [0, 10]
     done = w.par_iter_next("it1")
@@ -538,33 +577,49 @@ def test_parallel_iterator_basics(shards):
         "ParallelRollouts(bulk_sync) -> str"
 
 
-def test_from_actors_validates(ray_session):
+def test_from_actors_validates(cluster):
     with pytest.raises(TypeError, match="ParallelIteratorWorker"):
-        from_actors([NotAShard.remote()], "Bad")
+        from_actors([cluster.not_a_shard], "Bad")
     with pytest.raises(TypeError, match="not a Ray actor"):
         from_actors([object()], "Bad")
     with pytest.raises(ValueError, match="at least one"):
         from_actors([], "Empty")
 
 
-def test_gather_sync_is_lock_step(ray_session):
+def slow_first_shard(item):
+    if item[0] == 0:
+        time.sleep(0.05)
+    return item
+
+
+def test_gather_sync_is_lock_step(cluster):
+    actors = cluster.pool
     # Shard 0 is slow: the barrier still yields shard order within each round.
-    actors = [Shard.remote(i, delay=0.05 if i == 0 else 0.0) for i in range(3)]
-    it = from_actors(actors, "Sync").gather_sync()
-    first = next(it)
-    assert first == (0, 0)
-    assert ray.get([a.get_produced.remote() for a in actors]) == [1, 1, 1]
+    it = from_actors(actors, "Sync").for_each(slow_first_shard).gather_sync()
+    before = cluster.produced(actors)
+
+    def produced():
+        return [n - b for n, b in zip(cluster.produced(actors), before)]
+
+    assert next(it) == (0, 0)
+    assert produced() == [1, 1, 1]  # one request to every shard per round
     assert [next(it), next(it)] == [(1, 0), (2, 0)]
     # No prefetch: the next round is requested only when pulled.
-    assert ray.get([a.get_produced.remote() for a in actors]) == [1, 1, 1]
+    assert produced() == [1, 1, 1]
     assert it.take(6) == [(0, 1), (1, 1), (2, 1), (0, 2), (1, 2), (2, 2)]
-    assert ray.get([a.get_produced.remote() for a in actors]) == [3, 3, 3]
+    assert produced() == [3, 3, 3]
 
 
-def test_gather_sync_ends_when_all_shards_end(ray_session):
-    actors = [Shard.remote(i, n=n) for i, n in enumerate([1, 3])]
-    assert list(from_actors(actors, "Finite").gather_sync()) == \
-        [(0, 0), (1, 0), (1, 1), (1, 2)]
+def test_gather_sync_ends_when_all_shards_end(cluster):
+    actors = cluster.pool[:2]
+    ray.get([actors[0].set_limit.remote(1), actors[1].set_limit.remote(3)])
+    try:
+        assert list(from_actors(actors, "Finite").gather_sync()) == \
+            [(0, 0), (1, 0), (1, 1), (1, 2)]
+        assert sorted(from_actors(actors, "Finite").gather_async(num_async=2)) == \
+            [(0, 0), (1, 0), (1, 1), (1, 2)]
+    finally:
+        ray.get([a.set_limit.remote(None) for a in actors])
 
 
 def test_gather_async_yields_from_all_shards(shards):
@@ -592,11 +647,11 @@ def test_gather_async_with_source_gives_the_right_actor(shards):
     assert [a for a, _ in sync_pairs] == shards
 
 
-def test_gather_async_respects_num_async(ray_session):
-    actors = [ConcurrencyShard.remote(i, delay=0.02) for i in range(2)]
-    it = from_actors(actors, "Slow").gather_async(num_async=3)
-    assert len(it.take(20)) == 20
-    assert ray.get([a.max_active.remote() for a in actors]) == [3, 3]
+def test_gather_async_respects_num_async(cluster):
+    actor = cluster.threaded  # a threaded actor: queued calls are counted as active
+    it = from_actors([actor], "Slow").gather_async(num_async=3)
+    assert len(it.take(15)) == 15
+    assert ray.get(actor.max_active.remote()) == 3
 
 
 def test_several_gathers_do_not_interfere(shards):
@@ -672,66 +727,66 @@ def _kill_and_wait(actor):
     time.sleep(0.2)
 
 
-def test_failed_shard_is_dropped_when_handler_returns_none(ray_session):
-    actors = [Shard.remote(i) for i in range(3)]
+def test_failed_shard_is_dropped_when_handler_returns_none(cluster):
+    victim = cluster.victim()
+    actors = [cluster.pool[0], victim, cluster.pool[2]]
     failures = []
 
     def on_failure(actor, error):
-        failures.append((actor, type(error)))
+        failures.append((actor, error))
         return None
 
     par = from_actors(actors, "Flaky", on_actor_failure=on_failure)
     it = par.gather_async(num_async=2, with_source=True)
-    assert len(it.take(6)) == 6
-    _kill_and_wait(actors[1])
+    assert {a for a, _ in it.take(30)} == set(actors)
+    _kill_and_wait(victim)
     later = it.take(40)
     assert len(later) == 40
-    assert len(failures) == 1 and failures[0][0] == actors[1]
-    assert issubclass(failures[0][1], ray.exceptions.RayActorError)
-    assert actors[1] not in [a for a, _ in later[-20:]]
-    assert {a for a, _ in later[-20:]} == {actors[0], actors[2]}
-    assert par.num_shards() == 2
+    assert len(failures) == 1 and failures[0][0] == victim
+    assert isinstance(failures[0][1], ray.exceptions.RayActorError)
+    assert {a for a, _ in later[-30:]} == {actors[0], actors[2]}
+    assert par.num_shards() == 2 and par.actors == [actors[0], actors[2]]
 
     sync = par.gather_sync()  # a new gather uses the remaining shards
     assert [tag for tag, _ in sync.take(4)] == [0, 2, 0, 2]
 
 
-def test_failed_shard_is_replaced_by_handler(ray_session):
-    actors = [Shard.remote(i) for i in range(2)]
-    replacements = []
+def test_failed_shard_is_replaced_by_handler(cluster):
+    victim = cluster.victim()
+    spare = cluster.pool[2]
+    actors = [victim, cluster.pool[1]]
+    calls = []
 
     def on_failure(actor, error):
-        new = Shard.remote(100 + len(replacements))
-        replacements.append(new)
-        return new
+        calls.append(actor)
+        return spare
 
     par = from_actors(actors, "Restart", on_actor_failure=on_failure)
     it = par.gather_sync()
-    assert [t for t, _ in it.take(2)] == [0, 1]
-    _kill_and_wait(actors[0])
+    victim_tag = ray.get(victim.get_tag.remote())
+    assert [t for t, _ in it.take(2)] == [victim_tag, 1]
+    async_it = par.gather_async()  # a second gather over the same shards
+    async_it.take(2)
+    _kill_and_wait(victim)
     tags = [t for t, _ in it.take(6)]
-    assert 100 in tags and 0 not in tags
-    assert len(replacements) == 1
-    assert par.actors == [replacements[0], actors[1]]
-    # The async gather picks up the replacement through the shared shard set.
-    assert {t for t, _ in par.gather_async().take(10)} == {100, 1}
+    # The round in which the shard died has one item; the replacement joins the next.
+    assert tags == [1, 2, 1, 2, 1, 2]
+    assert par.actors == [spare, actors[1]]
+    # The other gather uses the same replacement; the handler ran once.
+    assert {t for t, _ in async_it.take(20)[-10:]} == {2, 1}
+    assert calls == [victim]
 
 
-def test_failed_shard_without_handler_raises(ray_session):
-    actors = [Shard.remote(i) for i in range(2)]
-    it = from_actors(actors, "NoHandler").gather_async()
-    it.take(2)
-    _kill_and_wait(actors[0])
+def test_failed_shard_without_handler_raises(cluster):
+    it = from_actors([cluster.pool[0], cluster.dead_actor()], "NoHandler").gather_async()
     with pytest.raises(ray.exceptions.RayActorError) as ei:
         it.take(50)
     assert any("NoHandler" in n for n in ei.value.__notes__)
 
 
-def test_error_when_no_shard_left(ray_session):
-    actors = [Shard.remote(0)]
-    it = from_actors(actors, "Lonely", on_actor_failure=lambda a, e: None).gather_sync()
-    it.take(1)
-    _kill_and_wait(actors[0])
+def test_error_when_no_shard_left(cluster):
+    dead = cluster.dead_actor()
+    it = from_actors([dead], "Lonely", on_actor_failure=lambda a, e: None).gather_sync()
     with pytest.raises(ray.exceptions.RayActorError) as ei:
         it.take(1)
     assert any("no healthy shard left" in n for n in ei.value.__notes__)

@@ -422,9 +422,9 @@ def test_register_custom_model():
 def test_model_catalog_choices():
     assert MODEL_DEFAULTS["fcnet_hiddens"] == [64, 64]
     model = get_model(*SPACES["cartpole"], 2, {})
-    assert isinstance(model, FullyConnectedNetwork) and model.value_tower is not None
+    assert isinstance(model, FullyConnectedNetwork) and not model.vf_share_layers
     shared = get_model(*SPACES["cartpole"], 2, {"vf_share_layers": True, "fcnet_hiddens": [32]})
-    assert shared.value_tower is None
+    assert shared.vf_share_layers
     inputs, values = shared(torch.zeros(5, 4))
     assert inputs.shape == (5, 2) and values.shape == (5,)
     # Discrete observations are one-hot encoded inside the model.

@@ -3,6 +3,7 @@
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 from flowrl.policies import A2CTorchPolicy, PGTorchPolicy, PPOTorchPolicy
 from flowrl.policies.postprocessing import compute_advantages, discount_cumsum
@@ -10,6 +11,15 @@ from flowrl.sample_batch import SampleBatch
 
 GAMMA = 0.97
 LAMBDA = 0.9
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    # Tiny nets: one thread is faster and avoids oversubscribing a shared CI box.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------- references

@@ -7,7 +7,7 @@ from typing import Iterable
 
 import numpy as np
 
-from flowrl.flow import LocalIterator, Metrics, ParallelIterator
+from flowrl.flow import LocalIterator, Metrics, ParallelIterator, from_actors
 from flowrl.ops.counters import NUM_STEPS_SAMPLED, SAMPLE_TIMER
 from flowrl.sample_batch import MultiAgentBatch, SampleBatch
 from flowrl.workers.worker_set import WorkerSet
@@ -57,17 +57,18 @@ def ParallelRollouts(workers: WorkerSet, metrics: Metrics, mode: str = "bulk_syn
                              name=f"ParallelRollouts({mode}, local)"
                              ).for_each(CountSampledSteps(metrics))
     workers.sync_weights()
-    rollouts = ParallelIterator.from_actors(
-        workers.remote_workers(), name="ParallelRollouts", metrics=metrics,
-        on_actor_failure=workers.handle_actor_failure)
+    rollouts = from_actors(workers.remote_workers(), name="ParallelRollouts", metrics=metrics,
+                           on_actor_failure=workers.handle_actor_failure)
     if mode == "raw":
         return rollouts
     if mode == "bulk_sync":
-        return (rollouts.gather_sync()
+        return (rollouts.gather_sync(name="ParallelRollouts(bulk_sync)")
                 .batch(workers.num_healthy_workers())
                 .for_each(_concat, name="ConcatRound")
                 .for_each(CountSampledSteps(metrics)))
-    return rollouts.gather_async(num_async=num_async).for_each(CountSampledSteps(metrics))
+    return (rollouts.gather_async(num_async=num_async,
+                                  name=f"ParallelRollouts(async, num_async={num_async})")
+            .for_each(CountSampledSteps(metrics)))
 
 
 class ConcatBatches:
