@@ -269,7 +269,8 @@ def test_names_and_repr():
 
     it = (from_items([1], name="ParallelRollouts(bulk_sync)")
           .combine(ConcatBatches(4000)).for_each(TrainOneStep()))
-    assert repr(it) == it.name == "ParallelRollouts(bulk_sync) -> ConcatBatches(4000) -> TrainOneStep"
+    assert repr(it) == it.name == \
+        "ParallelRollouts(bulk_sync) -> ConcatBatches(4000) -> TrainOneStep"
     it2 = from_items([1], name="S").for_each(to_batch).filter(bool).batch(3).flatten()
     assert it2.name == "S -> to_batch -> filter(bool) -> batch(3) -> flatten"
     assert from_items([1], name="S").for_each(to_batch, name="Custom").name == "S -> Custom"
@@ -678,6 +679,19 @@ def test_shard_transforms_run_inside_actors(shards):
     assert flat.take(6) == [0, 0, 0, 1, 1, 1]
     comb = par.combine(lambda x: [x[1]] * 2).gather_sync()
     assert comb.take(6) == [0, 0, 0, 0, 0, 0]
+
+
+def test_shard_side_not_ready_and_retry(shards):
+    def refuse_first_offer(item, _refused=set()):  # state lives in each actor's copy
+        if item[1] == 0 and item not in _refused:
+            _refused.add(item)
+            return NotReady
+        return item
+
+    it = from_actors(shards, "Retry").for_each(refuse_first_offer).gather_sync()
+    first = [next(it) for _ in range(6)]
+    assert first == [NotReady] * 3 + [(0, 0), (1, 0), (2, 0)]  # same item offered again
+    assert it.take(3) == [(0, 1), (1, 1), (2, 1)]
 
 
 def test_remote_exception_names_chain_worker_and_pid(shards):

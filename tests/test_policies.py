@@ -427,6 +427,12 @@ def test_model_catalog_choices():
     assert shared.vf_share_layers
     inputs, values = shared(torch.zeros(5, 4))
     assert inputs.shape == (5, 2) and values.shape == (5,)
+    # Separate towers really are separate: the value output has no policy-tower gradient.
+    _, values = model(torch.randn(5, 4))
+    values.sum().backward()
+    for name, param in model.named_parameters():
+        assert float(param.grad[0].abs().sum()) == 0.0, name  # index 0 = policy tower
+        assert float(param.grad[1].abs().sum()) > 0.0, name
     # Discrete observations are one-hot encoded inside the model.
     discrete = get_model(gym.spaces.Discrete(16), gym.spaces.Discrete(4), 4, {})
     inputs, values = discrete(torch.tensor([0, 3, 15]))

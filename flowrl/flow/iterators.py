@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 import random
 import threading
 import time
@@ -353,7 +354,10 @@ class LocalIterator(Generic[T]):
         return self._derive(op, lambda up, chain: _combine_gen(up, fn, op, chain))
 
     def shuffle(self, buffer_size: int, seed: int | None = None) -> "LocalIterator[T]":
-        """Locally shuffle through a buffer of ``buffer_size`` items: ``it.shuffle(100, seed=0)``."""
+        """Shuffle locally through a buffer of ``buffer_size`` items: ``it.shuffle(100, seed=0)``.
+
+        The buffer is drained in random order when the stream ends.
+        """
         if not isinstance(buffer_size, int) or buffer_size < 1:
             raise ValueError(f"buffer_size must be an int >= 1, got {buffer_size!r}")
         return self._derive(f"shuffle({buffer_size})",
@@ -495,14 +499,15 @@ def _check_weights(weights: list[Any], n: int) -> list[Any]:
                          f"{weights!r}")
     out: list[Any] = []
     for w in weights:
-        if w == "*" and isinstance(w, str):
+        if isinstance(w, str) and w == "*":
             out.append("*")
-        elif isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+        elif isinstance(w, bool) or not isinstance(w, numbers.Real) or not w > 0:
             raise ValueError(f"each round robin weight must be an int >= 1, a float > 0 "
                              f"(fractional part = probability of one more pull) or '*'; "
                              f"got {w!r} in {weights!r}")
         else:
-            out.append(w)
+            # numpy scalars from config arithmetic are fine too.
+            out.append(int(w) if isinstance(w, numbers.Integral) else float(w))
     return out
 
 

@@ -45,7 +45,11 @@ def a2c_loss(
 
 
 class A2CTorchPolicy(Policy):
-    """A2C/A3C policy: reads ``vf_loss_coeff``, ``entropy_coeff``, ``grad_clip``, ``use_gae``, ``lambda``."""
+    """A2C/A3C policy.
+
+    Reads ``vf_loss_coeff``, ``entropy_coeff``, ``grad_clip``, ``use_gae``,
+    ``lambda`` and ``use_critic`` (without a critic: no value loss, plain returns).
+    """
 
     DEFAULT_CONFIG: dict[str, Any] = {
         **Policy.DEFAULT_CONFIG,

@@ -29,6 +29,7 @@ from torch import nn
 __all__ = [
     "MODEL_DEFAULTS",
     "TorchModel",
+    "TwinMLP",
     "FullyConnectedNetwork",
     "VisionNetwork",
     "register_custom_model",
@@ -312,7 +313,9 @@ class VisionNetwork(TorchModel):
     ) -> None:
         super().__init__(obs_space, action_space, num_outputs, model_config)
         if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 3):
-            raise ValueError(f"VisionNetwork needs a 3-D (H, W, C) Box observation space, got {obs_space!r}")
+            raise ValueError(
+                f"VisionNetwork needs a 3-D (H, W, C) Box observation space, got {obs_space!r}"
+            )
         height, width, channels = (int(d) for d in obs_space.shape)
         self.scale = 1.0 / 255.0 if obs_space.dtype == np.uint8 else 1.0
         filters = model_config.get("conv_filters") or _NATURE_CONV_FILTERS

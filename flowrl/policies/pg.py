@@ -25,7 +25,12 @@ def pg_loss(logp: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
 class PGTorchPolicy(Policy):
     """Policy gradient without a critic (``vf_preds`` are not produced)."""
 
-    DEFAULT_CONFIG: dict[str, Any] = {**Policy.DEFAULT_CONFIG, "lr": 4e-4, "use_critic": False, "use_gae": False}
+    DEFAULT_CONFIG: dict[str, Any] = {
+        **Policy.DEFAULT_CONFIG,
+        "lr": 4e-4,
+        "use_critic": False,
+        "use_gae": False,
+    }
     loss_columns = (SampleBatch.OBS, SampleBatch.ACTIONS, SampleBatch.ADVANTAGES)
 
     def __init__(self, observation_space, action_space, config: dict[str, Any]) -> None:

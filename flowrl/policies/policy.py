@@ -347,7 +347,8 @@ class Policy:
             grad_t = torch.as_tensor(np.array(grad, dtype=np.float32, copy=True))
             if tuple(grad_t.shape) != tuple(param.shape):
                 raise ValueError(
-                    f"gradient of shape {tuple(grad_t.shape)} for a parameter of shape {tuple(param.shape)}"
+                    f"gradient of shape {tuple(grad_t.shape)} for a parameter "
+                    f"of shape {tuple(param.shape)}"
                 )
             param.grad = grad_t.to(device=self.device, dtype=param.dtype)
         self.optimizer.step()

@@ -123,12 +123,14 @@ class PPOTorchPolicy(Policy):
             train_batch[SampleBatch.ADVANTAGES],
             float(self.config["clip_param"]),
         )
+        # Entropy first: it caches dist's probabilities with grad enabled, before
+        # the KL below may run under no_grad.
+        entropy = dist.entropy().mean()
         if self.kl_coeff:
             kl = old_dist.kl(dist).mean()
         else:
             with torch.no_grad():  # reported only; no need to backprop through it
                 kl = old_dist.kl(dist).mean()
-        entropy = dist.entropy().mean()
         vf_loss = None
         if self.has_critic:
             vf_clip = self.config.get("vf_clip_param")

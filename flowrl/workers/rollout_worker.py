@@ -44,10 +44,12 @@ class RolloutWorker(ParallelIteratorWorker):
         self.worker_index = worker_index
         self.num_workers = num_workers
         self.config = config
-        if worker_index > 0:
-            # Many workers share the machine's cores; one torch thread each avoids
-            # oversubscription (it is also the fastest for small per-step batches).
-            torch.set_num_threads(1)
+        # Torch threads follow the CPUs reserved for this process: one per remote worker,
+        # num_cpus_for_driver for the learner. Oversubscribed cores make small-net
+        # torch steps tens of times slower, so the default stays at 1.
+        threads = 1 if worker_index > 0 else max(1, int(config.get("num_cpus_for_driver", 1)))
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         seed = config.get("seed")
         if seed is not None:
             torch.manual_seed(worker_seed(seed, worker_index))

@@ -123,26 +123,35 @@ class VectorSampler:
             obs_buf[t] = obs
             eps_ids[t] = self._eps_ids
             ts[t] = self._t
-            env_actions = actions
             if self._clip_low is not None:
                 env_actions = np.clip(actions, self._clip_low, self._clip_high)
-            next_obs = obs.copy()
+            elif actions.dtype.kind in "iu":
+                # Python ints: gymnasium's Discrete.contains checks numpy ints slowly.
+                env_actions = actions.tolist()
+            else:
+                env_actions = actions
+            step_rewards, step_terms, step_truncs, ended = [], [], [], []
+            new_obs_row = new_obs_buf[t]
             for i, env in enumerate(envs):
                 o, r, term, trunc, _ = env.step(env_actions[i])
-                new_obs_buf[t, i] = o
-                rewards[t, i] = r
-                terms[t, i] = term
-                truncs[t, i] = trunc
-                tracker.returns[i] += r
-                tracker.lengths[i] += 1
+                new_obs_row[i] = o
+                step_rewards.append(r)
+                step_terms.append(term)
+                step_truncs.append(trunc)
                 if term or trunc:
-                    tracker.end(i)
-                    o, _ = env.reset()
-                    self._eps_ids[i] = self._new_eps_id()
-                    self._t[i] = 0
-                else:
-                    self._t[i] += 1
-                next_obs[i] = o
+                    ended.append(i)
+            rewards[t] = step_rewards
+            terms[t] = step_terms
+            truncs[t] = step_truncs
+            tracker.returns += rewards[t]
+            tracker.lengths += 1
+            self._t += 1
+            next_obs = new_obs_row.copy()
+            for i in ended:  # auto-reset; the final obs stays in new_obs
+                tracker.end(i)
+                next_obs[i], _ = envs[i].reset()
+                self._eps_ids[i] = self._new_eps_id()
+                self._t[i] = 0
             self._obs = next_obs
         self._unroll_id += 1
         columns = {

@@ -1,0 +1,51 @@
+"""Learning tests: each algorithm reaches a reward threshold within a step budget.
+
+Each test tries up to three seeds (the first success passes); marked ``learning``.
+"""
+
+import pytest
+
+from flowrl import get_agent_class
+
+SEEDS = (0, 1, 2)
+
+
+def reaches(algorithm: str, config: dict, threshold: float, max_steps: int, seed: int):
+    agent = get_agent_class(algorithm)(config={**config, "seed": seed}, env="CartPole-v1",
+                                       log_to_disk=False)
+    try:
+        history = []
+        while True:
+            result = agent.train()
+            history.append((result["timesteps_total"], round(result["episode_reward_mean"], 1)))
+            if result["episode_reward_mean"] >= threshold:
+                return True, history
+            if result["timesteps_total"] >= max_steps:
+                return False, history
+    finally:
+        agent.stop()
+
+
+def assert_learns(algorithm, config, threshold, max_steps):
+    histories = []
+    for seed in SEEDS:
+        ok, history = reaches(algorithm, config, threshold, max_steps, seed)
+        if ok:
+            return
+        histories.append((seed, history[-5:]))
+    pytest.fail(f"{algorithm} did not reach {threshold} within {max_steps} steps: {histories}")
+
+
+@pytest.mark.learning
+def test_ppo_cartpole_two_workers(ray_session):
+    assert_learns("PPO", {"num_workers": 2, "num_cpus_per_worker": 0.5}, 150, 100_000)
+
+
+@pytest.mark.learning
+def test_a2c_cartpole():
+    assert_learns("A2C", {}, 150, 300_000)
+
+
+@pytest.mark.learning
+def test_pg_cartpole():
+    assert_learns("PG", {}, 100, 300_000)
