@@ -9,17 +9,50 @@ Importing flowrl registers every algorithm with Ray Tune under its short name, s
 ``tune.run_experiments({"exp": {"run": "PPO", ...}})`` works.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from flowrl.agent import Agent  # noqa: E402
-from flowrl.envs import EnvContext, register_env  # noqa: E402
-from flowrl.policies.models import register_custom_model  # noqa: E402
-from flowrl.registry import ALGORITHMS, get_agent_class  # noqa: E402
-from flowrl.sample_batch import DEFAULT_POLICY_ID, MultiAgentBatch, SampleBatch  # noqa: E402
-from flowrl.trainable import get_trainable_class, register_trainables  # noqa: E402
+# Public names, imported on first use: Ray worker processes import this package when
+# they unpickle a RolloutWorker, and must not pay for Tune and every plan each time.
+_LAZY = {
+    "Agent": "flowrl.agent",
+    "EnvContext": "flowrl.envs",
+    "register_env": "flowrl.envs",
+    "register_custom_model": "flowrl.policies.models",
+    "ALGORITHMS": "flowrl.registry",
+    "get_agent_class": "flowrl.registry",
+    "DEFAULT_POLICY_ID": "flowrl.sample_batch",
+    "MultiAgentBatch": "flowrl.sample_batch",
+    "SampleBatch": "flowrl.sample_batch",
+    "get_trainable_class": "flowrl.trainable",
+    "register_trainables": "flowrl.trainable",
+}
 
-register_trainables()
+__all__ = sorted(_LAZY) + ["__version__"]
 
-__all__ = ["ALGORITHMS", "Agent", "DEFAULT_POLICY_ID", "EnvContext", "MultiAgentBatch",
-           "SampleBatch", "__version__", "get_agent_class", "get_trainable_class",
-           "register_custom_model", "register_env"]
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'flowrl' has no attribute {name!r}")
+
+
+def _inside_ray_worker() -> bool:
+    """True in a Ray worker process (an actor or task), where Tune is not needed."""
+    try:
+        import ray._private.worker as ray_worker
+        return ray_worker.global_worker.mode == ray_worker.WORKER_MODE
+    except Exception:  # an unknown Ray layout: behave like a driver
+        return False
+
+
+if not _inside_ray_worker():
+    from flowrl.trainable import register_trainables as _register
+
+    _register()
