@@ -161,4 +161,5 @@ class RolloutWorker(ParallelIteratorWorker):
             env.close()
 
     def __repr__(self) -> str:
-        return f"RolloutWorker(index={self.worker_index}, pid={os.getpid()})"
+        # Ray may call this on a worker whose __init__ failed: no attribute is guaranteed.
+        return f"RolloutWorker(index={getattr(self, 'worker_index', '?')}, pid={os.getpid()})"
