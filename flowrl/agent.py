@@ -31,6 +31,7 @@ from flowrl.checkpoint import (read_manifest, read_params, read_policy_states,
 from flowrl.config import COMMON_CONFIG, merge_config, validate_common
 from flowrl.envs.registry import EnvContext, make_env_creator
 from flowrl.flow import LocalIterator, Metrics
+from flowrl.resources import check_cluster_fits
 from flowrl.sample_batch import DEFAULT_POLICY_ID
 from flowrl.workers.worker_set import WorkerSet
 
@@ -124,17 +125,12 @@ class Agent:
             ray.init(include_dashboard=False, ignore_reinit_error=True)
         if ray.get_runtime_context().get_placement_group_id() is not None:
             return  # inside a Tune trial: its placement group already holds the workers
-        cluster = ray.cluster_resources()
-        for resource, per_worker in (("CPU", c["num_cpus_per_worker"]),
-                                     ("GPU", c["num_gpus_per_worker"])):
-            asked = c["num_workers"] * per_worker
-            have = cluster.get(resource, 0)
-            if asked > have:
-                raise ValueError(
-                    f"num_workers={c['num_workers']} with num_{resource.lower()}s_per_worker"
-                    f"={per_worker} asks for {asked:g} {resource}s, but the Ray cluster has "
-                    f"{have:g}. Use fewer workers or a smaller num_{resource.lower()}s_per_"
-                    "worker (fractions are allowed).")
+        check_cluster_fits(
+            {"CPU": c["num_workers"] * c["num_cpus_per_worker"],
+             "GPU": c["num_workers"] * c["num_gpus_per_worker"]},
+            f"num_workers={c['num_workers']} with num_cpus_per_worker="
+            f"{c['num_cpus_per_worker']} and num_gpus_per_worker={c['num_gpus_per_worker']}",
+            "Use fewer workers or smaller per-worker resources (fractions are allowed).")
 
     # -- training -----------------------------------------------------------------------
     def step(self) -> dict:

@@ -195,3 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(rest)
     print(f"flowrl: unknown command {command!r}; expected 'train'", file=sys.stderr)
     return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

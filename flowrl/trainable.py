@@ -17,24 +17,9 @@ from ray import tune
 from ray.tune import PlacementGroupFactory, Trainable
 
 from flowrl.registry import ALGORITHMS, get_agent_class
+from flowrl.resources import check_cluster_fits
 
 _TRAINABLES: dict[str, type] = {}
-
-
-def _check_fits_cluster(name: str, bundles: list[dict]) -> None:
-    import ray
-    if not ray.is_initialized():
-        return
-    cluster = ray.cluster_resources()
-    for resource in ("CPU", "GPU"):
-        asked = sum(b.get(resource, 0) for b in bundles)
-        have = cluster.get(resource, 0)
-        if asked > have:
-            raise ValueError(
-                f"The {name} trial asks for {asked:g} {resource}s (num_cpus_for_driver / "
-                f"num_gpus + num_workers x num_{resource.lower()}s_per_worker), but the "
-                f"Ray cluster has {have:g}. Lower num_workers or the per-worker resources "
-                "(fractions are allowed), or start Ray with more resources.")
 
 
 def make_trainable(agent_cls: type) -> type:
@@ -49,7 +34,12 @@ def make_trainable(agent_cls: type) -> type:
             bundles = [{"CPU": c["num_cpus_for_driver"], "GPU": c["num_gpus"]}] + [
                 {"CPU": c["num_cpus_per_worker"], "GPU": c["num_gpus_per_worker"]}
                 for _ in range(c["num_workers"])]
-            _check_fits_cluster(agent_cls._name, bundles)
+            check_cluster_fits(
+                {r: sum(b[r] for b in bundles) for r in ("CPU", "GPU")},
+                f"The {agent_cls._name} trial (num_cpus_for_driver / num_gpus + "
+                "num_workers x per-worker resources)",
+                "Lower num_workers or the per-worker resources (fractions are allowed), "
+                "or start Ray with more resources.")
             return PlacementGroupFactory(bundles)
 
         def setup(self, config: dict) -> None:

@@ -77,3 +77,26 @@ def test_tune_grid_sweep_runs_three_trials(ray_session, tmp_path):
     assert all(t.last_result["training_iteration"] == 2 for t in trials)
     assert all(t.last_result["timesteps_total"] == 1024 for t in trials)
     assert ray.is_initialized()
+
+
+def test_tuned_examples_are_valid_experiments():
+    import glob
+
+    import yaml
+
+    from flowrl import get_agent_class
+
+    files = glob.glob(os.path.join(ROOT, "flowrl", "tuned_examples", "*.yaml"))
+    assert len(files) >= 3
+    for path in files:
+        for name, spec in yaml.safe_load(open(path)).items():
+            config = get_agent_class(spec["run"]).merge_config(
+                {**spec["config"], "env": spec["env"]})
+            assert config["env"] == spec["env"], (path, name)
+            assert spec["stop"], (path, name)
+
+
+def test_console_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "flowrl.cli", "train", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--checkpoint-freq" in out.stdout
