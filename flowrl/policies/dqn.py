@@ -1,0 +1,658 @@
+"""Deep Q-Networks (Mnih et al. 2015) with the usual Rainbow-lite options.
+
+Per train batch (after n-step postprocessing, see :func:`adjust_nstep`)::
+
+    q_t        = Q_online(s)[a]
+    a*         = argmax_a Q_online(s', a)   if double_q (van Hasselt et al. 2016)
+               = argmax_a Q_target(s', a)   otherwise
+    target     = r + gammas * (1 - terminated) * Q_target(s', a*)
+    td_error   = q_t - stop_grad(target)
+    loss       = mean(weights * huber(td_error))            # weights: PER importance weights
+
+``gammas`` is ``gamma ** m`` per row, where ``m`` is the number of rewards folded
+into ``r`` (``m < n_step`` near the end of a fragment), so cut and truncated
+fragments bootstrap with the right discount and terminated ones don't bootstrap.
+
+The Q network (:class:`QNetwork`) is a feature trunk (the catalog's choice of
+MLP / Nature CNN / custom model) followed by a Q head of ``hiddens`` ReLU
+layers, optionally dueling (Wang et al. 2016): ``Q = V + A - mean_a A``.
+
+Exploration is epsilon-greedy: a linear schedule over the global timestep
+(``on_global_var_update``), or -- Ape-X (Horgan et al. 2018) -- a fixed epsilon
+per rollout worker ``0.4 ** (1 + 7 i / (N - 1))``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from flowrl.policies.models import (
+    _NATURE_CONV_FILTERS,
+    _NATURE_FC_SIZE,
+    _CUSTOM_MODELS,
+    _activation,
+    _conv_stack,
+    _is_image_space,
+    _linear,
+    _mlp,
+)
+from flowrl.policies.policy import Policy, TensorDict, _writable
+from flowrl.sample_batch import SampleBatch, minibatch_bounds
+
+__all__ = [
+    "GAMMAS",
+    "TD_ERROR",
+    "Q_VALUES",
+    "adjust_nstep",
+    "huber_loss",
+    "dqn_td_target",
+    "per_worker_epsilon",
+    "linear_epsilon",
+    "QNetwork",
+    "DQNTorchPolicy",
+]
+
+#: Column set by :func:`adjust_nstep`: discount of the bootstrap value per row.
+GAMMAS = "gammas"
+#: Column set by worker-side prioritization: initial replay priority per row.
+TD_ERROR = "td_error"
+#: Extra column from :meth:`DQNTorchPolicy.compute_actions`.
+Q_VALUES = "q_values"
+
+_DEFAULT_EXPLORATION: dict[str, Any] = {
+    "initial_epsilon": 1.0,
+    "final_epsilon": 0.02,
+    "epsilon_timesteps": 10000,
+}
+
+
+# --------------------------------------------------------------------- n-step
+def _segment_ends(batch: SampleBatch) -> np.ndarray:
+    """Per row, the index of the last row of its episode segment.
+
+    A segment ends at a terminated or truncated row, where ``eps_id`` changes,
+    or at the end of the batch -- so a batch holding several episode pieces is
+    handled in one vectorised pass.
+    """
+    count = batch.count
+    boundary = np.zeros(count, dtype=bool)
+    boundary[-1] = True
+    for column in (SampleBatch.TERMINATEDS, SampleBatch.TRUNCATEDS):
+        if column in batch:
+            boundary |= np.asarray(batch[column], dtype=bool)
+    if SampleBatch.EPS_ID in batch:
+        eps_ids = np.asarray(batch[SampleBatch.EPS_ID])
+        boundary[:-1] |= eps_ids[1:] != eps_ids[:-1]
+    ends = np.flatnonzero(boundary)
+    return ends[np.searchsorted(ends, np.arange(count))]
+
+
+def adjust_nstep(batch: SampleBatch, n_step: int, gamma: float) -> SampleBatch:
+    """Rewrite ``batch`` into n-step transitions (returns ``batch``, columns replaced).
+
+    For each row ``t`` with ``m = min(n_step, rows left in t's episode segment)``::
+
+        rewards[t]     <- sum_{k < m} gamma**k * rewards[t + k]
+        new_obs[t]     <- new_obs[t + m - 1]
+        terminateds[t] <- terminateds[t + m - 1]     (truncateds likewise)
+        gammas[t]      =  gamma**m                   (float32, new column)
+
+    The bootstrap term is then ``gammas * (1 - terminateds) * V(new_obs)``.
+    Segments end at terminated/truncated rows and at ``eps_id`` changes, so
+    returns never leak across episodes. Columns are replaced by new arrays
+    (the input arrays, often views of sampler buffers, are not written to).
+    Apply it once per fragment: applying it twice compounds the returns.
+    """
+    n_step = int(n_step)
+    if n_step < 1:
+        raise ValueError(f"n_step must be >= 1, got {n_step}")
+    count = batch.count
+    if count == 0:
+        batch[GAMMAS] = np.zeros(0, dtype=np.float32)
+        return batch
+    rewards = np.asarray(batch[SampleBatch.REWARDS])
+    rows = np.arange(count)
+    horizon = np.minimum(n_step, _segment_ends(batch) - rows + 1)
+    batch[GAMMAS] = np.power(float(gamma), horizon).astype(np.float32)
+    if n_step == 1:
+        return batch  # every m == 1: nothing else changes
+
+    last = rows + horizon - 1
+    rewards64 = rewards.astype(np.float64)
+    padded = np.concatenate([rewards64, np.zeros(n_step - 1)])
+    returns = rewards64.copy()
+    for k in range(1, n_step):  # loop over the (short) horizon, never over rows
+        returns += np.where(k < horizon, gamma**k * padded[k : k + count], 0.0)
+    out_dtype = rewards.dtype if np.issubdtype(rewards.dtype, np.floating) else np.float32
+    batch[SampleBatch.REWARDS] = returns.astype(out_dtype)
+    for column in (SampleBatch.NEW_OBS, SampleBatch.TERMINATEDS, SampleBatch.TRUNCATEDS):
+        if column in batch:
+            batch[column] = np.asarray(batch[column])[last]
+    return batch
+
+
+# ----------------------------------------------------------------- loss terms
+def huber_loss(x: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
+    """Elementwise Huber loss: ``x^2 / 2`` for ``|x| <= delta``, else ``delta (|x| - delta / 2)``."""
+    return nn.functional.huber_loss(x, torch.zeros_like(x), reduction="none", delta=delta)
+
+
+def dqn_td_target(
+    rewards: torch.Tensor,
+    terminateds: torch.Tensor,
+    gammas: torch.Tensor,
+    q_tp1_target: torch.Tensor,
+    q_tp1_online: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``r + gammas * (1 - terminated) * Q_target(s', a*)``, shape ``[B]``.
+
+    ``a* = argmax Q_online(s')`` when ``q_tp1_online`` is given (double Q),
+    else ``argmax Q_target(s')`` (i.e. the max of the target net).
+    """
+    if q_tp1_online is None:
+        q_next = q_tp1_target.max(dim=1).values
+    else:
+        best = q_tp1_online.argmax(dim=1, keepdim=True)
+        q_next = q_tp1_target.gather(1, best).squeeze(1)
+    not_done = 1.0 - terminateds.to(q_next.dtype)
+    return rewards + gammas * not_done * q_next
+
+
+# ----------------------------------------------------------------- exploration
+def linear_epsilon(timestep: int, initial: float, final: float, timesteps: int) -> float:
+    """Linear decay from ``initial`` to ``final`` over ``timesteps``, then constant."""
+    if timesteps <= 0:
+        return float(final)
+    frac = min(1.0, max(0.0, timestep / float(timesteps)))
+    return float(initial + frac * (final - initial))
+
+
+def per_worker_epsilon(worker_index: int, num_workers: int) -> float:
+    """Ape-X epsilon of remote worker ``worker_index`` (1..N) out of ``num_workers`` = N.
+
+    ``0.4 ** (1 + 7 i / (N - 1))`` with ``i = worker_index - 1``; ``0.4`` when N == 1.
+    """
+    if num_workers < 1 or not 1 <= worker_index <= num_workers:
+        raise ValueError(
+            f"per-worker epsilon needs 1 <= worker_index <= num_workers, "
+            f"got worker_index={worker_index}, num_workers={num_workers}"
+        )
+    if num_workers == 1:
+        return 0.4
+    return float(0.4 ** (1.0 + 7.0 * (worker_index - 1) / (num_workers - 1)))
+
+
+# ---------------------------------------------------------------------- model
+class _FlatTrunk(nn.Module):
+    """One-hot (Discrete) or flattened (Box) obs -> MLP of ``fcnet_hiddens``."""
+
+    def __init__(self, obs_space: gym.Space, model_config: dict[str, Any]) -> None:
+        super().__init__()
+        if isinstance(obs_space, gym.spaces.Discrete):
+            self.one_hot_size: int | None = int(obs_space.n)
+            self.obs_start = int(obs_space.start)
+            in_size = self.one_hot_size
+        elif isinstance(obs_space, gym.spaces.Box):
+            self.one_hot_size = None
+            self.obs_start = 0
+            in_size = int(np.prod(obs_space.shape))
+        else:
+            raise ValueError(
+                f"DQN's built-in model needs a Box or Discrete observation space, got {obs_space!r}"
+            )
+        activation = _activation(model_config.get("fcnet_activation", "tanh"))
+        self.mlp, self.out_size = _mlp(in_size, list(model_config.get("fcnet_hiddens") or []), activation)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        if self.one_hot_size is not None:
+            x = nn.functional.one_hot(obs.long() - self.obs_start, self.one_hot_size).float()
+        else:
+            x = obs.reshape(obs.shape[0], -1).float()
+        return self.mlp(x)
+
+
+class _VisionTrunk(nn.Module):
+    """Channels-last frames -> Nature-DQN conv stack (or ``conv_filters``) -> fc 512."""
+
+    def __init__(self, obs_space: gym.spaces.Box, model_config: dict[str, Any]) -> None:
+        super().__init__()
+        height, width, channels = (int(d) for d in obs_space.shape)
+        # uint8 frames travel unscaled from env to learner; scale on the device.
+        self.scale = 1.0 / 255.0 if obs_space.dtype == np.uint8 else 1.0
+        filters = model_config.get("conv_filters") or _NATURE_CONV_FILTERS
+        activation = _activation(model_config.get("conv_activation", "relu"))
+        convs = _conv_stack(channels, filters, activation)
+        with torch.no_grad():
+            flat = convs(torch.zeros(1, channels, height, width)).shape[1]
+        layers: list[nn.Module] = [convs, _linear(flat, _NATURE_FC_SIZE, gain=float(np.sqrt(2.0)))]
+        if activation is not None:
+            layers.append(activation())
+        self.net = nn.Sequential(*layers)
+        self.out_size = _NATURE_FC_SIZE
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.permute(0, 3, 1, 2).float()
+        return self.net(x * self.scale if self.scale != 1.0 else x)
+
+
+class _CustomTrunk(nn.Module):
+    """A catalog custom model used as a feature extractor (its first output)."""
+
+    def __init__(self, model: nn.Module, out_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.out_size = int(out_size)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        out = self.model(obs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _head_stream(in_size: int, hiddens: list[int], out_size: int) -> nn.Sequential:
+    body, size = _mlp(in_size, hiddens, nn.ReLU)
+    return nn.Sequential(*body, _linear(size, out_size, gain=1.0))
+
+
+class QNetwork(nn.Module):
+    """``obs -> Q [B, num_actions]``: feature trunk + (dueling) Q head.
+
+    Trunk, as the model catalog picks it: image stacks (3-D Box, H, W >= 32)
+    -> Nature CNN + fc 512; other Box / Discrete obs -> an MLP of
+    ``fcnet_hiddens`` with ``fcnet_activation`` (one-hot for Discrete);
+    ``custom_model`` -> that model built with ``num_outputs =
+    ([256] + fcnet_hiddens)[-1]``, whose first output is used as the features.
+
+    Head: ``advantage_stream`` = ``hiddens`` ReLU layers -> ``num_actions``;
+    with ``dueling`` also ``value_stream`` = ``hiddens`` ReLU layers -> 1 and
+    ``Q = V + A - mean_a A``. Without dueling the advantage stream is Q itself.
+    """
+
+    def __init__(
+        self,
+        obs_space: gym.Space,
+        action_space: gym.spaces.Discrete,
+        model_config: dict[str, Any],
+        hiddens: list[int],
+        dueling: bool,
+    ) -> None:
+        super().__init__()
+        self.num_actions = int(action_space.n)
+        self.dueling = bool(dueling)
+        self.trunk = self._make_trunk(obs_space, action_space, model_config)
+        hiddens = [int(h) for h in hiddens or []]
+        self.advantage_stream = _head_stream(self.trunk.out_size, hiddens, self.num_actions)
+        self.value_stream = _head_stream(self.trunk.out_size, hiddens, 1) if self.dueling else None
+
+    @staticmethod
+    def _make_trunk(
+        obs_space: gym.Space, action_space: gym.Space, model_config: dict[str, Any]
+    ) -> nn.Module:
+        custom = model_config.get("custom_model")
+        if custom is not None:
+            if isinstance(custom, str):
+                if custom not in _CUSTOM_MODELS:
+                    raise ValueError(
+                        f"unknown custom_model {custom!r}; registered models: "
+                        f"{sorted(_CUSTOM_MODELS)} (call flowrl.policies.register_custom_model first)"
+                    )
+                cls = _CUSTOM_MODELS[custom]
+            elif isinstance(custom, type):
+                cls = custom
+            else:
+                raise ValueError(f"custom_model must be a registered name or a class, got {custom!r}")
+            out_size = ([256] + list(model_config.get("fcnet_hiddens") or []))[-1]
+            return _CustomTrunk(cls(obs_space, action_space, out_size, model_config), out_size)
+        if _is_image_space(obs_space):
+            return _VisionTrunk(obs_space, model_config)
+        return _FlatTrunk(obs_space, model_config)
+
+    def q_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Q-values from trunk features (dueling aggregation when enabled)."""
+        advantages = self.advantage_stream(features)
+        if self.value_stream is None:
+            return advantages
+        value = self.value_stream(features)
+        return value + advantages - advantages.mean(dim=1, keepdim=True)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.q_from_features(self.trunk(obs))
+
+
+# --------------------------------------------------------------------- policy
+class DQNTorchPolicy(Policy):
+    """DQN / double DQN / dueling DQN / Ape-X policy for ``Discrete`` action spaces.
+
+    Config keys (fallbacks in :attr:`DEFAULT_CONFIG`; the algorithm config wins):
+    ``gamma``, ``lr``, ``model`` (trunk, see :class:`QNetwork`), ``hiddens``,
+    ``dueling``, ``double_q``, ``n_step``, ``adam_epsilon``, ``grad_clip``,
+    ``num_gpus``, ``seed``, ``exploration_config`` (``initial_epsilon``,
+    ``final_epsilon``, ``epsilon_timesteps``; partial dicts are merged over the
+    defaults), ``per_worker_exploration``, ``worker_side_prioritization``,
+    ``prioritized_replay_eps``, and the rollout worker's ``worker_index`` /
+    ``num_workers`` (Ape-X epsilons, exploration seed).
+
+    Weights: :meth:`get_weights` / :meth:`set_weights` carry the online net only
+    (what rollout workers act with); :meth:`get_state` adds the target net, the
+    optimizer and the timestep of the epsilon schedule. The exported
+    TorchScript module (:meth:`export`) maps raw obs to Q-values ``[B, A]``.
+    """
+
+    DEFAULT_CONFIG: dict[str, Any] = {
+        **Policy.DEFAULT_CONFIG,
+        "lr": 5e-4,
+        "hiddens": [256],
+        "dueling": True,
+        "double_q": True,
+        "n_step": 1,
+        "adam_epsilon": 1e-8,
+        "grad_clip": 40.0,
+        "exploration_config": dict(_DEFAULT_EXPLORATION),
+        "per_worker_exploration": False,
+        "worker_side_prioritization": False,
+        "prioritized_replay_eps": 1e-6,
+        "worker_index": 0,
+        "num_workers": 0,
+    }
+
+    #: Columns every train batch needs; ``gammas`` and ``weights`` are optional.
+    loss_columns: tuple[str, ...] = (
+        SampleBatch.OBS,
+        SampleBatch.ACTIONS,
+        SampleBatch.REWARDS,
+        SampleBatch.NEW_OBS,
+        SampleBatch.TERMINATEDS,
+    )
+    optional_loss_columns: tuple[str, ...] = (GAMMAS, SampleBatch.WEIGHTS)
+
+    def __init__(
+        self, observation_space: gym.Space, action_space: gym.Space, config: dict[str, Any]
+    ) -> None:
+        if not isinstance(action_space, gym.spaces.Discrete):
+            raise ValueError(
+                f"DQNTorchPolicy supports Discrete action spaces only, got {action_space!r}"
+            )
+        super().__init__(observation_space, action_space, config)
+        cfg = self.config
+        self.num_actions = int(action_space.n)
+        self._action_start = int(action_space.start)
+        self.gamma = float(cfg["gamma"])
+        self.n_step = int(cfg["n_step"])
+        if self.n_step < 1:
+            raise ValueError(f"n_step must be >= 1, got {self.n_step}")
+        self.double_q = bool(cfg["double_q"])
+        self.exploration_config = {**_DEFAULT_EXPLORATION, **(cfg.get("exploration_config") or {})}
+        self.worker_index = int(cfg.get("worker_index") or 0)
+        self.num_workers = int(cfg.get("num_workers") or 0)
+        # Ape-X: a fixed epsilon on remote workers; the learner (index 0) keeps the schedule.
+        self._fixed_epsilon: float | None = None
+        if cfg.get("per_worker_exploration") and self.worker_index > 0:
+            self._fixed_epsilon = per_worker_epsilon(self.worker_index, max(self.num_workers, 1))
+        seed = cfg.get("seed")
+        if seed is not None:
+            # Distinct exploration streams per worker even though they share config["seed"].
+            self._rng = np.random.default_rng(int(seed) + 1000 * self.worker_index)
+
+        self.target_model: nn.Module = copy.deepcopy(self.model)
+        self.target_model.requires_grad_(False)
+        self.target_model.eval()
+        self._last_td_error: torch.Tensor | None = None
+
+    # ------------------------------------------------------------ construction
+    def make_model(self) -> nn.Module:
+        """The online :class:`QNetwork` (the target net is a copy of it)."""
+        return QNetwork(
+            self.observation_space,
+            self.action_space,
+            self.config["model"],
+            list(self.config.get("hiddens") or []),
+            bool(self.config.get("dueling", True)),
+        )
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """Adam with ``lr`` and ``adam_epsilon`` (fused kernel where available)."""
+        lr = float(self.config["lr"])
+        eps = float(self.config.get("adam_epsilon", 1e-8))
+        try:
+            return torch.optim.Adam(self._params, lr=lr, eps=eps, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            return torch.optim.Adam(self._params, lr=lr, eps=eps)
+
+    # ------------------------------------------------------------- exploration
+    @property
+    def epsilon(self) -> float:
+        """Current epsilon: the Ape-X per-worker constant, else the linear schedule."""
+        if self._fixed_epsilon is not None:
+            return self._fixed_epsilon
+        cfg = self.exploration_config
+        return linear_epsilon(
+            self.global_timestep,
+            float(cfg["initial_epsilon"]),
+            float(cfg["final_epsilon"]),
+            int(cfg["epsilon_timesteps"]),
+        )
+
+    # ------------------------------------------------------------------ acting
+    def compute_actions(
+        self, obs_batch: np.ndarray, explore: bool = True
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Epsilon-greedy (``explore``) or greedy actions: ``(actions int64 [B], {"q_values": [B, A]})``.
+
+        With probability epsilon a row's action is drawn uniformly from all
+        actions (the greedy one included), one vectorised draw per batch.
+        """
+        obs = self._obs_to_tensor(obs_batch)
+        with torch.inference_mode():
+            q_values = self.model(obs).float().cpu().numpy()
+        actions = q_values.argmax(axis=1).astype(np.int64)
+        if explore:
+            epsilon = self.epsilon
+            if epsilon > 0.0:
+                random_rows = self._rng.random(actions.shape[0]) < epsilon
+                num_random = int(random_rows.sum())
+                if num_random:
+                    actions[random_rows] = self._rng.integers(self.num_actions, size=num_random)
+        if self._action_start:
+            actions += self._action_start
+        return actions, {Q_VALUES: q_values}
+
+    def value(self, obs_batch: np.ndarray) -> np.ndarray:
+        """``max_a Q(obs, a)`` from the online net, shape ``[B]`` float32."""
+        obs = self._obs_to_tensor(obs_batch)
+        with torch.inference_mode():
+            return self.model(obs).max(dim=1).values.float().cpu().numpy()
+
+    # ---------------------------------------------------------- postprocessing
+    def postprocess_trajectory(self, batch: SampleBatch) -> SampleBatch:
+        """n-step transitions (:func:`adjust_nstep`) plus, optionally, initial priorities.
+
+        Adds ``gammas`` (float32). With ``worker_side_prioritization`` also
+        adds ``td_error`` = ``|TD error| + prioritized_replay_eps`` (float32,
+        strictly positive, ready to be used as the rows' replay priorities),
+        computed with this policy's current nets.
+        """
+        adjust_nstep(batch, self.n_step, self.gamma)
+        if self.config.get("worker_side_prioritization"):
+            if batch.count:
+                td = self.compute_td_error(batch)
+            else:
+                td = np.zeros(0, dtype=np.float32)
+            eps = float(self.config.get("prioritized_replay_eps", 1e-6))
+            batch[TD_ERROR] = (td + eps).astype(np.float32)
+        return batch
+
+    # ---------------------------------------------------------------- learning
+    def _batch_to_tensors(self, batch: SampleBatch) -> TensorDict:
+        """Required + present optional loss columns as tensors on the learner device."""
+        tensors: TensorDict = {}
+        for column in (*self.loss_columns, *self.optional_loss_columns):
+            if column not in batch:
+                if column in self.loss_columns:
+                    raise KeyError(
+                        f"{type(self).__name__}.learn_on_batch needs column {column!r}; "
+                        f"the batch has {sorted(batch.keys())}"
+                    )
+                continue
+            arr = np.asarray(batch[column])
+            if column == SampleBatch.ACTIONS:
+                arr = arr.astype(np.int64, copy=False)
+                if self._action_start:
+                    arr = arr - self._action_start
+            elif column == SampleBatch.TERMINATEDS:
+                arr = arr.astype(np.float32, copy=False)
+            elif arr.dtype == np.float64:
+                arr = arr.astype(np.float32)
+            tensors[column] = torch.from_numpy(_writable(arr)).to(self.device)
+        return tensors
+
+    def _td_error(self, tensors: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q_t_selected [B], td_error [B])`` (signed); grads flow through ``q_t`` only."""
+        q_t = self.model(tensors[SampleBatch.OBS])
+        q_selected = q_t.gather(1, tensors[SampleBatch.ACTIONS].view(-1, 1)).squeeze(1)
+        new_obs = tensors[SampleBatch.NEW_OBS]
+        with torch.no_grad():
+            q_tp1_target = self.target_model(new_obs)
+            q_tp1_online = self.model(new_obs) if self.double_q else None
+            gammas = tensors.get(GAMMAS)
+            if gammas is None:
+                # No gammas column: rewards are assumed n-step sums with a full horizon.
+                gammas = torch.full_like(q_selected, self.gamma**self.n_step)
+            target = dqn_td_target(
+                tensors[SampleBatch.REWARDS],
+                tensors[SampleBatch.TERMINATEDS],
+                gammas,
+                q_tp1_target,
+                q_tp1_online,
+            )
+        return q_selected, q_selected - target
+
+    def loss(self, train_batch: TensorDict) -> tuple[torch.Tensor, TensorDict]:
+        """Importance-weighted Huber TD loss; ``|td_error|`` is kept for :meth:`learn_on_batch`."""
+        q_selected, td_error = self._td_error(train_batch)
+        per_row = huber_loss(td_error)
+        weights = train_batch.get(SampleBatch.WEIGHTS)
+        loss = (per_row * weights).mean() if weights is not None else per_row.mean()
+        abs_td = td_error.detach().abs()
+        self._last_td_error = abs_td
+        q_detached = q_selected.detach()
+        stats: TensorDict = {
+            "loss": loss.detach(),
+            "mean_q": q_detached.mean(),
+            "min_q": q_detached.min(),
+            "max_q": q_detached.max(),
+            "mean_td_error": abs_td.mean(),
+        }
+        return loss, stats
+
+    def learn_on_batch(
+        self, batch: SampleBatch, num_sgd_iter: int = 1, sgd_minibatch_size: int = 0
+    ) -> dict[str, Any]:
+        """SGD on the TD loss; returns float stats plus ``td_error`` (``np.ndarray [B]``).
+
+        Stats (averaged over the last epoch's minibatches): ``loss``,
+        ``total_loss`` (same value), ``mean_q`` / ``min_q`` / ``max_q`` (of
+        ``Q(s, a)`` for the batch's actions), ``mean_td_error`` (mean absolute
+        TD error), ``grad_gnorm`` (before clipping), ``cur_lr``. ``td_error`` is
+        the one non-scalar entry: the absolute TD error of every row, in batch
+        order, computed right before the update that used the row (last
+        epoch) -- feed it (plus ``prioritized_replay_eps``) to the replay
+        buffer's priority update. The target net is not updated here; call
+        :meth:`update_target`.
+        """
+        count = batch.count
+        if count == 0:
+            raise ValueError("learn_on_batch got an empty batch")
+        tensors = self._batch_to_tensors(batch)
+        bounds = minibatch_bounds(count, sgd_minibatch_size)
+        td_out = torch.empty(count, device=self.device)
+        self.model.train()
+        last_epoch: list[TensorDict] = []
+        for _ in range(max(1, int(num_sgd_iter))):
+            last_epoch = []
+            perm = None
+            epoch_data = tensors
+            if len(bounds) > 1:
+                perm = torch.from_numpy(self._rng.permutation(count)).to(self.device)
+                epoch_data = {k: v.index_select(0, perm) for k, v in tensors.items()}
+            for start, end in bounds:
+                minibatch = {k: v[start:end] for k, v in epoch_data.items()}
+                stats = self._backward(minibatch)
+                self.optimizer.step()
+                assert self._last_td_error is not None
+                if perm is None:
+                    td_out[start:end] = self._last_td_error
+                else:
+                    td_out[perm[start:end]] = self._last_td_error
+                last_epoch.append(stats)
+        keys = list(last_epoch[0].keys())
+        means = torch.stack(
+            [torch.stack([s[k].float() for s in last_epoch]).mean() for k in keys]
+        )
+        host = torch.cat([means, td_out.float()]).cpu().numpy()  # one device sync
+        summary: dict[str, Any] = {k: float(v) for k, v in zip(keys, host[: len(keys)])}
+        summary["cur_lr"] = float(self.optimizer.param_groups[0]["lr"])
+        summary[TD_ERROR] = host[len(keys) :].astype(np.float32)
+        self._last_td_error = None
+        return summary
+
+    def compute_gradients(self, batch: SampleBatch) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """Gradients of the TD loss on ``batch`` as numpy (see the base class).
+
+        Stats as in :meth:`learn_on_batch`, ``td_error`` included.
+        """
+        grads, stats = super().compute_gradients(batch)
+        assert self._last_td_error is not None
+        stats[TD_ERROR] = self._last_td_error.float().cpu().numpy()
+        self._last_td_error = None
+        return grads, stats
+
+    def compute_td_error(self, batch: SampleBatch) -> np.ndarray:
+        """Absolute TD errors ``[B]`` (float32) of ``batch`` under the current nets; no update."""
+        tensors = self._batch_to_tensors(batch)
+        with torch.inference_mode():
+            _, td_error = self._td_error(tensors)
+        return td_error.abs().float().cpu().numpy()
+
+    def update_target(self) -> None:
+        """Copy the online net's weights into the target net."""
+        self.target_model.load_state_dict(self.model.state_dict())
+
+    # ------------------------------------------------------- weights and state
+    def set_weights(self, weights: dict[str, Any]) -> None:
+        """Load online-net weights (numpy arrays or tensors).
+
+        A remote worker (``worker_index > 0``) never receives target weights;
+        with ``worker_side_prioritization`` its target net follows the online
+        net, so the initial priorities are not computed against the random
+        initial target.
+        """
+        super().set_weights(weights)
+        if self.worker_index > 0 and self.config.get("worker_side_prioritization"):
+            self.update_target()
+
+    def get_state(self) -> dict[str, Any]:
+        """Online + target weights, optimizer state, timestep (tensors and ints only)."""
+        state = super().get_state()
+        state["target_weights"] = {
+            k: v.detach().cpu().clone() for k, v in self.target_model.state_dict().items()
+        }
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`get_state`; without ``target_weights`` the target copies the online net."""
+        super().set_state(state)
+        target = state.get("target_weights")
+        if target is None:
+            self.update_target()
+        else:
+            self.target_model.load_state_dict(
+                {
+                    k: v if isinstance(v, torch.Tensor) else torch.as_tensor(np.array(v, copy=True))
+                    for k, v in target.items()
+                }
+            )
