@@ -28,7 +28,8 @@ import numpy as np
 
 from flowrl.checkpoint import (read_manifest, read_params, read_policy_states,
                                write_checkpoint)
-from flowrl.config import COMMON_CONFIG, merge_config, validate_common
+from flowrl.config import (COMMON_CONFIG, merge_config, resolve_auto_resources,
+                           validate_common)
 from flowrl.envs.registry import EnvContext, make_env_creator
 from flowrl.flow import LocalIterator, Metrics
 from flowrl.resources import check_cluster_fits
@@ -86,6 +87,10 @@ class Agent:
         """COMMON_CONFIG <- DEFAULT_CONFIG <- user config, validated."""
         base = merge_config(COMMON_CONFIG, cls._default_config)
         config = merge_config(base, user_config, check_keys=True)
+        resolved = resolve_auto_resources(config)
+        if resolved:
+            logger.warning("%s: resolved 'auto' resources for this cluster: %s",
+                           cls._name, ", ".join(f"{k}={v}" for k, v in resolved.items()))
         validate_common(config)
         cls.validate_config(config)
         return config
@@ -281,7 +286,12 @@ class Agent:
 
     # -- lifecycle ----------------------------------------------------------------------
     def stop(self) -> None:
-        """Stops the workers and closes the result files."""
+        """Stops the plan's own resources (threads, replay actors), the workers, and
+        closes the result files."""
+        # A plan that owns threads or actors attaches ``cleanup`` to its iterator.
+        cleanup = getattr(self._plan, "cleanup", None)
+        if cleanup is not None:
+            cleanup()
         self.workers.stop()
         if self._result_logger is not None:
             self._result_logger.close()

@@ -135,6 +135,25 @@ def _normalize_spec(name: str, spec: dict, args: argparse.Namespace) -> dict:
     return spec
 
 
+def _resolve_auto(spec: dict) -> None:
+    """Writes the cluster-resolved values of "auto" resource keys into the trial config,
+    so they are printed and recorded in params.json."""
+    from flowrl.config import AUTO_KEYS, COMMON_CONFIG
+    from flowrl.registry import get_agent_class
+
+    agent_cls = get_agent_class(spec["run"])
+    config = spec["config"]
+    defaults = {**COMMON_CONFIG, **agent_cls._default_config}
+    auto_keys = [k for k in AUTO_KEYS if config.get(k, defaults.get(k)) == "auto"]
+    if not auto_keys:
+        return
+    merged = agent_cls.merge_config(_first_candidate(config))
+    for key in auto_keys:
+        config[key] = merged[key]
+    print(f"flowrl: {spec['run']} resources resolved for this cluster: "
+          + ", ".join(f"{k}={config[k]}" for k in sorted(auto_keys)), flush=True)
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """Entry point of ``scripts/train.py`` / ``flowrl train``; returns the exit code."""
     parser = make_train_parser()
@@ -162,6 +181,8 @@ def train_main(argv: list[str] | None = None) -> int:
         if args.local_mode:
             init_args["local_mode"] = True
         ray.init(**init_args)
+    for spec in experiments.values():
+        _resolve_auto(spec)
     try:
         trials = tune.run_experiments(experiments, resume=args.resume or None,
                                       verbose=args.verbose, raise_on_failed_trial=False)

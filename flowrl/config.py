@@ -65,10 +65,19 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+# Resource keys that may be "auto": resolved from the cluster by resolve_auto_resources().
+AUTO_KEYS = {"num_workers", "num_gpus", "num_cpus_per_worker", "num_replay_buffer_shards"}
+
+
 def _check_type(key: str, value: Any, default: Any) -> None:
     """Raises if ``value`` does not fit the type of the key's default."""
     if default is None or value is None:
         return
+    if key.rsplit(".", 1)[-1] in AUTO_KEYS and "auto" in (value, default):
+        if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return
+        raise ValueError(f"Config key {key!r} has value {value!r}; expected a number or "
+                         "'auto'.")
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int) and key.rsplit(".", 1)[-1] not in FRACTIONAL_KEYS:
@@ -125,6 +134,45 @@ def require(condition: bool, message: str) -> None:
     """Raises ``ValueError(message)`` unless ``condition`` holds (config checks)."""
     if not condition:
         raise ValueError(message)
+
+
+def _available_resources() -> tuple[float, float]:
+    """(CPUs, GPUs) of the running Ray cluster, else of this machine."""
+    import ray
+    if ray.is_initialized():
+        cluster = ray.cluster_resources()
+        return cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
+    import os
+
+    import torch
+    return float(os.cpu_count() or 1), float(torch.cuda.device_count())
+
+
+def resolve_auto_resources(config: dict) -> dict:
+    """Replaces ``"auto"`` resource values with numbers that fit the cluster (or machine).
+
+    ``num_gpus``: 1 if a GPU exists, else 0. ``num_workers``: one per CPU left after the
+    driver, at least 2. ``num_cpus_per_worker``: the CPUs left after the driver shared
+    among the workers, at most 1. ``num_replay_buffer_shards``: one per 4 workers, 1 to 4.
+    Returns the dict of resolved keys (empty when nothing was "auto").
+    """
+    if not any(config.get(key) == "auto" for key in AUTO_KEYS):
+        return {}
+    cpus, gpus = _available_resources()
+    resolved = {}
+    if config.get("num_gpus") == "auto":
+        resolved["num_gpus"] = 1 if gpus >= 1 else 0
+    spare = max(cpus - config["num_cpus_for_driver"], 0.0)
+    if config.get("num_workers") == "auto":
+        resolved["num_workers"] = max(2, int(spare))
+    workers = resolved.get("num_workers", config.get("num_workers"))
+    if config.get("num_cpus_per_worker") == "auto":
+        per_worker = min(1.0, spare / max(workers, 1))
+        resolved["num_cpus_per_worker"] = per_worker if per_worker < 1 else 1
+    if config.get("num_replay_buffer_shards") == "auto":
+        resolved["num_replay_buffer_shards"] = max(1, min(4, workers // 4))
+    config.update(resolved)
+    return resolved
 
 
 def validate_common(config: dict) -> None:

@@ -231,3 +231,17 @@ def test_worker_set_foreach_and_weight_sync(ray_session):
 def test_too_many_workers_fail_fast_with_a_clear_message(ray_session):
     with pytest.raises(ValueError, match=r"asks for 8 CPUs, but the Ray cluster has 2"):
         PPOAgent(config={"num_workers": 8}, env="CartPole-v1", log_to_disk=False)
+
+
+def test_env_reported_episode_stats_replace_sampler_sums():
+    """A RecordEpisodeStatistics layer below a reward-scaling wrapper reports raw returns."""
+
+    def creator(ctx):
+        env = gym.wrappers.RecordEpisodeStatistics(CountingEnv({"length": 4}))
+        return gym.wrappers.TransformReward(env, lambda r: 0.5 * r)
+
+    config = make_config(num_envs_per_worker=2, rollout_fragment_length=9)
+    worker = RolloutWorker(creator, PPOTorchPolicy, config)
+    batch = worker.sample()
+    assert batch[SampleBatch.REWARDS].max() == 0.5  # the learner sees scaled rewards
+    assert worker.get_metrics() == [(4.0, 4)] * 4    # reports show the raw returns

@@ -1,12 +1,17 @@
-"""RL operators built on flowrl.flow: rollouts, training, weight sync, reporting."""
+"""RL operators built on flowrl.flow: rollouts, training, replay, weight sync, reporting."""
 
+from flowrl.ops.concurrency import (Concurrently, CountTrainedSteps, Dequeue, Enqueue,
+                                    LearnerThread, UpdateWorkerWeights)
 from flowrl.ops.metrics import CollectMetrics, StandardMetricsReporting
+from flowrl.ops.replay import Replay, StoreToReplay, UpdatePriorities
 from flowrl.ops.rollout import (ConcatBatches, CountSampledSteps, ParallelRollouts,
                                 SelectExperiences, StandardizeFields)
 from flowrl.ops.train import (ApplyGradients, AverageGradients, BroadcastWeights,
-                              ComputeGradients, TrainOneStep)
+                              ComputeGradients, TrainOneStep, UpdateTargetNetwork)
 
 __all__ = ["ApplyGradients", "AverageGradients", "BroadcastWeights", "CollectMetrics",
-           "ComputeGradients", "ConcatBatches", "CountSampledSteps", "ParallelRollouts",
-           "SelectExperiences", "StandardMetricsReporting", "StandardizeFields",
-           "TrainOneStep"]
+           "ComputeGradients", "ConcatBatches", "Concurrently", "CountSampledSteps",
+           "CountTrainedSteps", "Dequeue", "Enqueue", "LearnerThread", "ParallelRollouts",
+           "Replay", "SelectExperiences", "StandardMetricsReporting", "StandardizeFields",
+           "StoreToReplay", "TrainOneStep", "UpdatePriorities", "UpdateTargetNetwork",
+           "UpdateWorkerWeights"]

@@ -14,14 +14,16 @@ from flowrl.workers.worker_set import WorkerSet
 
 
 class CountSampledSteps:
-    """``rollouts.for_each(CountSampledSteps(metrics))``. Counters: num_steps_sampled."""
+    """``rollouts.for_each(CountSampledSteps(metrics))`` on ``batch`` or
+    ``(worker, batch)`` items. Counters: num_steps_sampled."""
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
 
-    def __call__(self, batch):
+    def __call__(self, item):
+        batch = item[1] if isinstance(item, tuple) else item
         self.metrics.inc(NUM_STEPS_SAMPLED, batch.count)
-        return batch
+        return item
 
     def __repr__(self) -> str:
         return "CountSampledSteps"
@@ -32,7 +34,8 @@ def _concat(batches: list) -> SampleBatch | MultiAgentBatch:
 
 
 def ParallelRollouts(workers: WorkerSet, metrics: Metrics, mode: str = "bulk_sync",
-                     num_async: int = 1) -> LocalIterator | ParallelIterator:
+                     num_async: int = 1, with_source: bool = False
+                     ) -> LocalIterator | ParallelIterator:
     """Experience from the workers' ``sample()`` calls.
 
         rollouts = ParallelRollouts(workers, metrics, mode="bulk_sync")
@@ -40,7 +43,8 @@ def ParallelRollouts(workers: WorkerSet, metrics: Metrics, mode: str = "bulk_syn
 
     Modes: ``bulk_sync`` yields one concatenated batch per round with one fragment from
     every worker (a barrier); ``async`` yields fragments as they finish, with
-    ``num_async`` requests in flight per worker; ``raw`` returns the ParallelIterator.
+    ``num_async`` requests in flight per worker (as ``(worker, batch)`` pairs with
+    ``with_source``); ``raw`` returns the ParallelIterator.
     With no remote workers, the local worker samples in this process.
     Current weights are sent to the workers first.
     Counters: num_steps_sampled (not in ``raw`` mode).
@@ -66,7 +70,7 @@ def ParallelRollouts(workers: WorkerSet, metrics: Metrics, mode: str = "bulk_syn
                 .batch(workers.num_healthy_workers())
                 .for_each(_concat, name="ConcatRound")
                 .for_each(CountSampledSteps(metrics)))
-    return (rollouts.gather_async(num_async=num_async,
+    return (rollouts.gather_async(num_async=num_async, with_source=with_source,
                                   name=f"ParallelRollouts(async, num_async={num_async})")
             .for_each(CountSampledSteps(metrics)))
 

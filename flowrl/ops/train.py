@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 
 from flowrl.flow import Metrics
-from flowrl.ops.counters import (APPLY_GRADS_TIMER, GRAD_TIMER, LEARN_TIMER, LEARNER_INFO,
-                                 NUM_STEPS_SAMPLED, NUM_STEPS_TRAINED, NUM_WEIGHT_BROADCASTS,
+from flowrl.ops.counters import (APPLY_GRADS_TIMER, GRAD_TIMER, LAST_TARGET_UPDATE_TS,
+                                 LEARN_TIMER, LEARNER_INFO, NUM_STEPS_SAMPLED,
+                                 NUM_STEPS_TRAINED, NUM_TARGET_UPDATES, NUM_WEIGHT_BROADCASTS,
                                  WEIGHT_SYNC_TIMER)
 from flowrl.workers.worker_set import WorkerSet
 
@@ -21,7 +22,8 @@ class TrainOneStep:
                                                                     sgd_minibatch_size=128))
 
     Emits ``(batch, learner_info)``; ``num_sgd_iter`` epochs of shuffled minibatches of
-    ``sgd_minibatch_size`` (0 = one step on the whole batch).
+    ``sgd_minibatch_size`` (0 = one step on the whole batch). Replayed items keep their
+    provenance: ``(shard, batch)`` becomes ``(shard, batch, learner_info)``.
     Counters: num_steps_trained. Timers: learn. Info: learner (stats per policy).
     """
 
@@ -32,7 +34,13 @@ class TrainOneStep:
         self.num_sgd_iter = num_sgd_iter
         self.sgd_minibatch_size = sgd_minibatch_size
 
-    def __call__(self, batch) -> tuple[Any, dict]:
+    def __call__(self, item) -> tuple:
+        if isinstance(item, tuple):
+            source, batch = item
+            return (source, *self._train(batch))
+        return self._train(item)
+
+    def _train(self, batch) -> tuple[Any, dict]:
         timer = self.metrics.timer(LEARN_TIMER)
         with timer:
             info = self.workers.local_worker().learn_on_batch(
@@ -146,3 +154,35 @@ class ApplyGradients:
 
     def __repr__(self) -> str:
         return f"ApplyGradients(update_all={self.update_all})"
+
+
+class UpdateTargetNetwork:
+    """Copies online -> target networks every ``target_update_freq`` steps.
+
+        replay.for_each(TrainOneStep(...)).for_each(
+            UpdateTargetNetwork(workers, metrics, 500))                  # sampled steps
+        dequeue.for_each(UpdateTargetNetwork(workers, metrics, 50_000,
+                                             by_steps_trained=True))     # Ape-X
+
+    Passes its input through. Counters: num_target_updates, last_target_update_ts
+    (reads num_steps_sampled or num_steps_trained).
+    """
+
+    def __init__(self, workers: WorkerSet, metrics: Metrics, target_update_freq: int,
+                 by_steps_trained: bool = False):
+        self.workers = workers
+        self.metrics = metrics
+        self.target_update_freq = target_update_freq
+        self.counter = NUM_STEPS_TRAINED if by_steps_trained else NUM_STEPS_SAMPLED
+
+    def __call__(self, item: Any) -> Any:
+        now = self.metrics.get(self.counter)
+        if now - self.metrics.get(LAST_TARGET_UPDATE_TS) >= self.target_update_freq:
+            self.workers.local_worker().foreach_policy(lambda policy, _pid: policy.update_target())
+            self.metrics.inc(NUM_TARGET_UPDATES)
+            self.metrics.set(LAST_TARGET_UPDATE_TS, now)
+        return item
+
+    def __repr__(self) -> str:
+        unit = "trained" if self.counter == NUM_STEPS_TRAINED else "sampled"
+        return f"UpdateTargetNetwork({self.target_update_freq} {unit})"

@@ -59,9 +59,11 @@ class RolloutWorker(ParallelIteratorWorker):
         self.envs = [ensure_gymnasium_env(env_creator(context.copy_with_overrides(vector_index=i)))
                      for i in range(num_envs)]
         self.env = self.envs[0]
+        # Policies see where they run (Ape-X gives each worker its own epsilon).
+        policy_config = {**config, "worker_index": worker_index, "num_workers": num_workers}
         self.policy_map = {
             DEFAULT_POLICY_ID: policy_cls(self.env.observation_space,
-                                          self.env.action_space, config)
+                                          self.env.action_space, policy_config)
         }
         self.sampler = VectorSampler(
             self.envs, self.policy_map[DEFAULT_POLICY_ID],

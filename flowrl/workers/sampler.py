@@ -16,16 +16,42 @@ from flowrl.sample_batch import SampleBatch
 _STEP_COLUMNS = (SampleBatch.REWARDS, SampleBatch.TERMINATEDS, SampleBatch.TRUNCATEDS)
 
 
-class EpisodeTracker:
-    """Running return/length per env; finished episodes are kept until collected."""
+def env_reports_episodes(env: gym.Env) -> bool:
+    """True if a wrapper reports whole-episode stats in ``info["episode"]``.
 
-    def __init__(self, num_envs: int):
+    Atari training envs clip rewards and end "episodes" at each life loss; their
+    ``RecordEpisodeStatistics`` layer (or any wrapper with ``reports_episode_stats =
+    True``) reports the real game's unclipped return, which is what users want to see.
+    """
+    while env is not None:
+        if isinstance(env, gym.wrappers.RecordEpisodeStatistics) or \
+                getattr(env, "reports_episode_stats", False) is True:
+            return True
+        env = getattr(env, "env", None)
+    return False
+
+
+class EpisodeTracker:
+    """Running return/length per env; finished episodes are kept until collected.
+
+    With ``env_reports_episodes`` the env's own ``info["episode"]`` stats are used
+    instead of the sampler's sums (see :func:`env_reports_episodes`).
+    """
+
+    def __init__(self, num_envs: int, env_reports_episodes: bool = False):
         self.returns = np.zeros(num_envs, dtype=np.float64)
         self.lengths = np.zeros(num_envs, dtype=np.int64)
         self.finished: list[tuple[float, int]] = []
+        self.env_reports_episodes = env_reports_episodes
+
+    def record_env_episode(self, stats: dict) -> None:
+        self.finished.append((float(np.asarray(stats["r"]).item()),
+                              int(np.asarray(stats["l"]).item())))
 
     def end(self, env_index: int) -> None:
-        self.finished.append((float(self.returns[env_index]), int(self.lengths[env_index])))
+        if not self.env_reports_episodes:
+            self.finished.append((float(self.returns[env_index]),
+                                  int(self.lengths[env_index])))
         self.returns[env_index] = 0.0
         self.lengths[env_index] = 0
 
@@ -63,7 +89,7 @@ class VectorSampler:
         self._clip_low = self._clip_high = None
         if clip_actions and isinstance(space, gym.spaces.Box):
             self._clip_low, self._clip_high = space.low, space.high
-        self.tracker = EpisodeTracker(self.num_envs)
+        self.tracker = EpisodeTracker(self.num_envs, env_reports_episodes(self.envs[0]))
         self._next_eps_id = episode_id_base
         self._unroll_id = 0
         seeds = list(seeds) or [None] * self.num_envs
@@ -110,6 +136,7 @@ class VectorSampler:
         ts = np.empty((T, N), dtype=np.int64)
         actions_buf = extras_buf = None
         envs, tracker = self.envs, self.tracker
+        reports_episodes = tracker.env_reports_episodes
         for t in range(T):
             obs = self._obs
             actions, extras = self.policy.compute_actions(obs, explore=self.explore)
@@ -133,13 +160,15 @@ class VectorSampler:
             step_rewards, step_terms, step_truncs, ended = [], [], [], []
             new_obs_row = new_obs_buf[t]
             for i, env in enumerate(envs):
-                o, r, term, trunc, _ = env.step(env_actions[i])
+                o, r, term, trunc, info = env.step(env_actions[i])
                 new_obs_row[i] = o
                 step_rewards.append(r)
                 step_terms.append(term)
                 step_truncs.append(trunc)
                 if term or trunc:
                     ended.append(i)
+                    if reports_episodes and "episode" in info:
+                        tracker.record_env_episode(info["episode"])
             rewards[t] = step_rewards
             terms[t] = step_terms
             truncs[t] = step_truncs

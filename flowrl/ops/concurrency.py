@@ -1,0 +1,196 @@
+"""Concurrency operators: branches run together, and a learner thread off the driver loop.
+
+    learner = LearnerThread(workers.local_worker(), metrics)
+    learner.start()
+    replay_op = Replay(metrics, actors=shards).for_each(Enqueue(learner.inqueue))
+    update_op = Dequeue(learner.outqueue, learner.check_alive, metrics)
+    merged = Concurrently([replay_op, update_op], mode="async", output_indexes=[1])
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable
+
+from flowrl.flow import LocalIterator, Metrics, NotReady, concurrently
+from flowrl.ops.counters import LEARN_TIMER, LEARNER_INFO, NUM_STEPS_SAMPLED, NUM_STEPS_TRAINED
+from flowrl.workers.rollout_worker import RolloutWorker
+from flowrl.workers.worker_set import WorkerSet
+
+NUM_WEIGHT_SYNCS = "num_weight_syncs"
+LEARNER_QUEUE_SIZE = "learner_queue_size"
+
+
+def Concurrently(ops: list[LocalIterator], mode: str = "round_robin",
+                 output_indexes: list[int] | None = None,
+                 round_robin_weights: list | None = None) -> LocalIterator:
+    """Runs several branches together; only ``output_indexes`` branches' items come out.
+
+        Concurrently([store_op, replay_op], mode="round_robin", output_indexes=[1],
+                     round_robin_weights=[1, 2])
+
+    ``mode="async"`` polls every branch without blocking. No counters.
+    """
+    return concurrently(ops, mode=mode, output_indexes=output_indexes,
+                        round_robin_weights=round_robin_weights)
+
+
+class Enqueue:
+    """Hands items to a bounded queue without blocking the driver loop.
+
+        Replay(...).for_each(Enqueue(learner.inqueue))
+
+    When the queue is full it returns NotReady, so the same item is offered again on
+    a later pull (the for_each retry rule). No counters.
+    """
+
+    def __init__(self, output_queue: queue.Queue):
+        self.queue = output_queue
+
+    def __call__(self, item: Any) -> Any:
+        try:
+            self.queue.put_nowait(item)
+        except queue.Full:
+            return NotReady
+        return item
+
+    def __repr__(self) -> str:
+        return "Enqueue"
+
+
+def Dequeue(input_queue: queue.Queue, check: Callable[[], None] = lambda: None,
+            metrics: Metrics | None = None) -> LocalIterator:
+    """Items from a queue filled by another thread; NotReady while it is empty.
+
+        Dequeue(learner.outqueue, check=learner.check_alive, metrics=metrics)
+
+    ``check()`` runs before every poll: a dead learner thread raises its own error
+    here. No counters.
+    """
+
+    def items(_non_blocking: bool):
+        while True:
+            check()
+            try:
+                yield input_queue.get_nowait()
+            except queue.Empty:
+                yield NotReady
+
+    return LocalIterator(items, metrics, name="Dequeue")
+
+
+class LearnerThread(threading.Thread):
+    """Trains the local worker on ``(shard, batch)`` items from ``inqueue``.
+
+    Results go to ``outqueue`` as ``(shard, batch, learner_info)``. ``weights_version``
+    increases with every update (read by UpdateWorkerWeights). An exception stops the
+    thread and is re-raised on the driver by ``check_alive()`` with its own traceback.
+    Timers: learn. Info: learner. Counters: learner_queue_size (latest queue length).
+    """
+
+    def __init__(self, local_worker: RolloutWorker, metrics: Metrics,
+                 queue_size: int = 16):
+        super().__init__(name="flowrl-learner", daemon=True)
+        self.local_worker = local_worker
+        self.metrics = metrics
+        self.inqueue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.outqueue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.weights_version = 0
+        self.error: BaseException | None = None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.is_set():
+                try:
+                    item = self.inqueue.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                shard, batch = item
+                timer = self.metrics.timer(LEARN_TIMER)
+                with timer:
+                    info = self.local_worker.learn_on_batch(batch)
+                timer.push_units_processed(batch.count)
+                self.weights_version += 1
+                self.metrics.set_info(LEARNER_INFO, info)
+                self.metrics.set(LEARNER_QUEUE_SIZE, self.inqueue.qsize())
+                while not self._stop_event.is_set():
+                    try:
+                        self.outqueue.put((shard, batch, info), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as error:  # handed to the driver by check_alive()
+            error.add_note("flowrl: raised in the LearnerThread (learn_on_batch)")
+            self.error = error
+
+    def check_alive(self) -> None:
+        """Raises the thread's exception (original traceback) if it died."""
+        if self.error is not None:
+            raise self.error
+        if not self.is_alive() and not self._stop_event.is_set():
+            raise RuntimeError("The learner thread is not running (was it started?)")
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+class CountTrainedSteps:
+    """``dequeue.for_each(CountTrainedSteps(metrics))`` on ``(shard, batch, info)`` items.
+
+    Counters: num_steps_trained.
+    """
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def __call__(self, item: Any) -> Any:
+        self.metrics.inc(NUM_STEPS_TRAINED, item[1].count)
+        return item
+
+    def __repr__(self) -> str:
+        return "CountTrainedSteps"
+
+
+class UpdateWorkerWeights:
+    """Sends new learner weights to the worker a batch came from, at most every
+    ``max_weight_sync_delay`` of its sampled steps and only if the learner has updated.
+
+        rollouts(async, with_source).for_each(StoreToReplay(actors=shards)).for_each(
+            UpdateWorkerWeights(learner, workers, metrics, max_weight_sync_delay=400))
+
+    Input ``(worker, batch)``; one ``ray.put`` per weights version.
+    Counters: num_weight_syncs (reads num_steps_sampled for the global timestep).
+    """
+
+    def __init__(self, learner: LearnerThread, workers: WorkerSet, metrics: Metrics,
+                 max_weight_sync_delay: int):
+        self.learner = learner
+        self.workers = workers
+        self.metrics = metrics
+        self.max_weight_sync_delay = max_weight_sync_delay
+        self.steps_since_sync: dict = {}
+        self.version_sent: dict = {}
+        self._ref = None
+        self._ref_version = -1
+
+    def __call__(self, item: tuple) -> tuple:
+        worker, batch = item
+        steps = self.steps_since_sync.get(worker, 0) + batch.count
+        version = self.learner.weights_version
+        if steps >= self.max_weight_sync_delay and version != self.version_sent.get(worker):
+            import ray
+            if self._ref_version != version:
+                self._ref = ray.put(self.workers.local_worker().get_weights())
+                self._ref_version = version
+            worker.set_weights.remote(self._ref,
+                                      {"timestep": self.metrics.get(NUM_STEPS_SAMPLED)})
+            self.version_sent[worker] = version
+            self.metrics.inc(NUM_WEIGHT_SYNCS)
+            steps = 0
+        self.steps_since_sync[worker] = steps
+        return item
+
+    def __repr__(self) -> str:
+        return f"UpdateWorkerWeights({self.max_weight_sync_delay})"
