@@ -179,7 +179,8 @@ class UpdateWorkerWeights:
         worker, batch = item
         steps = self.steps_since_sync.get(worker, 0) + batch.count
         version = self.learner.weights_version
-        if steps >= self.max_weight_sync_delay and version != self.version_sent.get(worker):
+        # Version 0 is the initial weights, which every worker got when it started.
+        if steps >= self.max_weight_sync_delay and version != self.version_sent.get(worker, 0):
             import ray
             if self._ref_version != version:
                 self._ref = ray.put(self.workers.local_worker().get_weights())

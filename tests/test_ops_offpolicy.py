@@ -1,0 +1,151 @@
+"""Off-policy operators: queues, learner thread, target updates, weight sync, auto resources."""
+
+import queue
+import time
+
+import numpy as np
+import pytest
+
+from flowrl.config import resolve_auto_resources
+from flowrl.envs import make_env_creator
+from flowrl.flow import Metrics, NotReady, from_items
+from flowrl.ops import (Concurrently, Dequeue, Enqueue, LearnerThread, TrainOneStep,
+                        UpdateTargetNetwork, UpdateWorkerWeights)
+from flowrl.plans.ppo import PPOAgent
+from flowrl.policies.ppo import PPOTorchPolicy
+from flowrl.workers import WorkerSet
+
+
+def ppo_workers(num_workers=0):
+    config = PPOAgent.merge_config({"env": "CartPole-v1", "num_workers": num_workers,
+                                    "num_cpus_per_worker": 0.5, "num_envs_per_worker": 1,
+                                    "rollout_fragment_length": 32, "seed": 0})
+    return WorkerSet(make_env_creator("CartPole-v1"), PPOTorchPolicy, config)
+
+
+def test_enqueue_retries_the_same_item_when_full():
+    q = queue.Queue(maxsize=2)
+    it = from_items([1, 2, 3, 4]).for_each(Enqueue(q))
+    assert [next(it), next(it)] == [1, 2]
+    assert next(it) is NotReady          # full: item 3 is kept, not dropped
+    assert q.get_nowait() == 1
+    assert next(it) == 3                 # offered again
+    assert list(q.queue) == [2, 3]
+
+
+def test_dequeue_yields_not_ready_when_empty_and_raises_a_dead_threads_error():
+    q = queue.Queue()
+    it = Dequeue(q)
+    assert next(it) is NotReady
+    q.put("x")
+    assert next(it) == "x"
+
+    def check():
+        raise ZeroDivisionError("learner blew up")
+
+    with pytest.raises(ZeroDivisionError, match="learner blew up"):
+        next(Dequeue(q, check))
+
+
+def test_learner_thread_trains_and_reports_its_own_traceback():
+    workers = ppo_workers()
+    metrics = Metrics()
+    learner = LearnerThread(workers.local_worker(), metrics, queue_size=4)
+    learner.start()
+    try:
+        batch = workers.local_worker().sample()
+        learner.inqueue.put(("shard-0", batch))
+        deadline = time.time() + 30
+        while learner.outqueue.empty() and time.time() < deadline:
+            time.sleep(0.01)
+        shard, out_batch, info = learner.outqueue.get_nowait()
+        assert shard == "shard-0" and out_batch is batch
+        assert "total_loss" in info["default_policy"]
+        assert learner.weights_version == 1
+        assert metrics.info["learner"] is info
+        learner.inqueue.put(("shard-0", "not a batch"))
+        deadline = time.time() + 30
+        while learner.error is None and time.time() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(Exception) as error:
+            learner.check_alive()
+        assert any("LearnerThread" in note for note in error.value.__notes__)
+        assert error.value.__traceback__ is not None
+    finally:
+        learner.stop()
+
+
+def test_update_target_network_by_sampled_and_trained_steps():
+    workers = ppo_workers()
+    updates = []
+    policy = workers.local_worker().get_policy()
+    policy.update_target = lambda: updates.append(1)  # PPO has no target net: count calls
+    metrics = Metrics()
+    op = UpdateTargetNetwork(workers, metrics, 100)
+    for steps in (50, 60, 100, 250):
+        metrics.set("num_steps_sampled", steps)
+        op("item")
+    assert len(updates) == 2                     # at 100 and 250
+    assert metrics.get("num_target_updates") == 2
+    assert metrics.get("last_target_update_ts") == 250
+    trained = Metrics()
+    op = UpdateTargetNetwork(workers, trained, 10, by_steps_trained=True)
+    trained.set("num_steps_sampled", 1000)
+    op("item")
+    assert len(updates) == 2                     # trained steps still 0
+    trained.set("num_steps_trained", 10)
+    op("item")
+    assert len(updates) == 3
+
+
+def test_train_one_step_keeps_replay_provenance():
+    workers = ppo_workers()
+    batch = workers.local_worker().sample()
+    shard, out_batch, info = TrainOneStep(workers, Metrics())(("shard", batch))
+    assert shard == "shard" and out_batch is batch and "default_policy" in info
+
+
+def test_update_worker_weights_only_after_delay_and_new_weights(ray_session):
+    workers = ppo_workers(num_workers=1)
+    try:
+        metrics = Metrics()
+
+        class FakeLearner:  # only the version counter matters to the operator
+            weights_version = 0
+
+        learner = FakeLearner()
+        op = UpdateWorkerWeights(learner, workers, metrics, max_weight_sync_delay=64)
+        (worker,) = workers.remote_workers()
+        batch = workers.local_worker().sample()   # 32 steps
+        op((worker, batch))
+        op((worker, batch))
+        assert metrics.get("num_weight_syncs") == 0   # 64 steps, but no new weights
+        learner.weights_version = 1
+        op((worker, batch))
+        assert metrics.get("num_weight_syncs") == 1
+        op((worker, batch))
+        assert metrics.get("num_weight_syncs") == 1   # delay not reached again
+    finally:
+        workers.stop()
+
+
+def test_concurrently_round_robin_output_indexes():
+    store = from_items(["s"] * 100)
+    metrics = store.metrics
+    replay = from_items(list(range(100)), metrics)
+    merged = Concurrently([store, replay], mode="round_robin", output_indexes=[1],
+                          round_robin_weights=[1, 2])
+    assert merged.take(4) == [0, 1, 2, 3]
+
+
+def test_resolve_auto_resources():
+    config = {"num_workers": "auto", "num_cpus_per_worker": "auto", "num_gpus": "auto",
+              "num_replay_buffer_shards": "auto", "num_cpus_for_driver": 1}
+    resolved = resolve_auto_resources(config)
+    assert set(resolved) == {"num_workers", "num_cpus_per_worker", "num_gpus",
+                             "num_replay_buffer_shards"}
+    assert config["num_workers"] >= 2
+    assert 0 < config["num_cpus_per_worker"] <= 1
+    assert config["num_workers"] * config["num_cpus_per_worker"] <= max(
+        1, np.ceil(config["num_workers"] * config["num_cpus_per_worker"]))
+    assert resolve_auto_resources({"num_workers": 3}) == {}
