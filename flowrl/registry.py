@@ -9,6 +9,8 @@ ALGORITHMS: dict[str, str] = {
     "PG": "flowrl.plans.pg:PGAgent",
     "A2C": "flowrl.plans.a2c:A2CAgent",
     "PPO": "flowrl.plans.ppo:PPOAgent",
+    "DQN": "flowrl.plans.dqn:DQNAgent",
+    "APEX": "flowrl.plans.apex:ApexAgent",
 }
 
 

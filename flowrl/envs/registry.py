@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import gymnasium as gym
 
+from flowrl.envs import atari as _atari  # noqa: F401  (registers ALE ids with gymnasium)
 from flowrl.envs.compat import ensure_gymnasium_env
 
 EnvCreator = Callable[["EnvContext"], Any]
@@ -121,12 +122,8 @@ def _from_tune_registry(name: str) -> EnvCreator | None:
 
 
 def _resolve_extra_names(name: str) -> EnvCreator | None:
-    """Hook for short names (e.g. Atari games); None when the name is unknown."""
-    try:
-        from flowrl.envs import atari  # optional module, present with Atari support
-    except ImportError:
-        return None
-    return atari.resolve_short_name(name)
+    """Short names (Atari games: "Breakout" -> DeepMind-preprocessed ALE); None if unknown."""
+    return _atari.resolve_short_name(name)
 
 
 class _GymnasiumCreator:

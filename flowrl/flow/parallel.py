@@ -475,7 +475,9 @@ def _gather_sync_gen(par: ParallelIterator[Any], non_blocking: bool, num_async: 
                 elif value is ShardDone:
                     g.live.remove(a)
                 else:
-                    round_items.append((a, value) if with_source else value)
+                    # NotReady stays bare: every operator downstream passes it through.
+                    round_items.append((a, value) if with_source and value is not NotReady
+                                       else value)
             yield from round_items
     finally:
         g.close()
@@ -522,7 +524,8 @@ def _gather_async_gen(par: ParallelIterator[Any], non_blocking: bool, num_async:
                             g.live.remove(actor)
                         continue
                     submit(actor, 1)  # keep the shard busy while we yield
-                    done.append((actor, value) if with_source else value)
+                    done.append((actor, value) if with_source and value is not NotReady
+                                else value)
                 continue
             yield done.popleft()
     finally:

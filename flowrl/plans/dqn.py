@@ -24,7 +24,7 @@ DEFAULT_CONFIG: dict = {
     "rollout_fragment_length": 4,
     "train_batch_size": 32,
     "training_intensity": None,  # replayed steps per sampled step; None = 1 batch per round
-    "lr": 5e-4,
+    "lr": 1e-3,
     "adam_epsilon": 1e-8,
     "gamma": 0.99,
     "grad_clip": 40.0,
@@ -32,7 +32,7 @@ DEFAULT_CONFIG: dict = {
     "hiddens": [64],             # Q head hidden layers (after the model trunk)
     "dueling": True,
     "double_q": True,
-    "n_step": 1,
+    "n_step": 3,
     "target_network_update_freq": 500,  # sampled steps
     "exploration_config": {"initial_epsilon": 1.0, "final_epsilon": 0.02,
                            "epsilon_timesteps": 10000},

@@ -60,7 +60,7 @@ __all__ = [
 
 #: Column set by :func:`adjust_nstep`: discount of the bootstrap value per row.
 GAMMAS = "gammas"
-#: Column set by worker-side prioritization: initial replay priority per row.
+#: Column set by worker-side prioritization: ``|TD error|`` per row (initial priorities).
 TD_ERROR = "td_error"
 #: Extra column from :meth:`DQNTorchPolicy.compute_actions`.
 Q_VALUES = "q_values"
@@ -139,7 +139,7 @@ def adjust_nstep(batch: SampleBatch, n_step: int, gamma: float) -> SampleBatch:
 
 # ----------------------------------------------------------------- loss terms
 def huber_loss(x: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
-    """Elementwise Huber loss: ``x^2 / 2`` for ``|x| <= delta``, else ``delta (|x| - delta / 2)``."""
+    """Elementwise Huber loss: ``x^2 / 2`` if ``|x| <= delta``, else ``delta (|x| - delta / 2)``."""
     return nn.functional.huber_loss(x, torch.zeros_like(x), reduction="none", delta=delta)
 
 
@@ -207,7 +207,8 @@ class _FlatTrunk(nn.Module):
                 f"DQN's built-in model needs a Box or Discrete observation space, got {obs_space!r}"
             )
         activation = _activation(model_config.get("fcnet_activation", "tanh"))
-        self.mlp, self.out_size = _mlp(in_size, list(model_config.get("fcnet_hiddens") or []), activation)
+        hiddens = list(model_config.get("fcnet_hiddens") or [])
+        self.mlp, self.out_size = _mlp(in_size, hiddens, activation)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         if self.one_hot_size is not None:
@@ -299,13 +300,16 @@ class QNetwork(nn.Module):
                 if custom not in _CUSTOM_MODELS:
                     raise ValueError(
                         f"unknown custom_model {custom!r}; registered models: "
-                        f"{sorted(_CUSTOM_MODELS)} (call flowrl.policies.register_custom_model first)"
+                        f"{sorted(_CUSTOM_MODELS)} "
+                        "(call flowrl.policies.register_custom_model first)"
                     )
                 cls = _CUSTOM_MODELS[custom]
             elif isinstance(custom, type):
                 cls = custom
             else:
-                raise ValueError(f"custom_model must be a registered name or a class, got {custom!r}")
+                raise ValueError(
+                    f"custom_model must be a registered name or a class, got {custom!r}"
+                )
             out_size = ([256] + list(model_config.get("fcnet_hiddens") or []))[-1]
             return _CustomTrunk(cls(obs_space, action_space, out_size, model_config), out_size)
         if _is_image_space(obs_space):
@@ -333,9 +337,9 @@ class DQNTorchPolicy(Policy):
     ``dueling``, ``double_q``, ``n_step``, ``adam_epsilon``, ``grad_clip``,
     ``num_gpus``, ``seed``, ``exploration_config`` (``initial_epsilon``,
     ``final_epsilon``, ``epsilon_timesteps``; partial dicts are merged over the
-    defaults), ``per_worker_exploration``, ``worker_side_prioritization``,
-    ``prioritized_replay_eps``, and the rollout worker's ``worker_index`` /
-    ``num_workers`` (Ape-X epsilons, exploration seed).
+    defaults), ``per_worker_exploration``, ``worker_side_prioritization``, and
+    the rollout worker's ``worker_index`` / ``num_workers`` (Ape-X epsilons,
+    per-worker exploration seed ``seed + 1000 * worker_index``).
 
     Weights: :meth:`get_weights` / :meth:`set_weights` carry the online net only
     (what rollout workers act with); :meth:`get_state` adds the target net, the
@@ -355,7 +359,6 @@ class DQNTorchPolicy(Policy):
         "exploration_config": dict(_DEFAULT_EXPLORATION),
         "per_worker_exploration": False,
         "worker_side_prioritization": False,
-        "prioritized_replay_eps": 1e-6,
         "worker_index": 0,
         "num_workers": 0,
     }
@@ -380,7 +383,6 @@ class DQNTorchPolicy(Policy):
         super().__init__(observation_space, action_space, config)
         cfg = self.config
         self.num_actions = int(action_space.n)
-        self._action_start = int(action_space.start)
         self.gamma = float(cfg["gamma"])
         self.n_step = int(cfg["n_step"])
         if self.n_step < 1:
@@ -441,7 +443,9 @@ class DQNTorchPolicy(Policy):
     def compute_actions(
         self, obs_batch: np.ndarray, explore: bool = True
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Epsilon-greedy (``explore``) or greedy actions: ``(actions int64 [B], {"q_values": [B, A]})``.
+        """Epsilon-greedy (``explore``) or greedy actions.
+
+        Returns ``(actions int64 [B], {"q_values": float32 [B, A]})``.
 
         With probability epsilon a row's action is drawn uniformly from all
         actions (the greedy one included), one vectorised draw per batch.
@@ -457,8 +461,6 @@ class DQNTorchPolicy(Policy):
                 num_random = int(random_rows.sum())
                 if num_random:
                     actions[random_rows] = self._rng.integers(self.num_actions, size=num_random)
-        if self._action_start:
-            actions += self._action_start
         return actions, {Q_VALUES: q_values}
 
     def value(self, obs_batch: np.ndarray) -> np.ndarray:
@@ -472,18 +474,17 @@ class DQNTorchPolicy(Policy):
         """n-step transitions (:func:`adjust_nstep`) plus, optionally, initial priorities.
 
         Adds ``gammas`` (float32). With ``worker_side_prioritization`` also
-        adds ``td_error`` = ``|TD error| + prioritized_replay_eps`` (float32,
-        strictly positive, ready to be used as the rows' replay priorities),
-        computed with this policy's current nets.
+        adds ``td_error`` = ``|TD error|`` per row (float32), computed with this
+        policy's current nets. Like the ``td_error`` stat of
+        :meth:`learn_on_batch` it is the raw absolute error: the replay buffer
+        adds ``prioritized_replay_eps`` when it turns it into priorities.
         """
         adjust_nstep(batch, self.n_step, self.gamma)
         if self.config.get("worker_side_prioritization"):
             if batch.count:
-                td = self.compute_td_error(batch)
+                batch[TD_ERROR] = self.compute_td_error(batch)
             else:
-                td = np.zeros(0, dtype=np.float32)
-            eps = float(self.config.get("prioritized_replay_eps", 1e-6))
-            batch[TD_ERROR] = (td + eps).astype(np.float32)
+                batch[TD_ERROR] = np.zeros(0, dtype=np.float32)
         return batch
 
     # ---------------------------------------------------------------- learning
@@ -501,8 +502,6 @@ class DQNTorchPolicy(Policy):
             arr = np.asarray(batch[column])
             if column == SampleBatch.ACTIONS:
                 arr = arr.astype(np.int64, copy=False)
-                if self._action_start:
-                    arr = arr - self._action_start
             elif column == SampleBatch.TERMINATEDS:
                 arr = arr.astype(np.float32, copy=False)
             elif arr.dtype == np.float64:
@@ -560,8 +559,8 @@ class DQNTorchPolicy(Policy):
         TD error), ``grad_gnorm`` (before clipping), ``cur_lr``. ``td_error`` is
         the one non-scalar entry: the absolute TD error of every row, in batch
         order, computed right before the update that used the row (last
-        epoch) -- feed it (plus ``prioritized_replay_eps``) to the replay
-        buffer's priority update. The target net is not updated here; call
+        epoch) -- feed it to the replay buffer's priority update (which adds
+        ``prioritized_replay_eps``). The target net is not updated here; call
         :meth:`update_target`.
         """
         count = batch.count
@@ -570,7 +569,8 @@ class DQNTorchPolicy(Policy):
         tensors = self._batch_to_tensors(batch)
         bounds = minibatch_bounds(count, sgd_minibatch_size)
         td_out = torch.empty(count, device=self.device)
-        self.model.train()
+        if not self.model.training:  # Module.train() walks every submodule: ~0.1 ms
+            self.model.train()
         last_epoch: list[TensorDict] = []
         for _ in range(max(1, int(num_sgd_iter))):
             last_epoch = []
@@ -590,9 +590,12 @@ class DQNTorchPolicy(Policy):
                     td_out[perm[start:end]] = self._last_td_error
                 last_epoch.append(stats)
         keys = list(last_epoch[0].keys())
-        means = torch.stack(
-            [torch.stack([s[k].float() for s in last_epoch]).mean() for k in keys]
-        )
+        if len(last_epoch) == 1:  # the usual DQN step: skip 7 tiny mean() ops
+            means = torch.stack([last_epoch[0][k].float() for k in keys])
+        else:
+            means = torch.stack(
+                [torch.stack([s[k].float() for s in last_epoch]).mean() for k in keys]
+            )
         host = torch.cat([means, td_out.float()]).cpu().numpy()  # one device sync
         summary: dict[str, Any] = {k: float(v) for k, v in zip(keys, host[: len(keys)])}
         summary["cur_lr"] = float(self.optimizer.param_groups[0]["lr"])
@@ -644,7 +647,7 @@ class DQNTorchPolicy(Policy):
         return state
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`get_state`; without ``target_weights`` the target copies the online net."""
+        """Restore :meth:`get_state` (no ``target_weights``: the target copies the online net)."""
         super().set_state(state)
         target = state.get("target_weights")
         if target is None:
