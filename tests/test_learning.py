@@ -49,3 +49,22 @@ def test_a2c_cartpole():
 @pytest.mark.learning
 def test_pg_cartpole():
     assert_learns("PG", {}, 100, 300_000)
+
+
+def tuned_config(name: str) -> dict:
+    import os
+
+    import yaml
+    path = os.path.join(os.path.dirname(__file__), "..", "flowrl", "tuned_examples", name)
+    (spec,) = yaml.safe_load(open(path)).values()
+    return spec["config"]
+
+
+@pytest.mark.learning
+def test_dqn_cartpole():
+    assert_learns("DQN", tuned_config("cartpole-dqn.yaml"), 150, 50_000)
+
+
+@pytest.mark.learning
+def test_apex_cartpole_two_workers(ray_session):
+    assert_learns("APEX", tuned_config("cartpole-apex.yaml"), 150, 100_000)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from flowrl.flow import LocalIterator, Metrics, NotReady
-from flowrl.ops.counters import LEARNER_INFO, NUM_STEPS_SAMPLED
+from flowrl.ops.counters import LEARNER_INFO, NUM_STEPS_SAMPLED, NUM_STEPS_TRAINED
 from flowrl.workers.worker_set import WorkerSet
 
 logger = logging.getLogger(__name__)
@@ -27,13 +27,17 @@ class CollectMetrics:
     """
 
     def __init__(self, workers: WorkerSet, metrics: Metrics, smoothing_episodes: int = 100,
-                 selected_workers: list | None = None):
+                 selected_workers: list | None = None,
+                 extra_stats: Callable[[], dict] | None = None):
         self.workers = workers
         self.metrics = metrics
         self.selected_workers = selected_workers
+        self.extra_stats = extra_stats
         self.episodes: collections.deque = collections.deque(maxlen=smoothing_episodes)
         self.episodes_total = 0
         self.last_steps = 0
+        self.last_trained = 0
+        self.last_time = time.perf_counter()
 
     def _fetch_episodes(self) -> list[tuple[float, int]]:
         remote = self.selected_workers if self.selected_workers is not None \
@@ -59,6 +63,9 @@ class CollectMetrics:
         returns = [r for r, _ in self.episodes]
         lengths = [n for _, n in self.episodes]
         steps = self.metrics.get(NUM_STEPS_SAMPLED)
+        trained = self.metrics.get(NUM_STEPS_TRAINED)
+        now = time.perf_counter()
+        elapsed = max(now - self.last_time, 1e-9)
         result = {
             "episode_reward_mean": float(np.mean(returns)) if returns else float("nan"),
             "episode_reward_min": float(np.min(returns)) if returns else float("nan"),
@@ -71,10 +78,14 @@ class CollectMetrics:
             "num_healthy_workers": self.workers.num_healthy_workers(),
             "info": {**self.metrics.counters_snapshot(),
                      "num_worker_restarts": self.workers.num_worker_restarts,
-                     LEARNER_INFO: self.metrics.info.get(LEARNER_INFO, {})},
-            "timers": self.metrics.timers_snapshot(),
+                     LEARNER_INFO: _scalar_stats(self.metrics.info.get(LEARNER_INFO, {}))},
+            "timers": {**self.metrics.timers_snapshot(),
+                       "sampled_steps_per_s": (steps - self.last_steps) / elapsed,
+                       "trained_steps_per_s": (trained - self.last_trained) / elapsed},
         }
-        self.last_steps = steps
+        if self.extra_stats is not None:
+            result.update(self.extra_stats())
+        self.last_steps, self.last_trained, self.last_time = steps, trained, now
         return result
 
     def save(self) -> dict:
@@ -85,8 +96,15 @@ class CollectMetrics:
         self.last_steps = state.get("last_steps", 0)
 
 
+def _scalar_stats(learner_info: dict) -> dict:
+    """Per-policy learner stats without per-row arrays (e.g. DQN's ``td_error``)."""
+    return {pid: {k: v for k, v in stats.items() if np.ndim(v) == 0}
+            for pid, stats in learner_info.items()}
+
+
 def StandardMetricsReporting(train_op: LocalIterator, workers: WorkerSet, config: dict,
-                             metrics: Metrics, selected_workers: list | None = None
+                             metrics: Metrics, selected_workers: list | None = None,
+                             extra_stats: Callable[[], dict] | None = None
                              ) -> LocalIterator:
     """One item = one training iteration's result dict.
 
@@ -97,10 +115,11 @@ def StandardMetricsReporting(train_op: LocalIterator, workers: WorkerSet, config
     Pulls ``train_op`` until at least ``timesteps_per_iteration`` new steps were sampled
     and ``min_iter_time_s`` passed (and at least one item arrived), then reports.
     NotReady items are waited out here with a short back-off, so results are never
-    NotReady. Reads counters: num_steps_sampled.
+    NotReady. ``extra_stats()`` adds plan-specific keys (e.g. replay buffer stats).
+    Reads counters: num_steps_sampled, num_steps_trained.
     """
     collect = CollectMetrics(workers, metrics, config.get("metrics_smoothing_episodes", 100),
-                             selected_workers)
+                             selected_workers, extra_stats)
     min_steps = config.get("timesteps_per_iteration", 0)
     min_time = config.get("min_iter_time_s", 0)
 

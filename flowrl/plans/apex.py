@@ -78,7 +78,8 @@ def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalI
     # Report the returns of the least-exploring third of the workers.
     remote = workers.remote_workers()
     plan = StandardMetricsReporting(merged, workers, config, metrics,
-                                    selected_workers=remote[-max(1, len(remote) // 3):])
+                                    selected_workers=remote[-max(1, len(remote) // 3):],
+                                    extra_stats=lambda: replay_stats(shards))
 
     def cleanup() -> None:
         learner.stop()
@@ -88,6 +89,16 @@ def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalI
     plan.cleanup = cleanup
     plan.replay_shards = shards
     return plan
+
+
+def replay_stats(shards: list) -> dict:
+    """Replay stats summed over the shards (rates and sizes), for the result dict."""
+    import ray
+    per_shard = ray.get([shard.stats.remote() for shard in shards])
+    summed = {key: sum(s[key] for s in per_shard) for key in
+              ("size", "size_bytes", "num_added", "num_sampled", "add_throughput",
+               "sample_throughput") if all(key in s for s in per_shard)}
+    return {"replay": {**summed, "num_shards": len(shards)}}
 
 
 class ApexAgent(Agent):

@@ -77,7 +77,8 @@ def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalI
                                                config["target_network_update_freq"])))
     train_op = Concurrently([store_op, replay_op], mode="round_robin", output_indexes=[1],
                             round_robin_weights=round_robin_weights(config))
-    plan = StandardMetricsReporting(train_op, workers, config, metrics)
+    plan = StandardMetricsReporting(train_op, workers, config, metrics,
+                                    extra_stats=lambda: {"replay": replay_buffer.stats()})
     plan.replay_shards = [replay_buffer]
     return plan
 
