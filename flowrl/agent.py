@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from flowrl.checkpoint import (read_manifest, read_params, read_policy_states,
-                               write_checkpoint)
+from flowrl.checkpoint import (read_extra_state, read_manifest, read_params,
+                               read_policy_states, write_checkpoint)
 from flowrl.config import (COMMON_CONFIG, merge_config, resolve_auto_resources,
                            validate_common)
 from flowrl.envs.registry import EnvContext, make_env_creator
@@ -39,6 +39,20 @@ from flowrl.workers.worker_set import WorkerSet
 logger = logging.getLogger(__name__)
 
 DEFAULT_RESULTS_DIR = os.path.expanduser("~/ray_results")
+
+
+def _call(target: Any, method: str, *args: Any) -> Any:
+    """``target.method(*args)`` on a local object, or ``.remote`` on a Ray actor."""
+    fn = getattr(target, method)
+    return fn.remote(*args) if hasattr(fn, "remote") else fn(*args)
+
+
+def _resolve(value: Any) -> Any:
+    """``ray.get`` for object refs, the value itself otherwise."""
+    if type(value).__name__ == "ObjectRef":
+        import ray
+        return ray.get(value)
+    return value
 
 
 class Agent:
@@ -236,7 +250,8 @@ class Agent:
             "reporting": self._reporting_state(save=True),
         }
         return write_checkpoint(path, manifest, self.config,
-                                self.workers.local_worker().get_state())
+                                self.workers.local_worker().get_state(),
+                                self._replay_states())
 
     def restore(self, checkpoint_path: str) -> None:
         """Loads a checkpoint written by ``save()``: weights, optimizer state, counters.
@@ -256,7 +271,30 @@ class Agent:
         self.time_total_s = manifest.get("time_total_s", 0.0)
         self.metrics.restore(manifest.get("counters", {}))
         self._reporting_state(restore=manifest.get("reporting", {}))
+        replay = read_extra_state(checkpoint_path, manifest, "replay")
+        if replay is not None and self.config.get("checkpoint_replay_buffer"):
+            self._restore_replay(replay)
         self.workers.sync_weights()
+
+    def _replay_shards(self) -> list:
+        return list(getattr(self._plan, "replay_shards", []))
+
+    def _replay_states(self) -> dict:
+        """``{"replay": [shard states]}`` when ``checkpoint_replay_buffer`` is on."""
+        shards = self._replay_shards()
+        if not self.config.get("checkpoint_replay_buffer") or not shards:
+            return {}
+        states = [_call(shard, "get_state") for shard in shards]
+        return {"replay": [_resolve(s) for s in states]}
+
+    def _restore_replay(self, states: list) -> None:
+        shards = self._replay_shards()
+        if len(states) != len(shards):
+            raise ValueError(f"The checkpoint holds {len(states)} replay shards, this agent "
+                             f"has {len(shards)}: set num_replay_buffer_shards to "
+                             f"{len(states)} or checkpoint_replay_buffer to False.")
+        for shard, state in zip(shards, states):
+            _resolve(_call(shard, "set_state", state))
 
     def _reporting_state(self, save: bool = False, restore: dict | None = None) -> dict:
         collector = getattr(self._plan, "collect_metrics", None)

@@ -45,7 +45,8 @@ def _write_json(path: str, data: dict) -> None:
 
 
 def write_checkpoint(path: str, manifest: dict, params: dict,
-                     policy_states: dict[str, dict]) -> str:
+                     policy_states: dict[str, dict],
+                     extra_states: dict[str, Any] | None = None) -> str:
     """Writes a checkpoint directory at ``path`` atomically and returns its path.
 
     Everything goes to a temporary sibling directory first, which is renamed into place
@@ -66,12 +67,21 @@ def write_checkpoint(path: str, manifest: dict, params: dict,
                 f.flush()
                 os.fsync(f.fileno())
             files[pid] = rel
+        extra_files = {}
+        for name, state in (extra_states or {}).items():
+            rel = f"{name}.pt"
+            with open(os.path.join(tmp, rel), "wb") as f:
+                torch.save(to_tensors(state), f)
+                f.flush()
+                os.fsync(f.fileno())
+            extra_files[name] = rel
         full_manifest = {
             "format_version": FORMAT_VERSION,
             "flowrl_version": flowrl.__version__,
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
             "policies": files,
+            "extra_states": extra_files,
             **manifest,
         }
         _write_json(os.path.join(tmp, PARAMS_FILE), params)
@@ -90,6 +100,44 @@ def write_checkpoint(path: str, manifest: dict, params: dict,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def to_tensors(state: Any) -> Any:
+    """numpy arrays -> torch tensors, recursively, so ``weights_only`` loading accepts them.
+
+    Arrays of dtypes torch lacks (e.g. uint32) are stored as ``{"__ndarray__": bytes...}``
+    free of pickled objects too.
+    """
+    import numpy as np
+    if isinstance(state, dict):
+        return {k: to_tensors(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_tensors(v) for v in state)
+    if isinstance(state, np.ndarray):
+        try:
+            return torch.from_numpy(np.ascontiguousarray(state))
+        except TypeError:
+            return {"__ndarray__": torch.frombuffer(bytearray(state.tobytes()),
+                                                    dtype=torch.uint8),
+                    "dtype": state.dtype.str, "shape": list(state.shape)}
+    if isinstance(state, np.generic):
+        return state.item()
+    return state
+
+
+def to_numpy(state: Any) -> Any:
+    """Inverse of :func:`to_tensors`."""
+    import numpy as np
+    if isinstance(state, dict):
+        if "__ndarray__" in state:
+            return np.frombuffer(state["__ndarray__"].numpy().tobytes(),
+                                 dtype=np.dtype(state["dtype"])).reshape(state["shape"])
+        return {k: to_numpy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_numpy(v) for v in state)
+    if isinstance(state, torch.Tensor):
+        return state.numpy()
+    return state
 
 
 def find_checkpoint_dir(path: str) -> str:
@@ -145,3 +193,12 @@ def read_policy_states(path: str, manifest: dict) -> dict[str, dict]:
             raise ValueError(f"Checkpoint {path!r}: cannot load policy {pid!r} from "
                              f"{rel} ({type(e).__name__}: {e}).") from e
     return states
+
+
+def read_extra_state(path: str, manifest: dict, name: str) -> Any | None:
+    """An optional extra state (e.g. ``replay``) saved with the checkpoint, or None."""
+    rel = manifest.get("extra_states", {}).get(name)
+    if rel is None:
+        return None
+    file = os.path.join(find_checkpoint_dir(path), rel)
+    return to_numpy(torch.load(file, map_location="cpu", weights_only=True))

@@ -50,6 +50,7 @@ COMMON_CONFIG: dict[str, Any] = {
     "evaluation_num_episodes": 10,
     "evaluation_config": {},       # overrides for evaluation (e.g. {"explore": False})
     # -- reliability --------------------------------------------------------------
+    "checkpoint_replay_buffer": False,  # save replay contents with checkpoints
     "recreate_failed_workers": True,
     "max_worker_restarts": 100,
     "log_level": "WARN",

@@ -161,3 +161,29 @@ def test_public_api():
     for name in ("Agent", "register_env", "get_agent_class", "SampleBatch",
                  "register_custom_model"):
         assert hasattr(flowrl, name)
+
+
+def test_dqn_checkpoint_with_replay_buffer(results_dir, tmp_path):
+    from flowrl.plans.dqn import DQNAgent
+    config = {"learning_starts": 100, "timesteps_per_iteration": 300, "seed": 0,
+              "checkpoint_replay_buffer": True}
+    agent = DQNAgent(config=config, env="CartPole-v1")
+    agent.train()
+    size = agent._replay_shards()[0].stats()["size"]
+    assert size >= 300
+    path = agent.save(str(tmp_path / "dqn"))
+    obs = np.zeros(4, np.float32)
+    action = agent.compute_action(obs)
+    agent.stop()
+    fresh = DQNAgent(config=config, env="CartPole-v1")
+    fresh.restore(path)
+    assert fresh._replay_shards()[0].stats()["size"] == size
+    assert fresh.compute_action(obs) == action
+    result = fresh.train()
+    assert result["replay"]["size"] > size
+    fresh.stop()
+    # Without the option, the replay buffer is not written.
+    plain = DQNAgent(config={**config, "checkpoint_replay_buffer": False}, env="CartPole-v1")
+    plain_path = plain.save(str(tmp_path / "plain"))
+    assert not os.path.exists(os.path.join(plain_path, "replay.pt"))
+    plain.stop()

@@ -47,7 +47,6 @@ DEFAULT_CONFIG: dict = {
     "final_prioritized_replay_beta": 1.0,
     "prioritized_replay_beta_annealing_timesteps": 20000,
     "prioritized_replay_eps": 1e-6,
-    "checkpoint_replay_buffer": False,
     "timesteps_per_iteration": 1000,
 }
 
