@@ -149,3 +149,18 @@ def test_resolve_auto_resources():
     assert config["num_workers"] * config["num_cpus_per_worker"] <= max(
         1, np.ceil(config["num_workers"] * config["num_cpus_per_worker"]))
     assert resolve_auto_resources({"num_workers": 3}) == {}
+
+
+def test_reporting_ends_an_iteration_without_output_once_thresholds_are_met():
+    """Ape-X before learning starts: samples flow, but the output branch yields nothing."""
+    from flowrl.ops import ParallelRollouts, StandardMetricsReporting
+
+    workers = ppo_workers()
+    metrics = Metrics()
+    sampling = ParallelRollouts(workers, metrics)
+    never = Dequeue(queue.Queue(), metrics=metrics)  # like a learner with nothing yet
+    merged = Concurrently([sampling, never], mode="async", output_indexes=[1])
+    config = {"timesteps_per_iteration": 64, "min_iter_time_s": 0,
+              "metrics_smoothing_episodes": 100}
+    result = next(StandardMetricsReporting(merged, workers, config, metrics))
+    assert result["timesteps_this_iter"] >= 64

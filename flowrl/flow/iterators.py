@@ -541,6 +541,10 @@ def _round_robin_gen(its: list[Iterator[Any]], weights: list[Any], rng: random.R
                 produced = True
                 if out_mask is None or out_mask[idx]:
                     yield item
+                else:
+                    # A dropped item still hands the consumer a turn (NotReady), so it
+                    # can end an iteration while only side-effect branches progress.
+                    yield NotReady
         if not produced and saw_not_ready:
             yield NotReady
 
@@ -563,6 +567,8 @@ def _async_union_gen(its: list[Iterator[Any]], non_blocking: bool,
             produced = True
             if out_mask is None or out_mask[idx]:
                 yield item
+            else:
+                yield NotReady  # dropped: the consumer still gets a turn
         if produced:
             delay = _MIN_BACKOFF_S
         elif active:
@@ -634,8 +640,9 @@ def concurrently(ops: list[LocalIterator[Any]], mode: str = "round_robin",
 
     ``mode`` is ``"round_robin"`` (deterministic union, optional weights as in
     ``LocalIterator.union``) or ``"async"``. Branches not in
-    ``output_indexes`` (default: all) run for their side effects; their items
-    are dropped. The name reads ``Concurrently[round_robin](a | b)``.
+    ``output_indexes`` (default: all) run for their side effects; each of their
+    items surfaces as ``NotReady``, so the consumer keeps control (e.g. a report can
+    end an iteration while only a sampling branch makes progress). The name reads ``Concurrently[round_robin](a | b)``.
     """
     if mode not in ("round_robin", "async"):
         raise ValueError(f"concurrently mode must be 'round_robin' or 'async', got {mode!r}")

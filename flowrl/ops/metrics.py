@@ -113,7 +113,8 @@ def StandardMetricsReporting(train_op: LocalIterator, workers: WorkerSet, config
         result = next(plan)
 
     Pulls ``train_op`` until at least ``timesteps_per_iteration`` new steps were sampled
-    and ``min_iter_time_s`` passed (and at least one item arrived), then reports.
+    and ``min_iter_time_s`` passed (with neither set: until one item arrived), then
+    reports.
     NotReady items are waited out here with a short back-off, so results are never
     NotReady. ``extra_stats()`` adds plan-specific keys (e.g. replay buffer stats).
     Reads counters: num_steps_sampled, num_steps_trained.
@@ -123,13 +124,21 @@ def StandardMetricsReporting(train_op: LocalIterator, workers: WorkerSet, config
     min_steps = config.get("timesteps_per_iteration", 0)
     min_time = config.get("min_iter_time_s", 0)
 
+    def iteration_done(pulled: int, start_steps: int, start_time: float) -> bool:
+        if metrics.get(NUM_STEPS_SAMPLED) - start_steps < min_steps:
+            return False
+        if time.perf_counter() - start_time < min_time:
+            return False
+        # With thresholds set, an iteration may end with no output item (e.g. Ape-X
+        # before learning starts); without any, it waits for one.
+        return pulled > 0 or min_steps > 0 or min_time > 0
+
     def reports(_non_blocking: bool):
         while True:
             start_time = time.perf_counter()
             start_steps = metrics.get(NUM_STEPS_SAMPLED)
             pulled, backoff = 0, 1e-4
-            while (pulled == 0 or metrics.get(NUM_STEPS_SAMPLED) - start_steps < min_steps
-                   or time.perf_counter() - start_time < min_time):
+            while not iteration_done(pulled, start_steps, start_time):
                 if next(train_op) is NotReady:
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 5e-3)
