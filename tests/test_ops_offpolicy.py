@@ -164,3 +164,26 @@ def test_reporting_ends_an_iteration_without_output_once_thresholds_are_met():
               "metrics_smoothing_episodes": 100}
     result = next(StandardMetricsReporting(merged, workers, config, metrics))
     assert result["timesteps_this_iter"] >= 64
+
+
+def test_update_priorities_reach_the_shard_the_batch_came_from():
+    from flowrl.ops import Replay, UpdatePriorities
+    from flowrl.replay.actor import ReplayActor
+
+    metrics = Metrics()
+    config = {"buffer_size": 1000, "learning_starts": 10, "train_batch_size": 8, "seed": 0}
+    shard_a, shard_b = ReplayActor(config, 0, 1), ReplayActor(config, 0, 1)
+    workers = ppo_workers()
+    batch = workers.local_worker().sample()
+    shard_a.add_batch(batch)
+    shard_b.add_batch(batch)
+    shard, replayed = next(Replay(metrics, local_buffer=shard_a))
+    assert shard is shard_a
+    boosted = replayed["batch_indexes"][:1]
+    td = np.full(len(replayed["batch_indexes"]), 1e-3)
+    td[0] = 1e3
+    UpdatePriorities(metrics)((shard, replayed, {"default_policy": {"td_error": td}}))
+    assert metrics.get("num_priority_updates") == 1
+    hits_a = sum(np.isin(shard_a.replay()["batch_indexes"], boosted).sum() for _ in range(20))
+    hits_b = sum(np.isin(shard_b.replay()["batch_indexes"], boosted).sum() for _ in range(20))
+    assert hits_a > 100 and hits_b < 20   # only shard A saw the new priorities

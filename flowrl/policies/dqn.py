@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from flowrl.policies.models import (
+    FlatObs,
     _NATURE_CONV_FILTERS,
     _NATURE_FC_SIZE,
     _CUSTOM_MODELS,
@@ -194,28 +195,14 @@ class _FlatTrunk(nn.Module):
 
     def __init__(self, obs_space: gym.Space, model_config: dict[str, Any]) -> None:
         super().__init__()
-        if isinstance(obs_space, gym.spaces.Discrete):
-            self.one_hot_size: int | None = int(obs_space.n)
-            self.obs_start = int(obs_space.start)
-            in_size = self.one_hot_size
-        elif isinstance(obs_space, gym.spaces.Box):
-            self.one_hot_size = None
-            self.obs_start = 0
-            in_size = int(np.prod(obs_space.shape))
-        else:
-            raise ValueError(
-                f"DQN's built-in model needs a Box or Discrete observation space, got {obs_space!r}"
-            )
+        self.flat_obs = FlatObs(obs_space, "DQN's built-in model")
+        in_size = self.flat_obs.size
         activation = _activation(model_config.get("fcnet_activation", "tanh"))
         hiddens = list(model_config.get("fcnet_hiddens") or [])
         self.mlp, self.out_size = _mlp(in_size, hiddens, activation)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        if self.one_hot_size is not None:
-            x = nn.functional.one_hot(obs.long() - self.obs_start, self.one_hot_size).float()
-        else:
-            x = obs.reshape(obs.shape[0], -1).float()
-        return self.mlp(x)
+        return self.mlp(self.flat_obs(obs))
 
 
 class _VisionTrunk(nn.Module):

@@ -220,6 +220,33 @@ class TwinMLP(nn.Module):
         return h[0, :, : self.policy_outputs], h[1, :, 0]
 
 
+class FlatObs(nn.Module):
+    """Raw vector obs -> float32 ``[B, size]``: one-hot for ``Discrete``, flattened ``Box``.
+
+        encode = FlatObs(env.observation_space, "MyModel")
+        mlp = nn.Linear(encode.size, 64)   # ... mlp(encode(obs))
+    """
+
+    def __init__(self, obs_space: gym.Space, owner: str) -> None:
+        super().__init__()
+        if isinstance(obs_space, gym.spaces.Discrete):
+            self.one_hot_size: int | None = int(obs_space.n)
+            self.obs_start = int(obs_space.start)
+            self.size = self.one_hot_size
+        elif isinstance(obs_space, gym.spaces.Box):
+            self.one_hot_size = None
+            self.obs_start = 0
+            self.size = int(np.prod(obs_space.shape))
+        else:
+            raise ValueError(
+                f"{owner} needs a Box or Discrete observation space, got {obs_space!r}")
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        if self.one_hot_size is not None:
+            return nn.functional.one_hot(obs.long() - self.obs_start, self.one_hot_size).float()
+        return obs.reshape(obs.shape[0], -1).float()
+
+
 class FullyConnectedNetwork(TorchModel):
     """MLP for vector (or one-hot ``Discrete``) observations.
 
@@ -236,18 +263,8 @@ class FullyConnectedNetwork(TorchModel):
         model_config: dict[str, Any],
     ) -> None:
         super().__init__(obs_space, action_space, num_outputs, model_config)
-        if isinstance(obs_space, gym.spaces.Discrete):
-            self.one_hot_size: int | None = int(obs_space.n)
-            self.obs_start = int(obs_space.start)
-            in_size = self.one_hot_size
-        elif isinstance(obs_space, gym.spaces.Box):
-            self.one_hot_size = None
-            self.obs_start = 0
-            in_size = int(np.prod(obs_space.shape))
-        else:
-            raise ValueError(
-                f"FullyConnectedNetwork needs a Box or Discrete observation space, got {obs_space!r}"
-            )
+        self.flat_obs = FlatObs(obs_space, "FullyConnectedNetwork")
+        in_size = self.flat_obs.size
         hiddens = list(model_config.get("fcnet_hiddens") or [])
         activation = _activation(model_config.get("fcnet_activation", "tanh"))
         self.vf_share_layers = bool(model_config.get("vf_share_layers", False))
@@ -265,9 +282,7 @@ class FullyConnectedNetwork(TorchModel):
 
     def preprocess(self, obs: torch.Tensor) -> torch.Tensor:
         """Raw obs -> float32 ``[B, features]`` (one-hot for Discrete obs)."""
-        if self.one_hot_size is not None:
-            return nn.functional.one_hot(obs.long() - self.obs_start, self.one_hot_size).float()
-        return obs.reshape(obs.shape[0], -1).float()
+        return self.flat_obs(obs)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.preprocess(obs)

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from flowrl.replay.frame_storage import FrameStackStorage, looks_like_frame_stacks
+from flowrl.replay.frame_storage import FrameStackStorage, _ring_runs, looks_like_frame_stacks
 from flowrl.replay.segment_tree import MinSegmentTree, SumSegmentTree
 from flowrl.sample_batch import MultiAgentBatch, SampleBatch
 
@@ -88,18 +88,6 @@ class _RateMeter:
     def rate(self) -> float:
         secs = sum(self._secs)
         return float(sum(self._rows) / secs) if secs > 0 else 0.0
-
-
-def _ring_runs(start: int, n: int, size: int) -> list[tuple[int, int, int]]:
-    """``(slot_start, slot_end, offset)`` runs covering slots of globals ``start..start+n``."""
-    runs = []
-    done = 0
-    while done < n:
-        s = (start + done) % size
-        e = min(size, s + (n - done))
-        runs.append((s, e, done))
-        done += e - s
-    return runs
 
 
 class ReplayBuffer:

@@ -86,7 +86,8 @@ def looks_like_frame_stacks(obs: np.ndarray, new_obs: np.ndarray) -> bool:
 
 
 def _ring_runs(start: int, n: int, size: int) -> list[tuple[int, int, int]]:
-    """``(ring_start, ring_end, offset)`` runs covering ring slots of ids ``start..start+n``."""
+    """``(ring_start, ring_end, offset)`` runs covering ring slots of ids ``start..start+n``
+    (also used by the transition ring in buffers.py)."""
     runs = []
     done = 0
     while done < n:
