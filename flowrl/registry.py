@@ -9,6 +9,7 @@ ALGORITHMS: dict[str, str] = {
     "PG": "flowrl.plans.pg:PGAgent",
     "A2C": "flowrl.plans.a2c:A2CAgent",
     "PPO": "flowrl.plans.ppo:PPOAgent",
+    "A3C": "flowrl.plans.a3c:A3CAgent",
     "DQN": "flowrl.plans.dqn:DQNAgent",
     "APEX": "flowrl.plans.apex:ApexAgent",
 }

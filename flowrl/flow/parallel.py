@@ -17,6 +17,7 @@ plain local object) and the driver-only paths work without starting Ray.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import uuid
@@ -77,11 +78,15 @@ ShardDone = _ShardDoneType()
 # Worker side
 # --------------------------------------------------------------------------
 
-def _apply_transform(gen: Iterator[Any], transform: tuple[str, Any, str]) -> Iterator[Any]:
+def _apply_transform(gen: Iterator[Any], transform: tuple[str, Any, str],
+                     shard: Any = None) -> Iterator[Any]:
     kind, arg, op = transform
     # chain=None: shard-side errors get the worker note in par_iter_next instead.
     if kind == "for_each":
         return _for_each_gen(gen, arg, op, None)
+    if kind == "for_each_with_worker":
+        # The shard object is passed explicitly: no hidden "current worker" global.
+        return _for_each_gen(gen, functools.partial(arg, shard), op, None)
     if kind == "filter":
         return _filter_gen(gen, arg, op, None)
     if kind == "batch":
@@ -147,7 +152,7 @@ class ParallelIteratorWorker:
         """Create the shard iterator ``iter_id``: the item generator plus ``transforms``."""
         gen: Iterator[Any] = self._flowrl_source()
         for t in transforms:
-            gen = _apply_transform(gen, t)
+            gen = _apply_transform(gen, t, self)
         evicted = []
         with self._flowrl_iters_cond:
             old = self._flowrl_iters.pop(iter_id, None)
@@ -337,6 +342,17 @@ class ParallelIterator(Generic[T]):
         holds shard-side too.
         """
         return self._with("for_each", fn, name or _fn_name(fn))
+
+    def for_each_with_worker(self, fn: Callable[[Any, T], U], name: str | None = None
+                             ) -> "ParallelIterator[U]":
+        """Apply ``fn(shard, item)`` inside each actor, with the actor's own object::
+
+            grads = from_actors(workers, "Rollouts").for_each_with_worker(
+                lambda worker, batch: worker.compute_gradients(batch))
+
+        The explicit argument replaces any "current worker" global.
+        """
+        return self._with("for_each_with_worker", fn, name or _fn_name(fn))
 
     def filter(self, pred: Callable[[T], bool], name: str | None = None
                ) -> "ParallelIterator[T]":

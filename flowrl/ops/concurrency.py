@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import queue
+import random
 import threading
 from typing import Any, Callable
 
@@ -81,7 +82,8 @@ def Dequeue(input_queue: queue.Queue, check: Callable[[], None] = lambda: None,
 
 
 class LearnerThread(threading.Thread):
-    """Trains the local worker on ``(shard, batch)`` items from ``inqueue``.
+    """Trains the local worker on ``(shard, batch)`` or plain ``batch`` items from
+    ``inqueue``.
 
     Results go to ``outqueue`` as ``(shard, batch, learner_info)``. ``weights_version``
     increases with every update (read by UpdateWorkerWeights). An exception stops the
@@ -107,7 +109,8 @@ class LearnerThread(threading.Thread):
                     item = self.inqueue.get(timeout=0.1)
                 except queue.Empty:
                     continue
-                shard, batch = item
+                # Replayed items carry their shard; on-policy batches (IMPALA) don't.
+                shard, batch = item if isinstance(item, tuple) else (None, item)
                 timer = self.metrics.timer(LEARN_TIMER)
                 with timer:
                     info = self.local_worker.learn_on_batch(batch)
@@ -155,21 +158,25 @@ class CountTrainedSteps:
 
 class UpdateWorkerWeights:
     """Sends new learner weights to the worker a batch came from, at most every
-    ``max_weight_sync_delay`` of its sampled steps and only if the learner has updated.
+    ``max_weight_sync_delay`` of its sampled steps and only once the learner made
+    ``min_learner_updates`` updates since that worker's last weights.
 
-        rollouts(async, with_source).for_each(StoreToReplay(actors=shards)).for_each(
-            UpdateWorkerWeights(learner, workers, metrics, max_weight_sync_delay=400))
+        Ape-X:  rollouts(async, with_source).for_each(StoreToReplay(actors=shards))
+                    .for_each(UpdateWorkerWeights(learner, workers, metrics, 400))
+        IMPALA: rollouts(async, with_source).for_each(UpdateWorkerWeights(
+                    learner, workers, metrics, 0, min_learner_updates=broadcast_interval))
 
     Input ``(worker, batch)``; one ``ray.put`` per weights version.
     Counters: num_weight_syncs (reads num_steps_sampled for the global timestep).
     """
 
     def __init__(self, learner: LearnerThread, workers: WorkerSet, metrics: Metrics,
-                 max_weight_sync_delay: int):
+                 max_weight_sync_delay: int, min_learner_updates: int = 1):
         self.learner = learner
         self.workers = workers
         self.metrics = metrics
         self.max_weight_sync_delay = max_weight_sync_delay
+        self.min_learner_updates = max(1, min_learner_updates)
         self.steps_since_sync: dict = {}
         self.version_sent: dict = {}
         self._ref = None
@@ -180,7 +187,8 @@ class UpdateWorkerWeights:
         steps = self.steps_since_sync.get(worker, 0) + batch.count
         version = self.learner.weights_version
         # Version 0 is the initial weights, which every worker got when it started.
-        if steps >= self.max_weight_sync_delay and version != self.version_sent.get(worker, 0):
+        updates_since = version - self.version_sent.get(worker, 0)
+        if steps >= self.max_weight_sync_delay and updates_since >= self.min_learner_updates:
             import ray
             if self._ref_version != version:
                 self._ref = ray.put(self.workers.local_worker().get_weights())
@@ -194,4 +202,44 @@ class UpdateWorkerWeights:
         return item
 
     def __repr__(self) -> str:
-        return f"UpdateWorkerWeights({self.max_weight_sync_delay})"
+        return (f"UpdateWorkerWeights({self.max_weight_sync_delay} steps, "
+                f"{self.min_learner_updates} updates)")
+
+
+class MixInReplay:
+    """Emits each batch plus, on average, ``replay_proportion`` batches replayed from a
+    ring of the last ``num_slots`` batches (IMPALA's experience replay).
+
+        rollouts.combine(MixInReplay(num_slots=100, replay_proportion=0.5))
+
+    ``num_slots=0`` passes batches through. No counters.
+    """
+
+    def __init__(self, num_slots: int, replay_proportion: float, seed: int | None = None):
+        if num_slots < 0 or replay_proportion < 0:
+            raise ValueError(f"MixInReplay(num_slots={num_slots!r}, replay_proportion="
+                             f"{replay_proportion!r}): both must be >= 0")
+        self.num_slots = num_slots
+        self.replay_proportion = replay_proportion
+        self.slots: list = []
+        self.next_slot = 0
+        self.rng = random.Random(seed)
+
+    def __call__(self, batch: Any) -> list:
+        out = [batch]
+        if self.num_slots == 0:
+            return out
+        # Whole part always, fractional part with that probability.
+        whole = int(self.replay_proportion)
+        count = whole + (self.rng.random() < self.replay_proportion - whole)
+        if self.slots:
+            out += [self.rng.choice(self.slots) for _ in range(count)]
+        if len(self.slots) < self.num_slots:
+            self.slots.append(batch)
+        else:
+            self.slots[self.next_slot] = batch
+            self.next_slot = (self.next_slot + 1) % self.num_slots
+        return out
+
+    def __repr__(self) -> str:
+        return f"MixInReplay({self.num_slots}, {self.replay_proportion})"

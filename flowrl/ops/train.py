@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from flowrl.flow import Metrics
+from flowrl.flow import Metrics, from_actors
 from flowrl.ops.counters import (APPLY_GRADS_TIMER, GRAD_TIMER, LAST_TARGET_UPDATE_TS,
                                  LEARN_TIMER, LEARNER_INFO, NUM_STEPS_SAMPLED,
                                  NUM_STEPS_TRAINED, NUM_TARGET_UPDATES, NUM_WEIGHT_BROADCASTS,
@@ -186,3 +186,36 @@ class UpdateTargetNetwork:
     def __repr__(self) -> str:
         unit = "trained" if self.counter == NUM_STEPS_TRAINED else "sampled"
         return f"UpdateTargetNetwork({self.target_update_freq} {unit})"
+
+
+def _sample_and_compute_gradients(worker: Any, batch: Any) -> tuple[dict, dict, int]:
+    """Runs inside a rollout worker: gradients of its own freshly sampled batch."""
+    grads, info = worker.compute_gradients(batch)
+    return grads, info, batch.count
+
+
+def AsyncGradients(workers: WorkerSet, metrics: Metrics, num_async: int = 1):
+    """Workers sample and compute gradients remotely; yields ``(worker, grads, count)``.
+
+        AsyncGradients(workers, metrics).for_each(
+            ApplyGradients(workers, metrics, update_all=False))        # A3C
+
+    Gradients arrive as they finish, each with the worker that computed it.
+    Counters: num_steps_sampled. Info: learner (the sending worker's stats).
+    """
+    if not workers.remote_workers():
+        raise ValueError("AsyncGradients needs remote workers (num_workers >= 1)")
+    workers.sync_weights()
+
+    def record(item: tuple) -> tuple:
+        worker, (grads, info, count) = item
+        metrics.inc(NUM_STEPS_SAMPLED, count)
+        metrics.set_info(LEARNER_INFO, info)
+        return worker, grads, count
+
+    return (from_actors(workers.remote_workers(), name="AsyncGradients", metrics=metrics,
+                        on_actor_failure=workers.handle_actor_failure)
+            .for_each_with_worker(_sample_and_compute_gradients, name="ComputeGradients")
+            .gather_async(num_async=num_async, with_source=True,
+                          name=f"AsyncGradients(num_async={num_async})")
+            .for_each(record, name="CountSampledSteps"))
