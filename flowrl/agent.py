@@ -88,7 +88,8 @@ class Agent:
         self._ensure_resources()
         self.metrics = Metrics()
         self.workers = WorkerSet(self.env_creator, self.get_policy_class(self.config),
-                                 self.config)
+                                 self.config,
+                                 num_workers=self.worker_set_num_workers(self.config))
         self.iteration = 0
         self.time_total_s = 0.0
         self._plan: LocalIterator | None = None
@@ -116,6 +117,15 @@ class Agent:
     @classmethod
     def get_policy_class(cls, config: dict) -> type:
         return cls._policy_class
+
+    @classmethod
+    def worker_set_num_workers(cls, config: dict) -> int:
+        """Remote RolloutWorkers the WorkerSet starts (default ``num_workers``).
+
+        Algorithms that run their own actors (ES) return 0: the WorkerSet then holds
+        only the local worker, while ``num_workers`` still sizes their actors.
+        """
+        return config["num_workers"]
 
     @staticmethod
     def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:

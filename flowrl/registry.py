@@ -12,6 +12,7 @@ ALGORITHMS: dict[str, str] = {
     "A3C": "flowrl.plans.a3c:A3CAgent",
     "DQN": "flowrl.plans.dqn:DQNAgent",
     "APEX": "flowrl.plans.apex:ApexAgent",
+    "ES": "flowrl.plans.es:ESAgent",
 }
 
 

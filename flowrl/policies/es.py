@@ -1,0 +1,441 @@
+"""The evolution-strategies policy: a deterministic MLP over flat weights, an
+observation filter with mergeable statistics, and a flat-vector Adam.
+
+    policy = ESPolicy(env.observation_space, env.action_space, config)
+    theta = policy.get_flat_weights()              # float32 [num_params]
+    policy.set_flat_weights(theta + 0.02 * eps)    # a perturbed copy (ES workers)
+    action = policy.compute_single_action(obs)     # argmax (Discrete) / clipped mean (Box)
+    stats = policy.apply_es_gradient(g, l2_coeff)  # Adam ascent step on the flat weights
+
+ES (Salimans et al. 2017) needs no loss and no backward pass: the policy is only
+evaluated, so acting runs a NumPy forward pass over views of the torch parameters
+(tens of times cheaper than a torch call for one CartPole observation). The torch
+module stays the source of truth (state dicts, custom models, export).
+
+Observations are normalized with a running mean/std that is *frozen* during an
+iteration: workers record the observations they see into a separate buffer, the
+driver merges all buffers into its statistics after the update and broadcasts them
+with the next weights (as in the paper's reference implementation, so both members
+of an antithetic pair see the same normalization).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from flowrl.policies.models import get_model, merge_model_config
+from flowrl.sample_batch import SampleBatch
+
+__all__ = ["RunningStat", "MeanStdFilter", "NoFilter", "make_filter", "FlatAdam",
+           "ESModel", "ESPolicy"]
+
+
+def _to_numpy(value: Any) -> Any:
+    """Tensors (from checkpoints) -> arrays; anything else unchanged."""
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+
+
+# ------------------------------------------------------------------------ filters
+class RunningStat:
+    """Count, mean and sum of squared deviations (``m2``) of a stream of vectors.
+
+    Mergeable: ``a.merge(b)`` gives exactly the statistics of the concatenated data
+    (Chan et al.'s parallel update), so workers' partial statistics combine on the
+    driver without shipping observations.
+    """
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+        self.count = 0
+        self.mean = np.zeros(self.shape, dtype=np.float64)
+        self.m2 = np.zeros(self.shape, dtype=np.float64)
+
+    def push(self, batch: np.ndarray) -> None:
+        """Adds the rows of ``batch`` (shape ``[k, *shape]``)."""
+        batch = np.asarray(batch, dtype=np.float64).reshape((-1,) + self.shape)
+        if len(batch) == 0:
+            return
+        other = RunningStat(self.shape)
+        other.count = len(batch)
+        other.mean = batch.mean(axis=0)
+        other.m2 = np.square(batch - other.mean).sum(axis=0)
+        self.merge(other)
+
+    def merge(self, other: "RunningStat") -> None:
+        """Adds another stream's statistics (order-independent up to rounding)."""
+        if other.count == 0:
+            return
+        if self.count == 0:
+            self.count, self.mean, self.m2 = other.count, other.mean.copy(), other.m2.copy()
+            return
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.count / total)
+        self.m2 = self.m2 + other.m2 + np.square(delta) * (self.count * other.count / total)
+        self.count = total
+
+    @property
+    def var(self) -> np.ndarray:
+        """Population variance (``ddof=0``); ones before any data."""
+        if self.count == 0:
+            return np.ones(self.shape, dtype=np.float64)
+        return self.m2 / self.count
+
+    def to_dict(self) -> dict[str, Any]:
+        """NumPy form, for shipping between processes."""
+        return {"count": int(self.count), "mean": self.mean.copy(), "m2": self.m2.copy()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], shape: tuple[int, ...]) -> "RunningStat":
+        stat = cls(shape)
+        stat.count = int(data["count"])
+        stat.mean = np.array(data["mean"], dtype=np.float64).reshape(stat.shape)
+        stat.m2 = np.array(data["m2"], dtype=np.float64).reshape(stat.shape)
+        return stat
+
+
+class MeanStdFilter:
+    """``clip((obs - mean) / std, -clip, clip)`` with frozen statistics plus a buffer.
+
+    ``record(obs)`` only adds to :attr:`buffer`; the statistics used for
+    normalization change only through :meth:`merge_buffer` (on the driver) or
+    :meth:`set_state` (a broadcast). The variance floor (1e-2) and the clip (5)
+    are those of the paper's reference code.
+    """
+
+    VAR_FLOOR = 1e-2
+
+    def __init__(self, shape: tuple[int, ...], clip: float = 5.0):
+        self.shape = tuple(shape)
+        self.clip = float(clip)
+        self.stats = RunningStat(self.shape)
+        self.buffer = RunningStat(self.shape)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        # Cached so that the per-step call is two vector ops and a clip.
+        self._mean = self.stats.mean.astype(np.float32)
+        self._inv_std = (1.0 / np.sqrt(np.maximum(self.stats.var, self.VAR_FLOOR))
+                         ).astype(np.float32)
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        return np.clip((obs - self._mean) * self._inv_std, -self.clip, self.clip)
+
+    def record(self, obs_batch: np.ndarray) -> None:
+        """Adds observations to the buffer (not to the statistics in use)."""
+        self.buffer.push(obs_batch)
+
+    def pop_buffer(self) -> dict[str, Any]:
+        """The buffer's statistics since the last call (NumPy dict); clears it."""
+        out = self.buffer.to_dict()
+        self.buffer = RunningStat(self.shape)
+        return out
+
+    def merge_buffer(self, buffer: dict[str, Any]) -> None:
+        """Merges a worker's :meth:`pop_buffer` result into the statistics."""
+        self.stats.merge(RunningStat.from_dict(buffer, self.shape))
+        self._refresh()
+
+    def get_state(self) -> dict[str, Any]:
+        """The statistics as tensors and ints (``torch.load(weights_only=True)`` safe)."""
+        return {"count": int(self.stats.count), "mean": torch.from_numpy(self.stats.mean.copy()),
+                "m2": torch.from_numpy(self.stats.m2.copy())}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Loads statistics (tensors or arrays); the buffer is cleared."""
+        self.stats = RunningStat.from_dict({k: _to_numpy(v) for k, v in state.items()},
+                                           self.shape)
+        self.buffer = RunningStat(self.shape)
+        self._refresh()
+
+
+class NoFilter(MeanStdFilter):
+    """Identity observation filter with the same interface (records nothing)."""
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        return obs
+
+    def record(self, obs_batch: np.ndarray) -> None:
+        pass
+
+
+def make_filter(name: str, shape: tuple[int, ...]) -> MeanStdFilter:
+    """``"MeanStdFilter"`` or ``"NoFilter"``."""
+    if name == "MeanStdFilter":
+        return MeanStdFilter(shape)
+    if name == "NoFilter":
+        return NoFilter(shape)
+    raise ValueError(f"observation_filter={name!r}; expected 'MeanStdFilter' or 'NoFilter'.")
+
+
+# ---------------------------------------------------------------------- optimizer
+class FlatAdam:
+    """Adam on one flat parameter vector (the ES reference code's optimizer).
+
+    ``step(g)`` returns the update to *add* to the parameters for a gradient ``g``
+    of a loss to minimize (the ES driver passes ``-grad_estimate + l2 * theta``).
+    """
+
+    def __init__(self, num_params: int, stepsize: float, beta1: float = 0.9,
+                 beta2: float = 0.999, epsilon: float = 1e-8):
+        self.stepsize, self.beta1, self.beta2, self.epsilon = stepsize, beta1, beta2, epsilon
+        self.m = np.zeros(num_params, dtype=np.float32)
+        self.v = np.zeros(num_params, dtype=np.float32)
+        self.t = 0
+
+    def step(self, grad: np.ndarray) -> np.ndarray:
+        self.t += 1
+        a = self.stepsize * np.sqrt(1 - self.beta2 ** self.t) / (1 - self.beta1 ** self.t)
+        self.m = self.beta1 * self.m + (1 - self.beta1) * grad
+        self.v = self.beta2 * self.v + (1 - self.beta2) * (grad * grad)
+        return (-a * self.m / (np.sqrt(self.v) + self.epsilon)).astype(np.float32)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"m": torch.from_numpy(self.m.copy()), "v": torch.from_numpy(self.v.copy()),
+                "t": int(self.t)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.m = _to_numpy(state["m"]).astype(np.float32)  # copies
+        self.v = _to_numpy(state["v"]).astype(np.float32)
+        self.t = int(state["t"])
+
+
+# --------------------------------------------------------------------------- model
+_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda x: np.maximum(x, 0.0), "linear": None,
+                "elu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0)))}
+
+
+class ESModel(nn.Module):
+    """A plain MLP ``obs -> action outputs`` (no value head: ES has no critic).
+
+    Weights use the paper's normc init (each unit's input weights scaled to norm 1,
+    0.01 for the output layer, so the first policy is nearly uniform in its outputs).
+    ``forward`` returns ``(outputs, zeros)`` to match the catalog's model signature.
+    """
+
+    def __init__(self, in_size: int, hiddens: list[int], num_outputs: int,
+                 activation: str = "tanh", seed: int | None = None):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"ES model activation {activation!r}; choose one of "
+                             f"{sorted(_ACTIVATIONS)}")
+        self.activation = activation
+        rng = np.random.default_rng(seed)
+        sizes = [int(in_size), *(int(h) for h in hiddens), int(num_outputs)]
+        layers = []
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layer = nn.Linear(fan_in, fan_out)
+            std = 0.01 if i == len(sizes) - 2 else 1.0
+            w = rng.standard_normal((fan_out, fan_in))
+            w *= std / np.sqrt(np.square(w).sum(axis=1, keepdims=True))
+            with torch.no_grad():
+                layer.weight.copy_(torch.from_numpy(w.astype(np.float32)))
+                layer.bias.zero_()
+            layers.append(layer)
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        act = {"tanh": torch.tanh, "relu": torch.relu, "elu": nn.functional.elu,
+               "linear": None}[self.activation]
+        h = x.float()
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if act is not None and i < len(self.layers) - 1:
+                h = act(h)
+        return h, torch.zeros(h.shape[0], device=h.device)
+
+
+# -------------------------------------------------------------------------- policy
+class ESPolicy:
+    """Deterministic policy over flat weights, for evolution strategies.
+
+    Discrete actions: argmax of the logits. Box actions: the network output (the
+    mean), plus ``action_noise_std`` Gaussian noise when ``explore`` is set, clipped
+    to the bounds. Reads config keys ``model`` (``fcnet_hiddens``,
+    ``fcnet_activation``, ``custom_model``), ``observation_filter``, ``stepsize``,
+    ``action_noise_std``, ``seed``.
+
+    Implements the part of the Policy interface the RolloutWorker and the Agent use
+    (acting, weights, state); it has no loss, so ``learn_on_batch`` raises.
+    """
+
+    def __init__(self, observation_space: gym.Space, action_space: gym.Space,
+                 config: dict[str, Any]):
+        self.observation_space = observation_space
+        self.action_space = action_space
+        self.config = config
+        self.device = torch.device("cpu")  # evaluation only: small nets, batch size 1
+        self.global_timestep = 0
+        seed = config.get("seed")
+        self._rng = np.random.default_rng(seed)
+        self.action_noise_std = float(config.get("action_noise_std", 0.0))
+
+        if isinstance(observation_space, gym.spaces.Discrete):
+            self._one_hot: int | None = int(observation_space.n)
+            self._obs_start = int(observation_space.start)
+            self.obs_size = self._one_hot
+        elif isinstance(observation_space, gym.spaces.Box):
+            self._one_hot, self._obs_start = None, 0
+            self.obs_size = int(np.prod(observation_space.shape))
+        else:
+            raise ValueError(f"ES needs a Box or Discrete observation space, got "
+                             f"{observation_space!r}")
+        if isinstance(action_space, gym.spaces.Discrete):
+            self._discrete = True
+            self.num_outputs = int(action_space.n)
+        elif isinstance(action_space, gym.spaces.Box):
+            self._discrete = False
+            self._action_shape = tuple(action_space.shape)
+            self.num_outputs = int(np.prod(action_space.shape))
+            self._low = action_space.low.reshape(-1).astype(np.float32)
+            self._high = action_space.high.reshape(-1).astype(np.float32)
+        else:
+            raise ValueError(f"ES needs a Discrete or Box action space, got {action_space!r}")
+
+        model_config = merge_model_config(config.get("model"))
+        if model_config.get("custom_model") is not None:
+            # Catalog path: any model; only its first output (dist inputs) is used.
+            self.model: nn.Module = get_model(observation_space, action_space,
+                                              self.num_outputs, model_config)
+        else:
+            self.model = ESModel(self.obs_size, list(model_config["fcnet_hiddens"] or []),
+                                 self.num_outputs, model_config["fcnet_activation"], seed)
+        self.model.requires_grad_(False)
+        self._params = list(self.model.parameters())
+        self.num_params = int(sum(p.numel() for p in self._params))
+        # NumPy views share memory with the torch parameters (updates are in place).
+        self._np_layers = None
+        if isinstance(self.model, ESModel):
+            self._np_layers = [(layer.weight.detach().numpy().T, layer.bias.detach().numpy())
+                               for layer in self.model.layers]
+            self._np_act = _ACTIVATIONS[self.model.activation]
+        self.filter = make_filter(config.get("observation_filter", "MeanStdFilter"),
+                                  (self.obs_size,))
+        self.optimizer = FlatAdam(self.num_params, float(config.get("stepsize", 0.01)))
+
+    # ---------------------------------------------------------------- acting
+    def preprocess(self, obs_batch: Any) -> np.ndarray:
+        """Raw observations -> float32 ``[B, obs_size]`` (one-hot for Discrete)."""
+        arr = np.asarray(obs_batch)
+        if self._one_hot is not None:
+            return np.eye(self._one_hot, dtype=np.float32)[arr.reshape(-1) - self._obs_start]
+        return arr.reshape(arr.shape[0], -1).astype(np.float32, copy=False)
+
+    def _outputs(self, x: np.ndarray) -> np.ndarray:
+        """Network outputs for filtered inputs ``x [B, obs_size]``."""
+        if self._np_layers is None:
+            with torch.inference_mode():
+                return self.model(torch.from_numpy(np.ascontiguousarray(x)))[0].numpy()
+        h = x
+        last = len(self._np_layers) - 1
+        for i, (w, b) in enumerate(self._np_layers):
+            h = h @ w + b
+            if i < last and self._np_act is not None:
+                h = self._np_act(h)
+        return h
+
+    def act_filtered(self, x: np.ndarray, add_noise: bool = False) -> np.ndarray:
+        """Actions for already preprocessed and filtered inputs (the rollout hot path)."""
+        out = self._outputs(x)
+        if self._discrete:
+            return out.argmax(axis=-1)
+        if add_noise and self.action_noise_std > 0:
+            out = out + self.action_noise_std * self._rng.standard_normal(out.shape)
+        return np.clip(out, self._low, self._high).astype(np.float32)
+
+    def compute_actions(self, obs_batch: np.ndarray, explore: bool = True
+                        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Actions for a batch of raw observations; no extra columns.
+
+        ``explore`` adds ``action_noise_std`` noise to Box actions; Discrete
+        actions are always the argmax (ES explores in parameter space).
+        """
+        actions = self.act_filtered(self.filter(self.preprocess(obs_batch)), add_noise=explore)
+        if self._discrete:
+            return actions.astype(np.int64), {}
+        return actions.reshape((len(actions), *self._action_shape)), {}
+
+    def compute_single_action(self, obs: Any, explore: bool = False) -> Any:
+        """The action for one observation (an ``int`` for Discrete spaces)."""
+        actions, _ = self.compute_actions(np.asarray(obs)[None], explore=explore)
+        return int(actions[0]) if self._discrete else actions[0]
+
+    def postprocess_trajectory(self, batch: SampleBatch) -> SampleBatch:
+        """Unchanged (ES needs no advantages); lets a RolloutWorker sample with it."""
+        return batch
+
+    def learn_on_batch(self, *args: Any, **kwargs: Any) -> dict:
+        raise NotImplementedError("ESPolicy has no loss: ES updates it through "
+                                  "apply_es_gradient() from perturbed returns.")
+
+    # ---------------------------------------------------------- flat weights
+    def get_flat_weights(self) -> np.ndarray:
+        """All parameters as one float32 vector (a copy)."""
+        return np.concatenate([p.detach().reshape(-1).numpy() for p in self._params]
+                              ).astype(np.float32)
+
+    def set_flat_weights(self, flat: np.ndarray) -> None:
+        """Loads a vector from :meth:`get_flat_weights` (in place: NumPy views stay valid)."""
+        flat = np.asarray(flat, dtype=np.float32)
+        if not flat.flags.writeable:
+            flat = flat.copy()  # object-store arrays are read-only; torch warns on those
+        if flat.shape != (self.num_params,):
+            raise ValueError(f"expected a flat weight vector of {self.num_params} values, "
+                             f"got shape {flat.shape}")
+        offset = 0
+        with torch.no_grad():
+            for p in self._params:
+                n = p.numel()
+                p.copy_(torch.from_numpy(flat[offset:offset + n]).view_as(p))
+                offset += n
+
+    def apply_es_gradient(self, grad: np.ndarray, l2_coeff: float) -> dict[str, float]:
+        """One Adam ascent step along ``grad`` (an estimate of d return / d theta),
+        with L2 weight decay ``l2_coeff``. Returns norms and the update ratio."""
+        theta = self.get_flat_weights()
+        step = self.optimizer.step(-grad + l2_coeff * theta)
+        self.set_flat_weights(theta + step)
+        theta_norm = float(np.linalg.norm(theta))
+        return {"weights_norm": float(np.linalg.norm(theta + step)),
+                "grad_norm": float(np.linalg.norm(grad)),
+                "update_ratio": float(np.linalg.norm(step)) / max(theta_norm, 1e-12)}
+
+    # ------------------------------------------------------- weights / state
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """The model's state dict as NumPy arrays (without the observation filter)."""
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+
+    def set_weights(self, weights: dict[str, Any]) -> None:
+        self.model.load_state_dict({k: v if isinstance(v, torch.Tensor)
+                                    else torch.as_tensor(np.array(v, copy=True))
+                                    for k, v in weights.items()})
+
+    def get_filter_state(self) -> dict[str, Any]:
+        return self.filter.get_state()
+
+    def get_state(self) -> dict[str, Any]:
+        """Weights, filter statistics, Adam state: tensors and plain values only."""
+        return {"weights": {k: v.detach().cpu().clone()
+                            for k, v in self.model.state_dict().items()},
+                "filter": self.filter.get_state(),
+                "optimizer": self.optimizer.get_state(),
+                "global_timestep": int(self.global_timestep)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.set_weights(state["weights"])
+        self.filter.set_state(state["filter"])
+        self.optimizer.set_state(state["optimizer"])
+        self.global_timestep = int(state.get("global_timestep", 0))
+
+    def on_global_var_update(self, global_vars: dict[str, Any]) -> None:
+        if "timestep" in global_vars:
+            self.global_timestep = int(global_vars["timestep"])
+
+    def __repr__(self) -> str:
+        return (f"ESPolicy(obs={self.observation_space}, actions={self.action_space}, "
+                f"num_params={self.num_params})")

@@ -1,0 +1,86 @@
+"""Every algorithm trains, checkpoints and restores: Python API and scripts/train.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from flowrl import ALGORITHMS, Agent, get_agent_class
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REMOTE = {"num_workers": 1, "num_cpus_per_worker": 0.5, "min_iter_time_s": 0}
+
+# The smallest configs that still run every branch of each plan once.
+TINY = {
+    "PG": ("CartPole-v1", {"train_batch_size": 200}),
+    "A2C": ("CartPole-v1", {"train_batch_size": 160}),
+    "A3C": ("CartPole-v1", {**REMOTE, "timesteps_per_iteration": 100}),
+    "PPO": ("CartPole-v1", {"train_batch_size": 256, "sgd_minibatch_size": 64,
+                            "rollout_fragment_length": 32, "num_sgd_iter": 1}),
+    "DQN": ("CartPole-v1", {"learning_starts": 100, "timesteps_per_iteration": 300}),
+    "APEX": ("CartPole-v1", {**REMOTE, "num_gpus": 0, "num_replay_buffer_shards": 1,
+                             "buffer_size": 5000, "learning_starts": 100,
+                             "train_batch_size": 32, "timesteps_per_iteration": 600,
+                             "model": {"fcnet_hiddens": [32]}, "hiddens": [32]}),
+    "IMPALA": ("CartPole-v1", {**REMOTE, "train_batch_size": 100,
+                               "timesteps_per_iteration": 300}),
+    "ES": ("CartPole-v1", {"num_workers": 1, "num_cpus_per_worker": 0.5}),
+    "DDPG": ("Pendulum-v1", {"learning_starts": 100, "timesteps_per_iteration": 300}),
+    "APEX_DDPG": ("Pendulum-v1", {**REMOTE, "num_gpus": 0, "num_replay_buffer_shards": 1,
+                                  "buffer_size": 5000, "learning_starts": 100,
+                                  "train_batch_size": 32, "timesteps_per_iteration": 600}),
+}
+
+
+def test_every_algorithm_is_registered():
+    assert sorted(ALGORITHMS) == sorted(TINY)
+    with pytest.raises(ValueError) as error:
+        get_agent_class("SAC")
+    for name in TINY:
+        assert name in str(error.value)
+
+
+@pytest.mark.parametrize("algorithm", sorted(TINY))
+def test_python_api_train_save_restore(algorithm, ray_session, results_dir, tmp_path):
+    env, config = TINY[algorithm]
+    agent = get_agent_class(algorithm)(config={**config, "seed": 0}, env=env)
+    result = agent.train()
+    assert result["timesteps_total"] > 0 and result["training_iteration"] == 1
+    path = agent.save(str(tmp_path / "ckpt"))
+    env_obj = agent.workers.local_worker().env
+    obs = [env_obj.observation_space.sample() for _ in range(5)]
+    expected = [np.asarray(agent.compute_action(o, explore=False)) for o in obs]
+    agent.stop()
+    restored = Agent.from_checkpoint(path)
+    assert type(restored).__name__ == type(agent).__name__
+    assert restored.iteration == 1
+    for o, e in zip(obs, expected):
+        np.testing.assert_allclose(np.asarray(restored.compute_action(o, explore=False)), e,
+                                   rtol=1e-5, atol=1e-6)
+    assert restored.train()["training_iteration"] == 2
+    restored.stop()
+
+
+@pytest.mark.parametrize("algorithm", sorted(TINY))
+def test_cli_train_checkpoint_restore(algorithm, tmp_path):
+    env, config = TINY[algorithm]
+    base = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--run", algorithm,
+            "--env", env, "--config", json.dumps(config), "--local-dir", str(tmp_path),
+            "--ray-num-cpus", "2", "--checkpoint-at-end"]
+    out = subprocess.run(base + ["--stop", '{"training_iteration": 1}',
+                                 "--experiment-name", "first"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    (trial,) = [d for d in (tmp_path / "first").iterdir() if d.is_dir()]
+    (checkpoint,) = [d for d in trial.iterdir() if d.name.startswith("checkpoint_")]
+    assert (checkpoint / "flowrl_checkpoint.json").is_file()
+    out = subprocess.run(base + ["--stop", '{"training_iteration": 2}', "--restore",
+                                 str(checkpoint), "--experiment-name", "second"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    (trial,) = [d for d in (tmp_path / "second").iterdir() if d.is_dir()]
+    results = [json.loads(line) for line in open(trial / "result.json")]
+    assert results[-1]["training_iteration"] == 2   # continued from the checkpoint
