@@ -68,3 +68,13 @@ def test_dqn_cartpole():
 @pytest.mark.learning
 def test_apex_cartpole_two_workers(ray_session):
     assert_learns("APEX", tuned_config("cartpole-apex.yaml"), 150, 100_000)
+
+
+@pytest.mark.learning
+def test_a3c_cartpole(ray_session):
+    assert_learns("A3C", tuned_config("cartpole-a3c.yaml"), 150, 300_000)
+
+
+@pytest.mark.learning
+def test_es_cartpole(ray_session):
+    assert_learns("ES", tuned_config("cartpole-es.yaml"), 150, 300_000)
