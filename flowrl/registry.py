@@ -13,6 +13,7 @@ ALGORITHMS: dict[str, str] = {
     "DQN": "flowrl.plans.dqn:DQNAgent",
     "APEX": "flowrl.plans.apex:ApexAgent",
     "ES": "flowrl.plans.es:ESAgent",
+    "IMPALA": "flowrl.plans.impala:ImpalaAgent",
 }
 
 

@@ -78,3 +78,8 @@ def test_a3c_cartpole(ray_session):
 @pytest.mark.learning
 def test_es_cartpole(ray_session):
     assert_learns("ES", tuned_config("cartpole-es.yaml"), 150, 300_000)
+
+
+@pytest.mark.learning
+def test_impala_cartpole(ray_session):
+    assert_learns("IMPALA", tuned_config("cartpole-impala.yaml"), 150, 300_000)

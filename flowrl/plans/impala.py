@@ -35,6 +35,8 @@ DEFAULT_CONFIG: dict = {
     "grad_clip": 40.0,
     "vtrace_clip_rho_threshold": 1.0,
     "vtrace_clip_pg_rho_threshold": 1.0,
+    "vtrace_clip_c_threshold": 1.0,
+    "vtrace_lambda": 1.0,
     "opt_type": "adam",               # or "rmsprop" (with decay, momentum, epsilon)
     "decay": 0.99,
     "momentum": 0.0,
