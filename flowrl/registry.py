@@ -12,6 +12,8 @@ ALGORITHMS: dict[str, str] = {
     "A3C": "flowrl.plans.a3c:A3CAgent",
     "DQN": "flowrl.plans.dqn:DQNAgent",
     "APEX": "flowrl.plans.apex:ApexAgent",
+    "DDPG": "flowrl.plans.ddpg:DDPGAgent",
+    "APEX_DDPG": "flowrl.plans.apex_ddpg:ApexDDPGAgent",
     "ES": "flowrl.plans.es:ESAgent",
     "IMPALA": "flowrl.plans.impala:ImpalaAgent",
 }

@@ -10,8 +10,9 @@ from flowrl import get_agent_class
 SEEDS = (0, 1, 2)
 
 
-def reaches(algorithm: str, config: dict, threshold: float, max_steps: int, seed: int):
-    agent = get_agent_class(algorithm)(config={**config, "seed": seed}, env="CartPole-v1",
+def reaches(algorithm: str, config: dict, threshold: float, max_steps: int, seed: int,
+            env: str = "CartPole-v1"):
+    agent = get_agent_class(algorithm)(config={**config, "seed": seed}, env=env,
                                        log_to_disk=False)
     try:
         history = []
@@ -26,10 +27,10 @@ def reaches(algorithm: str, config: dict, threshold: float, max_steps: int, seed
         agent.stop()
 
 
-def assert_learns(algorithm, config, threshold, max_steps):
+def assert_learns(algorithm, config, threshold, max_steps, env="CartPole-v1"):
     histories = []
     for seed in SEEDS:
-        ok, history = reaches(algorithm, config, threshold, max_steps, seed)
+        ok, history = reaches(algorithm, config, threshold, max_steps, seed, env)
         if ok:
             return
         histories.append((seed, history[-5:]))
@@ -83,3 +84,14 @@ def test_es_cartpole(ray_session):
 @pytest.mark.learning
 def test_impala_cartpole(ray_session):
     assert_learns("IMPALA", tuned_config("cartpole-impala.yaml"), 150, 300_000)
+
+
+@pytest.mark.learning
+def test_ddpg_td3_pendulum():
+    assert_learns("DDPG", tuned_config("pendulum-ddpg.yaml"), -300, 30_000, env="Pendulum-v1")
+
+
+@pytest.mark.learning
+def test_apex_ddpg_pendulum_two_workers(ray_session):
+    assert_learns("APEX_DDPG", tuned_config("pendulum-apex-ddpg.yaml"), -400, 100_000,
+                  env="Pendulum-v1")

@@ -1,0 +1,871 @@
+"""DDPG (Lillicrap et al. 2016) and TD3 (Fujimoto et al. 2018) for ``Box`` action spaces.
+
+The actor works in *normalized* action units: for every bounded dimension of
+the action space it outputs ``u = tanh(.)`` in ``[-1, 1]``, mapped to the env as
+``a = center + half_range * u`` (``center = (high + low) / 2``,
+``half_range = (high - low) / 2``). Dimensions with an infinite bound are not
+squashed (``a = u``). The critic sees ``concat(obs, u)``; exploration noise and
+target smoothing noise are added in normalized units, so one noise scale fits
+every action range.
+
+Per train batch (after n-step postprocessing, :func:`flowrl.policies.dqn.adjust_nstep`)::
+
+    u'         = actor_target(s')
+    u'         = clip(u' + clip(N(0, target_noise), -c, c), -1, 1)   if smooth_target_policy
+    q'         = min_k Q_target_k(s', u')  (twin_q)   else  Q_target_1(s', u')
+    target     = r + gammas * (1 - terminated) * q'
+    td_k       = Q_k(s, u) - stop_grad(target)
+    critic_loss = mean(weights * sum_k l(td_k))      l = td^2 / 2 (MSE) or huber(td)
+    actor_loss  = -mean(Q_1(s, actor(s)))            every policy_delay critic updates
+
+``td_error`` (for prioritized replay) is ``|td_1|``. Target nets move by
+:meth:`DDPGTorchPolicy.update_target`: ``target <- tau * online + (1 - tau) * target``.
+In the DQN plan, ``UpdateTargetNetwork`` calls it every
+``target_network_update_freq`` sampled steps; ``0`` means after every train step,
+which is the usual DDPG/TD3 setting (one soft update per gradient step). It blends
+on every call, independently of ``policy_delay`` (TD3 moves the targets only with
+the delayed actor step; here the plan alone sets the frequency, and
+``tau / policy_delay`` gives about the same target lag as TD3's delayed updates).
+
+Exploration (``exploration_config``), in normalized units, clipped to the bounds:
+
+* ``global timestep < random_timesteps``: uniform random actions (``N(0, 1)`` on
+  unbounded dimensions);
+* ``"gaussian"``: ``u + scale * s(t) * N(0, 1)``;
+* ``"ou"``: ``u + ou_base_scale * s(t) * x_t`` with the discretised
+  Ornstein-Uhlenbeck process ``x_{t+1} = x_t - ou_theta * x_t + ou_sigma * N(0, 1)``
+  kept per row of the action batch (its stationary variance is
+  ``ou_sigma^2 / (ou_theta * (2 - ou_theta))``; a new state is drawn from that
+  distribution when the batch size changes);
+* ``s(t)`` goes linearly from ``initial_scale`` to ``final_scale`` over
+  ``scale_timesteps`` steps after ``random_timesteps``. With
+  ``per_worker_exploration`` (APEX_DDPG), remote worker ``i`` of ``N`` instead
+  uses the constant Ape-X factor ``s = 0.4 ** (1 + 7 (i - 1) / (N - 1))``
+  (:func:`flowrl.policies.dqn.per_worker_epsilon`); the learner keeps the schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from flowrl.policies.dqn import GAMMAS, TD_ERROR, adjust_nstep, huber_loss, per_worker_epsilon
+from flowrl.policies.models import FlatObs, _activation, _activation_fn, _linear, _mlp
+from flowrl.policies.policy import Policy, TensorDict, _to_cpu_copy, _writable
+from flowrl.sample_batch import SampleBatch, minibatch_bounds
+
+__all__ = [
+    "DDPGTorchPolicy",
+    "DDPGModel",
+    "Actor",
+    "CriticEnsemble",
+    "ActionNormalizer",
+    "ddpg_td_target",
+    "linear_scale",
+    "ou_stationary_variance",
+]
+
+_DEFAULT_EXPLORATION: dict[str, Any] = {
+    "type": "gaussian",
+    "scale": 0.1,
+    "initial_scale": 1.0,
+    "final_scale": 1.0,
+    "scale_timesteps": 10000,
+    "random_timesteps": 1000,
+    "ou_theta": 0.15,
+    "ou_sigma": 0.2,
+    "ou_base_scale": 0.1,
+}
+
+
+# ------------------------------------------------------------------ helpers
+def linear_scale(timestep: int, initial: float, final: float, start: int, timesteps: int) -> float:
+    """``initial`` until ``start``, then linear to ``final`` over ``timesteps``, then ``final``."""
+    if timesteps <= 0:
+        return float(final) if timestep >= start else float(initial)
+    frac = min(1.0, max(0.0, (timestep - start) / float(timesteps)))
+    return float(initial + frac * (final - initial))
+
+
+def ou_stationary_variance(theta: float, sigma: float) -> float:
+    """Stationary variance of ``x_{t+1} = (1 - theta) x_t + sigma * eps``: an AR(1) process.
+
+    ``Var = sigma^2 / (1 - (1 - theta)^2) = sigma^2 / (theta (2 - theta))`` -- slightly
+    above the continuous-time ``sigma^2 / (2 theta)`` for the unit time step.
+    """
+    if not 0.0 < theta < 2.0:
+        raise ValueError(f"ou_theta={theta!r} must be in (0, 2) for a stationary process")
+    return float(sigma**2 / (theta * (2.0 - theta)))
+
+
+def ddpg_td_target(
+    rewards: torch.Tensor,
+    terminateds: torch.Tensor,
+    gammas: torch.Tensor,
+    q_next: torch.Tensor,
+) -> torch.Tensor:
+    """``r + gammas * (1 - terminated) * min_k q_next[k]``, shape ``[B]``.
+
+    ``q_next`` is ``[K, B]``: the target critics' values at ``(s', u')``; with
+    one critic (DDPG) the min is that critic, with two (TD3) the clipped double-Q.
+    """
+    q_min = q_next[0] if q_next.shape[0] == 1 else q_next.min(dim=0).values
+    return rewards + gammas * (1.0 - terminateds.to(q_min.dtype)) * q_min
+
+
+class ActionNormalizer:
+    """Maps normalized actions ``u`` to env actions ``a`` and back, for one Box space.
+
+    Bounded dimensions (both bounds finite): ``a = center + half_range * u`` with
+    ``u`` in ``[-1, 1]``; unbounded ones: ``a = u``. Works on numpy arrays and,
+    through :meth:`to_device`, on torch tensors of shape ``[B, act_dim]``.
+    """
+
+    def __init__(self, space: gym.spaces.Box) -> None:
+        low = np.asarray(space.low, dtype=np.float64).reshape(-1)
+        high = np.asarray(space.high, dtype=np.float64).reshape(-1)
+        self.bounded = np.isfinite(low) & np.isfinite(high)
+        self.all_bounded = bool(self.bounded.all())
+        self.none_bounded = not bool(self.bounded.any())
+        self.low = np.where(self.bounded, low, -np.inf).astype(np.float32)
+        self.high = np.where(self.bounded, high, np.inf).astype(np.float32)
+        finite_low = np.where(self.bounded, low, -1.0)
+        finite_high = np.where(self.bounded, high, 1.0)
+        self.center = ((finite_high + finite_low) / 2.0).astype(np.float32)  # 0 if unbounded
+        self.half_range = ((finite_high - finite_low) / 2.0).astype(np.float32)  # 1 if unbounded
+        # -1 / +1 on bounded dims, -inf / +inf on unbounded ones: clipping in one op.
+        self.unit_low = np.where(self.bounded, -1.0, -np.inf).astype(np.float32)
+        self.unit_high = np.where(self.bounded, 1.0, np.inf).astype(np.float32)
+
+    def to_env(self, u: np.ndarray) -> np.ndarray:
+        """Normalized ``[B, act_dim]`` -> env units, clipped to the bounds (float32)."""
+        a = self.center + self.half_range * u
+        return np.clip(a, self.low, self.high).astype(np.float32, copy=False)
+
+    def to_normalized(self, a: np.ndarray) -> np.ndarray:
+        """Env units ``[B, act_dim]`` -> normalized units (float32)."""
+        return ((np.asarray(a, dtype=np.float32) - self.center) / self.half_range).astype(
+            np.float32, copy=False
+        )
+
+    def clip_normalized(self, u: np.ndarray) -> np.ndarray:
+        """Clip normalized actions to ``[-1, 1]`` on bounded dimensions."""
+        if self.none_bounded:
+            return u
+        return np.clip(u, self.unit_low, self.unit_high)
+
+
+def _squash(x: torch.Tensor, bounded: torch.Tensor | None, all_bounded: bool) -> torch.Tensor:
+    if all_bounded:
+        return torch.tanh(x)
+    if bounded is None:
+        return x
+    return torch.where(bounded, torch.tanh(x), x)
+
+
+# -------------------------------------------------------------------- models
+class Actor(nn.Module):
+    """``obs -> u [B, act_dim]``: MLP of ``hiddens`` -> linear head -> tanh on bounded dims.
+
+    The head is initialised with gain 0.01 (orthogonal), so the initial policy
+    is close to the middle of the action range.
+    """
+
+    def __init__(
+        self,
+        obs_space: gym.Space,
+        act_dim: int,
+        hiddens: list[int],
+        activation: str,
+        normalizer: ActionNormalizer,
+    ) -> None:
+        super().__init__()
+        self.flat_obs = FlatObs(obs_space, "DDPG's actor")
+        body, size = _mlp(self.flat_obs.size, [int(h) for h in hiddens], _activation(activation))
+        self.net = nn.Sequential(*body, _linear(size, int(act_dim), gain=0.01))
+        self.all_bounded = normalizer.all_bounded
+        mask = None if normalizer.all_bounded or normalizer.none_bounded else torch.from_numpy(
+            normalizer.bounded.copy()
+        )
+        # Constant, so not part of the weights (get_weights / set_weights) or the state.
+        self.register_buffer("bounded", mask, persistent=False)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return _squash(self.net(self.flat_obs(obs)), self.bounded, self.all_bounded)
+
+
+class CriticEnsemble(nn.Module):
+    """``K`` independent Q-networks ``Q_k(s, u)`` evaluated as one batched matmul per layer.
+
+    Each Q-net is an MLP of ``hiddens`` on ``concat(flat_obs, u)`` with a scalar
+    head. Layer ``i`` holds ``weight_i`` ``[K, in, out]`` and ``bias_i``
+    ``[K, 1, out]`` (orthogonal init per critic, gain sqrt(2) hidden, 1 head), so
+    TD3's twin critics cost the same number of torch ops as one critic.
+    """
+
+    def __init__(
+        self,
+        obs_space: gym.Space,
+        act_dim: int,
+        hiddens: list[int],
+        activation: str,
+        num_critics: int,
+    ) -> None:
+        super().__init__()
+        self.flat_obs = FlatObs(obs_space, "DDPG's critic")
+        self.num_critics = int(num_critics)
+        self.activation_fn = _activation_fn(activation)
+        sizes = [self.flat_obs.size + int(act_dim), *(int(h) for h in hiddens), 1]
+        self._layer_names: list[tuple[str, str]] = []
+        for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            gain = 1.0 if index == len(sizes) - 2 else float(np.sqrt(2.0))
+            weight = torch.empty(self.num_critics, fan_in, fan_out)
+            for k in range(self.num_critics):
+                block = torch.empty(fan_out, fan_in)
+                nn.init.orthogonal_(block, gain=gain)
+                weight[k] = block.t()
+            self.register_parameter(f"weight_{index}", nn.Parameter(weight))
+            self.register_parameter(
+                f"bias_{index}", nn.Parameter(torch.zeros(self.num_critics, 1, fan_out))
+            )
+            self._layer_names.append((f"weight_{index}", f"bias_{index}"))
+
+    def forward(
+        self, obs: torch.Tensor, actions: torch.Tensor, num: int | None = None
+    ) -> torch.Tensor:
+        """``Q [K', B]`` for normalized ``actions``; ``num`` = only the first ``num`` critics."""
+        k = self.num_critics if num is None else int(num)
+        x = torch.cat([self.flat_obs(obs), actions.to(torch.float32)], dim=1)
+        h = x.unsqueeze(0).expand(k, -1, -1)
+        params = self._parameters  # dict lookups: Module.__getattr__ is slow per call
+        last = len(self._layer_names) - 1
+        for index, (weight_name, bias_name) in enumerate(self._layer_names):
+            weight, bias = params[weight_name], params[bias_name]
+            if k != self.num_critics:
+                weight, bias = weight[:k], bias[:k]
+            h = torch.baddbmm(bias, h, weight)
+            if index < last and self.activation_fn is not None:
+                h = self.activation_fn(h)
+        return h.squeeze(-1)
+
+
+class DDPGModel(nn.Module):
+    """Online (or target) actor + critic(s). ``forward(obs)`` = deterministic env actions.
+
+    ``forward`` is what :meth:`DDPGTorchPolicy.export` traces: raw obs in,
+    ``[B, act_dim]`` actions in env units out.
+    """
+
+    def __init__(
+        self,
+        obs_space: gym.Space,
+        action_space: gym.spaces.Box,
+        config: dict[str, Any],
+        normalizer: ActionNormalizer,
+    ) -> None:
+        super().__init__()
+        act_dim = int(np.prod(action_space.shape))
+        self.actor = Actor(
+            obs_space,
+            act_dim,
+            list(config["actor_hiddens"]),
+            config["actor_hidden_activation"],
+            normalizer,
+        )
+        self.critic = CriticEnsemble(
+            obs_space,
+            act_dim,
+            list(config["critic_hiddens"]),
+            config["critic_hidden_activation"],
+            2 if config["twin_q"] else 1,
+        )
+        self.register_buffer("center", torch.from_numpy(normalizer.center.copy()), persistent=False)
+        self.register_buffer(
+            "half_range", torch.from_numpy(normalizer.half_range.copy()), persistent=False
+        )
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.center + self.half_range * self.actor(obs)
+
+
+def _adam(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    # The fused kernel is several times faster for small nets where torch has one.
+    try:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+# -------------------------------------------------------------------- policy
+class DDPGTorchPolicy(Policy):
+    """DDPG / TD3 policy for ``Box`` action spaces; a drop-in for the DQN and Ape-X plans.
+
+    Config keys (fallbacks in :attr:`DEFAULT_CONFIG`; the algorithm config wins):
+
+    * ``gamma`` (0.99), ``n_step`` (1): n-step returns via :func:`adjust_nstep`;
+    * ``actor_hiddens`` ([256, 256]), ``actor_hidden_activation`` ("relu"),
+      ``critic_hiddens`` ([256, 256]), ``critic_hidden_activation`` ("relu");
+    * ``actor_lr`` (1e-3), ``critic_lr`` (1e-3): two Adam optimizers;
+      ``l2_reg`` (1e-6): Adam weight decay (an L2 penalty ``l2_reg/2 ||theta||^2``)
+      on both nets; ``grad_clip`` (None): max global grad norm, per net;
+    * ``tau`` (0.005): soft target update of :meth:`update_target`;
+    * ``twin_q`` (False), ``policy_delay`` (1), ``smooth_target_policy`` (False),
+      ``target_noise`` (0.2), ``target_noise_clip`` (0.5): the TD3 options;
+    * ``use_huber`` (False; MSE ``td^2/2``), ``huber_threshold`` (1.0);
+    * ``exploration_config`` (see the module docstring; partial dicts are merged
+      over the defaults), ``per_worker_exploration`` (False);
+    * ``worker_side_prioritization`` (False): ``postprocess_trajectory`` adds ``td_error``;
+    * ``worker_index`` / ``num_workers`` (set by the rollout worker), ``num_gpus``, ``seed``;
+    * ``model``: no keys are read (observations are flattened, or one-hot for
+      ``Discrete``); a ``custom_model`` is rejected rather than silently ignored.
+
+    :meth:`get_weights` / :meth:`set_weights` carry the online actor and critic(s);
+    :meth:`get_state` adds target nets, both optimizers and the counters.
+    ``self.optimizer`` is the critic's Adam (``self.critic_optimizer``), the
+    actor's is ``self.actor_optimizer``.
+    """
+
+    DEFAULT_CONFIG: dict[str, Any] = {
+        **Policy.DEFAULT_CONFIG,
+        "gamma": 0.99,
+        "n_step": 1,
+        "actor_hiddens": [256, 256],
+        "actor_hidden_activation": "relu",
+        "critic_hiddens": [256, 256],
+        "critic_hidden_activation": "relu",
+        "actor_lr": 1e-3,
+        "critic_lr": 1e-3,
+        "tau": 0.005,
+        "twin_q": False,
+        "policy_delay": 1,
+        "smooth_target_policy": False,
+        "target_noise": 0.2,
+        "target_noise_clip": 0.5,
+        "use_huber": False,
+        "huber_threshold": 1.0,
+        "l2_reg": 1e-6,
+        "grad_clip": None,
+        "exploration_config": dict(_DEFAULT_EXPLORATION),
+        "per_worker_exploration": False,
+        "worker_side_prioritization": False,
+        "worker_index": 0,
+        "num_workers": 0,
+    }
+
+    #: Columns every train batch needs; ``gammas`` and ``weights`` are optional.
+    loss_columns: tuple[str, ...] = (
+        SampleBatch.OBS,
+        SampleBatch.ACTIONS,
+        SampleBatch.REWARDS,
+        SampleBatch.NEW_OBS,
+        SampleBatch.TERMINATEDS,
+    )
+    optional_loss_columns: tuple[str, ...] = (GAMMAS, SampleBatch.WEIGHTS)
+
+    def __init__(
+        self, observation_space: gym.Space, action_space: gym.Space, config: dict[str, Any]
+    ) -> None:
+        if not isinstance(action_space, gym.spaces.Box):
+            raise ValueError(
+                f"DDPGTorchPolicy supports Box action spaces only, got {action_space!r}"
+            )
+        model_config = (config or {}).get("model") or {}
+        if model_config.get("custom_model") is not None:
+            raise ValueError(
+                "DDPGTorchPolicy builds its own actor and critic MLPs (actor_hiddens, "
+                f"critic_hiddens); model.custom_model={model_config['custom_model']!r} "
+                "is not supported"
+            )
+        self.normalizer = ActionNormalizer(action_space)
+        super().__init__(observation_space, action_space, config)
+        cfg = self.config
+        self.act_dim = int(np.prod(action_space.shape))
+        self.gamma = float(cfg["gamma"])
+        self.n_step = int(cfg["n_step"])
+        if self.n_step < 1:
+            raise ValueError(f"n_step must be >= 1, got {self.n_step}")
+        self.tau = float(cfg["tau"])
+        self.twin_q = bool(cfg["twin_q"])
+        self.policy_delay = int(cfg["policy_delay"])
+        if self.policy_delay < 1:
+            raise ValueError(f"policy_delay must be >= 1, got {self.policy_delay}")
+        self.smooth_target_policy = bool(cfg["smooth_target_policy"])
+        self.target_noise = float(cfg["target_noise"])
+        self.target_noise_clip = float(cfg["target_noise_clip"])
+        self.use_huber = bool(cfg["use_huber"])
+        self.huber_threshold = float(cfg["huber_threshold"])
+
+        self.exploration_config = {**_DEFAULT_EXPLORATION, **(cfg.get("exploration_config") or {})}
+        self.exploration_type = str(self.exploration_config["type"]).lower()
+        if self.exploration_type not in ("gaussian", "ou"):
+            raise ValueError(
+                f"exploration_config['type']={self.exploration_config['type']!r}; "
+                "expected 'gaussian' or 'ou'"
+            )
+        self.worker_index = int(cfg.get("worker_index") or 0)
+        self.num_workers = int(cfg.get("num_workers") or 0)
+        # APEX_DDPG: a fixed noise factor on remote workers; the learner keeps the schedule.
+        self._fixed_scale: float | None = None
+        if cfg.get("per_worker_exploration") and self.worker_index > 0:
+            self._fixed_scale = per_worker_epsilon(self.worker_index, max(self.num_workers, 1))
+        seed = cfg.get("seed")
+        if seed is not None:
+            # Distinct exploration streams per worker even though they share config["seed"].
+            self._rng = np.random.default_rng(int(seed) + 1000 * self.worker_index)
+        self._ou_state: np.ndarray | None = None
+
+        self.critic_optimizer = self.optimizer
+        self.actor_optimizer = _adam(
+            list(self.model.actor.parameters()), float(cfg["actor_lr"]), float(cfg["l2_reg"])
+        )
+        self._actor_params = list(self.model.actor.parameters())
+        self._critic_params = list(self.model.critic.parameters())
+        self.target_model: DDPGModel = copy.deepcopy(self.model)
+        self.target_model.requires_grad_(False)
+        self._target_params = list(self.target_model.parameters())
+        self._online_params = list(self.model.parameters())
+        self.num_critic_updates = 0
+        self.num_actor_updates = 0
+        self._last_actor_loss = torch.tensor(float("nan"), device=self.device)
+        self._last_actor_gnorm = torch.tensor(float("nan"), device=self.device)
+        self._last_td_error: torch.Tensor | None = None
+
+    # ------------------------------------------------------------ construction
+    def make_model(self) -> nn.Module:
+        """The online :class:`DDPGModel` (the target nets are a copy of it)."""
+        return DDPGModel(self.observation_space, self.action_space, self.config, self.normalizer)
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The critic's Adam (``critic_lr``, weight decay ``l2_reg``); the actor's comes later."""
+        return _adam(
+            list(self.model.critic.parameters()),
+            float(self.config["critic_lr"]),
+            float(self.config["l2_reg"]),
+        )
+
+    # ------------------------------------------------------------- exploration
+    @property
+    def exploration_scale(self) -> float:
+        """Noise multiplier ``s(t)``: the per-worker constant, else the linear schedule."""
+        if self._fixed_scale is not None:
+            return self._fixed_scale
+        cfg = self.exploration_config
+        return linear_scale(
+            self.global_timestep,
+            float(cfg["initial_scale"]),
+            float(cfg["final_scale"]),
+            int(cfg["random_timesteps"]),
+            int(cfg["scale_timesteps"]),
+        )
+
+    @property
+    def noise_stddev(self) -> float:
+        """Current std of the exploration noise in normalized units (OU: stationary std)."""
+        cfg = self.exploration_config
+        if self.exploration_type == "gaussian":
+            return float(cfg["scale"]) * self.exploration_scale
+        var = ou_stationary_variance(float(cfg["ou_theta"]), float(cfg["ou_sigma"]))
+        return float(cfg["ou_base_scale"]) * self.exploration_scale * float(np.sqrt(var))
+
+    def _ou_step(self, batch_size: int) -> np.ndarray:
+        """Advance the per-row OU state ``[B, act_dim]`` one step and return it."""
+        cfg = self.exploration_config
+        theta, sigma = float(cfg["ou_theta"]), float(cfg["ou_sigma"])
+        shape = (batch_size, self.act_dim)
+        if self._ou_state is None or self._ou_state.shape != shape:
+            # Start in the stationary distribution rather than at 0, so the noise
+            # has its long-run variance from the first step.
+            std = np.sqrt(ou_stationary_variance(theta, sigma))
+            self._ou_state = self._rng.normal(0.0, std, size=shape)
+        self._ou_state += -theta * self._ou_state + sigma * self._rng.standard_normal(shape)
+        return self._ou_state
+
+    def reset_noise(self) -> None:
+        """Forget the OU state (a fresh one is drawn on the next exploring call)."""
+        self._ou_state = None
+
+    # ------------------------------------------------------------------ acting
+    def compute_actions(
+        self, obs_batch: np.ndarray, explore: bool = True
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Actions ``float32 [B, *action_shape]`` within the bounds, and no extra columns.
+
+        ``explore=False``: the deterministic actor output. ``explore=True``: uniform
+        random actions before ``random_timesteps``, then actor + Gaussian / OU
+        noise in normalized units (see the module docstring), clipped to the bounds.
+        """
+        obs = self._obs_to_tensor(obs_batch)
+        with torch.inference_mode():
+            u = self.model.actor(obs).float().cpu().numpy()
+        if explore:
+            u = self._explore(u)
+        actions = self.normalizer.to_env(u)
+        return actions.reshape((actions.shape[0], *self._action_shape)), {}
+
+    def _explore(self, u: np.ndarray) -> np.ndarray:
+        cfg = self.exploration_config
+        shape = u.shape
+        if self.global_timestep < int(cfg["random_timesteps"]):
+            uniform = self._rng.uniform(-1.0, 1.0, size=shape)
+            if self.normalizer.all_bounded:
+                return uniform.astype(np.float32)
+            return np.where(
+                self.normalizer.bounded, uniform, self._rng.standard_normal(shape)
+            ).astype(np.float32)
+        if self.exploration_type == "gaussian":
+            stddev = float(cfg["scale"]) * self.exploration_scale
+            noise = stddev * self._rng.standard_normal(shape)
+        else:
+            noise = (float(cfg["ou_base_scale"]) * self.exploration_scale) * self._ou_step(shape[0])
+        return self.normalizer.clip_normalized(u + noise).astype(np.float32)
+
+    def value(self, obs_batch: np.ndarray) -> np.ndarray:
+        """``Q_1(obs, actor(obs))`` from the online nets, shape ``[B]`` float32."""
+        obs = self._obs_to_tensor(obs_batch)
+        with torch.inference_mode():
+            return self.model.critic(obs, self.model.actor(obs), num=1)[0].float().cpu().numpy()
+
+    # ---------------------------------------------------------- postprocessing
+    def postprocess_trajectory(self, batch: SampleBatch) -> SampleBatch:
+        """n-step transitions (:func:`adjust_nstep`, adds ``gammas``) plus optional priorities.
+
+        With ``worker_side_prioritization`` also adds ``td_error`` = ``|TD error|``
+        of the first critic per row (float32) under this policy's current nets
+        (the replay buffer adds ``prioritized_replay_eps``).
+        """
+        adjust_nstep(batch, self.n_step, self.gamma)
+        if self.config.get("worker_side_prioritization"):
+            if batch.count:
+                batch[TD_ERROR] = self.compute_td_error(batch)
+            else:
+                batch[TD_ERROR] = np.zeros(0, dtype=np.float32)
+        return batch
+
+    # ---------------------------------------------------------------- learning
+    def _batch_to_tensors(self, batch: SampleBatch) -> TensorDict:
+        """Loss columns as tensors on the learner device; actions become normalized units."""
+        tensors: TensorDict = {}
+        for column in (*self.loss_columns, *self.optional_loss_columns):
+            if column not in batch:
+                if column in self.loss_columns:
+                    raise KeyError(
+                        f"{type(self).__name__}.learn_on_batch needs column {column!r}; "
+                        f"the batch has {sorted(batch.keys())}"
+                    )
+                continue
+            arr = np.asarray(batch[column])
+            if column == SampleBatch.ACTIONS:
+                arr = self.normalizer.to_normalized(arr.reshape(arr.shape[0], -1))
+            elif column == SampleBatch.TERMINATEDS:
+                arr = arr.astype(np.float32, copy=False)
+            elif arr.dtype == np.float64:
+                arr = arr.astype(np.float32)
+            tensors[column] = torch.from_numpy(_writable(arr)).to(self.device)
+        return tensors
+
+    def _clip_unit(self, u: torch.Tensor) -> torch.Tensor:
+        """Clip normalized actions to ``[-1, 1]`` on the bounded dimensions."""
+        norm = self.normalizer
+        if norm.all_bounded:
+            return u.clamp(-1.0, 1.0)
+        if norm.none_bounded:
+            return u
+        return torch.where(self.model.actor.bounded, u.clamp(-1.0, 1.0), u)
+
+    def _td_target(self, tensors: TensorDict, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Critic target ``[B]`` from the target nets (no grad); see the module docstring.
+
+        ``noise``: standard-normal draws ``[B, act_dim]`` for target policy
+        smoothing (drawn here from torch's RNG when None; unused without smoothing).
+        """
+        new_obs = tensors[SampleBatch.NEW_OBS]
+        rewards = tensors[SampleBatch.REWARDS]
+        with torch.no_grad():
+            u_next = self.target_model.actor(new_obs)
+            if self.smooth_target_policy:
+                eps = torch.randn_like(u_next) if noise is None else noise.to(u_next)
+                clip = self.target_noise_clip
+                eps = (eps * self.target_noise).clamp(-clip, clip)
+                u_next = self._clip_unit(u_next + eps)
+            q_next = self.target_model.critic(new_obs, u_next)
+            gammas = tensors.get(GAMMAS)
+            if gammas is None:
+                # No gammas column: rewards are assumed n-step sums with a full horizon.
+                gammas = torch.full_like(rewards, self.gamma**self.n_step)
+            return ddpg_td_target(rewards, tensors[SampleBatch.TERMINATEDS], gammas, q_next)
+
+    def loss(self, train_batch: TensorDict) -> tuple[torch.Tensor, TensorDict]:
+        """Critic loss on one minibatch (weighted, summed over critics) and its stats.
+
+        Keeps ``|td_error|`` of the first critic in ``self._last_td_error``.
+        """
+        target = self._td_target(train_batch)
+        q = self.model.critic(train_batch[SampleBatch.OBS], train_batch[SampleBatch.ACTIONS])
+        td = q - target  # [K, B]
+        if self.use_huber:
+            per_row = huber_loss(td, self.huber_threshold).sum(dim=0)
+        else:
+            per_row = 0.5 * td.square().sum(dim=0)
+        weights = train_batch.get(SampleBatch.WEIGHTS)
+        loss = (per_row * weights).mean() if weights is not None else per_row.mean()
+        abs_td = td[0].detach().abs()
+        self._last_td_error = abs_td
+        q1 = q[0].detach()
+        stats: TensorDict = {
+            "critic_loss": loss.detach(),
+            "mean_q": q1.mean(),
+            "max_q": q1.max(),
+            "min_q": q1.min(),
+            "mean_td_error": abs_td.mean(),
+        }
+        return loss, stats
+
+    def actor_loss(self, obs: torch.Tensor) -> torch.Tensor:
+        """``-mean(Q_1(s, actor(s)))`` (grads reach the actor through the critic)."""
+        return -self.model.critic(obs, self.model.actor(obs), num=1).mean()
+
+    def _clip_grads(self, params: list[nn.Parameter]) -> torch.Tensor:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        clip = self.config.get("grad_clip")
+        if clip is not None:
+            return nn.utils.clip_grad_norm_(
+                [p for p in params if p.grad is not None], float(clip), foreach=True
+            )
+        return nn.utils.get_total_norm(grads, foreach=True)
+
+    def _critic_backward(self, minibatch: TensorDict) -> TensorDict:
+        loss, stats = self.loss(minibatch)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        stats["critic_grad_gnorm"] = self._clip_grads(self._critic_params).detach()
+        return stats
+
+    def _actor_backward(self, obs: torch.Tensor) -> None:
+        loss = self.actor_loss(obs)
+        # autograd.grad w.r.t. the actor only: no critic weight grads are built or touched.
+        grads = torch.autograd.grad(loss, self._actor_params)
+        for param, grad in zip(self._actor_params, grads):
+            param.grad = grad
+        self._last_actor_gnorm = self._clip_grads(self._actor_params).detach()
+        self._last_actor_loss = loss.detach()
+
+    def _update(self, minibatch: TensorDict) -> TensorDict:
+        """One critic step; one actor step every ``policy_delay`` critic steps (TD3 order)."""
+        stats = self._critic_backward(minibatch)
+        self.critic_optimizer.step()
+        self.num_critic_updates += 1
+        if self.num_critic_updates % self.policy_delay == 0:
+            self._actor_backward(minibatch[SampleBatch.OBS])
+            self.actor_optimizer.step()
+            self.num_actor_updates += 1
+        return stats
+
+    def learn_on_batch(
+        self, batch: SampleBatch, num_sgd_iter: int = 1, sgd_minibatch_size: int = 0
+    ) -> dict[str, Any]:
+        """SGD on the critic (and, delayed, the actor); float stats plus ``td_error``.
+
+        Every minibatch is one critic update; the actor is updated after every
+        ``policy_delay``-th critic update, with the just-updated critic. Stats
+        (averaged over the last epoch's minibatches): ``critic_loss``,
+        ``mean_q`` / ``max_q`` / ``min_q`` (of ``Q_1(s, a)`` for the batch's
+        actions), ``mean_td_error``, ``critic_grad_gnorm`` (before clipping);
+        ``actor_loss`` / ``actor_grad_gnorm`` of the most recent actor update
+        (NaN before the first); ``cur_lr`` (critic) and ``cur_actor_lr``;
+        ``num_critic_updates`` / ``num_actor_updates`` (totals). ``td_error``
+        is ``np.ndarray [B]``: ``|td_1|`` of every row, in batch order, from the
+        last epoch -- for the replay buffer's priority update. Target nets are
+        not updated here; the plan calls :meth:`update_target`.
+        """
+        count = batch.count
+        if count == 0:
+            raise ValueError("learn_on_batch got an empty batch")
+        tensors = self._batch_to_tensors(batch)
+        bounds = minibatch_bounds(count, sgd_minibatch_size)
+        td_out = torch.empty(count, device=self.device)
+        last_epoch: list[TensorDict] = []
+        for _ in range(max(1, int(num_sgd_iter))):
+            last_epoch = []
+            perm = None
+            epoch_data = tensors
+            if len(bounds) > 1:
+                perm = torch.from_numpy(self._rng.permutation(count)).to(self.device)
+                epoch_data = {k: v.index_select(0, perm) for k, v in tensors.items()}
+            for start, end in bounds:
+                minibatch = {k: v[start:end] for k, v in epoch_data.items()}
+                last_epoch.append(self._update(minibatch))
+                assert self._last_td_error is not None
+                if perm is None:
+                    td_out[start:end] = self._last_td_error
+                else:
+                    td_out[perm[start:end]] = self._last_td_error
+        return self._summary(last_epoch, td_out)
+
+    def _summary(self, stats_list: list[TensorDict], td_error: torch.Tensor) -> dict[str, Any]:
+        keys = list(stats_list[0].keys())
+        if len(stats_list) == 1:
+            means = torch.stack([stats_list[0][k].float() for k in keys])
+        else:
+            means = torch.stack(
+                [torch.stack([s[k].float() for s in stats_list]).mean() for k in keys]
+            )
+        extra = torch.stack([self._last_actor_loss.float(), self._last_actor_gnorm.float()])
+        host = torch.cat([means, extra, td_error.float()]).cpu().numpy()  # one device sync
+        n = len(keys)
+        summary: dict[str, Any] = {k: float(v) for k, v in zip(keys, host[:n])}
+        summary["actor_loss"] = float(host[n])
+        summary["actor_grad_gnorm"] = float(host[n + 1])
+        summary["cur_lr"] = float(self.critic_optimizer.param_groups[0]["lr"])
+        summary["cur_actor_lr"] = float(self.actor_optimizer.param_groups[0]["lr"])
+        summary["num_critic_updates"] = self.num_critic_updates
+        summary["num_actor_updates"] = self.num_actor_updates
+        summary[TD_ERROR] = host[n + 2 :].astype(np.float32)
+        self._last_td_error = None
+        return summary
+
+    def evaluate_loss(self, batch: SampleBatch) -> dict[str, float]:
+        """Critic and actor loss stats on the whole ``batch`` without updating anything."""
+        tensors = self._batch_to_tensors(batch)
+        with torch.no_grad():
+            _, stats = self.loss(tensors)
+            stats["actor_loss"] = self.actor_loss(tensors[SampleBatch.OBS])
+        self._last_td_error = None
+        return {k: float(v) for k, v in stats.items()}
+
+    def compute_gradients(self, batch: SampleBatch) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """Critic and actor gradients on the whole ``batch`` (after ``grad_clip``), as numpy.
+
+        Ordered like ``model.parameters()`` (actor first, then critic). The actor
+        gradient uses the current critic and is always computed;
+        :meth:`apply_gradients` decides (``policy_delay``) whether to use it.
+        Stats as in :meth:`learn_on_batch`. Nothing is updated.
+        """
+        tensors = self._batch_to_tensors(batch)
+        stats = self._critic_backward(tensors)
+        self._actor_backward(tensors[SampleBatch.OBS])
+        grads = [
+            p.grad.detach().cpu().numpy().copy()
+            if p.grad is not None
+            else np.zeros(tuple(p.shape), dtype=np.float32)
+            for p in self._online_params
+        ]
+        assert self._last_td_error is not None
+        return grads, self._summary([stats], self._last_td_error)
+
+    def apply_gradients(self, grads: list[np.ndarray]) -> None:
+        """Apply :meth:`compute_gradients` output: a critic step, and an actor step
+        every ``policy_delay``-th call (the same counter as :meth:`learn_on_batch`)."""
+        if len(grads) != len(self._online_params):
+            raise ValueError(
+                f"expected {len(self._online_params)} gradient arrays, got {len(grads)}"
+            )
+        for param, grad in zip(self._online_params, grads):
+            grad_t = torch.as_tensor(np.array(grad, dtype=np.float32, copy=True))
+            if tuple(grad_t.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"gradient of shape {tuple(grad_t.shape)} for a parameter "
+                    f"of shape {tuple(param.shape)}"
+                )
+            param.grad = grad_t.to(device=self.device, dtype=param.dtype)
+        self.critic_optimizer.step()
+        self.num_critic_updates += 1
+        if self.num_critic_updates % self.policy_delay == 0:
+            self.actor_optimizer.step()
+            self.num_actor_updates += 1
+
+    def compute_td_error(self, batch: SampleBatch) -> np.ndarray:
+        """``|td_1|`` ``[B]`` (float32) of ``batch`` under the current nets; no update.
+
+        The target is the one the critic loss uses (smoothing noise included).
+        """
+        tensors = self._batch_to_tensors(batch)
+        with torch.inference_mode():
+            target = self._td_target(tensors)
+            q1 = self.model.critic(tensors[SampleBatch.OBS], tensors[SampleBatch.ACTIONS], num=1)[0]
+        return (q1 - target).abs().float().cpu().numpy()
+
+    def compute_td_target(self, batch: SampleBatch, noise: np.ndarray | None = None) -> np.ndarray:
+        """The critic target ``[B]`` (float32) for ``batch`` from the target nets.
+
+        ``noise``: standard-normal draws ``[B, act_dim]`` for target policy
+        smoothing (default: fresh draws from torch's RNG).
+        """
+        tensors = self._batch_to_tensors(batch)
+        noise_t = None if noise is None else torch.as_tensor(np.asarray(noise, dtype=np.float32))
+        return self._td_target(tensors, noise_t).float().cpu().numpy()
+
+    def update_target(self, tau: float | None = None) -> None:
+        """Soft update ``target <- tau * online + (1 - tau) * target`` (``tau`` default config).
+
+        ``tau >= 1`` copies the online nets. The plan decides how often this runs
+        (``target_network_update_freq``; 0 = after every train step).
+        """
+        tau = self.tau if tau is None else float(tau)
+        with torch.no_grad():
+            if tau >= 1.0:
+                torch._foreach_copy_(self._target_params, self._online_params)
+            else:
+                torch._foreach_lerp_(self._target_params, self._online_params, tau)
+
+    # ------------------------------------------------------- weights and state
+    def set_weights(self, weights: dict[str, Any]) -> None:
+        """Load online actor + critic weights (numpy arrays or tensors).
+
+        A remote worker (``worker_index > 0``) never receives target weights;
+        with ``worker_side_prioritization`` its target nets copy the online ones,
+        so the initial priorities are not computed against random target nets.
+        """
+        super().set_weights(weights)
+        if self.worker_index > 0 and self.config.get("worker_side_prioritization"):
+            self.update_target(tau=1.0)
+
+    def get_state(self) -> dict[str, Any]:
+        """Online + target weights, both optimizers, timestep and update counters.
+
+        Tensors and ints only: loads with ``torch.load(..., weights_only=True)``.
+        """
+        return {
+            "weights": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "target_weights": {
+                k: v.detach().cpu().clone() for k, v in self.target_model.state_dict().items()
+            },
+            "critic_optimizer": _to_cpu_copy(self.critic_optimizer.state_dict()),
+            "actor_optimizer": _to_cpu_copy(self.actor_optimizer.state_dict()),
+            "global_timestep": int(self.global_timestep),
+            "num_critic_updates": int(self.num_critic_updates),
+            "num_actor_updates": int(self.num_actor_updates),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`get_state` (no ``target_weights``: the targets copy the online nets)."""
+        self.set_weights(state["weights"])
+        target = state.get("target_weights")
+        if target is None:
+            self.update_target(tau=1.0)
+        else:
+            self.target_model.load_state_dict(
+                {
+                    k: v if isinstance(v, torch.Tensor) else torch.as_tensor(np.array(v, copy=True))
+                    for k, v in target.items()
+                }
+            )
+        # load_state_dict moves optimizer state onto the parameters' device.
+        if state.get("critic_optimizer") is not None:
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        if state.get("actor_optimizer") is not None:
+            self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.global_timestep = int(state.get("global_timestep", 0))
+        self.num_critic_updates = int(state.get("num_critic_updates", 0))
+        self.num_actor_updates = int(state.get("num_actor_updates", 0))
+
+    def export(self, export_dir: str) -> str:
+        """TorchScript of :class:`DDPGModel`: raw obs ``[B, ...]`` -> env actions ``[B, A]``."""
+        return super().export(export_dir)
+
