@@ -192,9 +192,13 @@ def test_stop_kills_actors_and_dead_workers_are_replaced(ray_session, results_di
     assert result["info"]["num_pairs"] >= SMALL["episodes_per_batch"] // 2
     actors = agent.es_workers()
     agent.stop()
+    # ray.kill is asynchronous: a ping sent right away may still be answered.
     for actor in actors:
+        deadline = time.time() + 30
         with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(actor.ping.remote(), timeout=30)
+            while time.time() < deadline:
+                ray.get(actor.ping.remote(), timeout=30)
+                time.sleep(0.2)
 
 
 def test_save_restore_gives_identical_actions(ray_session, results_dir, monkeypatch):
