@@ -741,7 +741,14 @@ def test_gather_in_async_union_does_not_block(shards):
 
 def _kill_and_wait(actor):
     ray.kill(actor, no_restart=True)
-    time.sleep(0.2)
+    # ray.kill is asynchronous: wait until a call on the actor fails (at most 30 s).
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=30)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
 
 
 def test_failed_shard_is_dropped_when_handler_returns_none(cluster):
