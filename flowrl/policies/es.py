@@ -161,7 +161,7 @@ class NoFilter(MeanStdFilter):
         return obs
 
     def record(self, obs_batch: np.ndarray) -> None:
-        pass
+        """NoFilter keeps no statistics."""
 
 
 def make_filter(name: str, shape: tuple[int, ...]) -> MeanStdFilter:

@@ -285,10 +285,10 @@ class ReplayBuffer:
 
     # Hooks for the prioritized buffer.
     def _on_rows_added(self, head: int, n: int, priorities: np.ndarray | None) -> None:
-        pass
+        """Uniform replay keeps no per-row state; the prioritized buffer sets priorities."""
 
     def _on_evict(self, lo: int, hi: int) -> None:
-        pass
+        """Uniform replay keeps no per-row state; the prioritized buffer clears priorities."""
 
     # ------------------------------------------------------------- sample
     def sample(self, num_items: int) -> SampleBatch:
