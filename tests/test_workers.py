@@ -245,3 +245,17 @@ def test_env_reported_episode_stats_replace_sampler_sums():
     batch = worker.sample()
     assert batch[SampleBatch.REWARDS].max() == 0.5  # the learner sees scaled rewards
     assert worker.get_metrics() == [(4.0, 4)] * 4    # reports show the raw returns
+
+
+def test_workers_that_cannot_be_scheduled_fail_with_numbers_not_hang(ray_session, monkeypatch):
+    import flowrl.workers.worker_set as worker_set
+
+    monkeypatch.setattr(worker_set, "WORKER_START_TIMEOUT_S", 3.0)
+    config = make_config(num_workers=2, num_cpus_per_worker=1.0)
+    holder = WorkerSet(cartpole(), PPOTorchPolicy, config)   # takes both CPUs
+    try:
+        with pytest.raises(RuntimeError, match=r"did not start within 3 s: .* 0 of 2 CPUs "
+                                               r"free. Another agent"):
+            WorkerSet(cartpole(), PPOTorchPolicy, config)
+    finally:
+        holder.stop()

@@ -18,6 +18,9 @@ from flowrl.workers.rollout_worker import RolloutWorker
 
 logger = logging.getLogger(__name__)
 
+# How long remote workers may take to start before WorkerSet reports why they can't.
+WORKER_START_TIMEOUT_S = 60.0
+
 
 class WorkerSet:
     """The local worker (index 0) and the remote workers (indexes 1..num_workers).
@@ -43,9 +46,32 @@ class WorkerSet:
                 num_gpus=config.get("num_gpus_per_worker", 0),
             )
             self._remote = [self._start_actor(i) for i in range(1, self.num_workers + 1)]
-            # Surface env/policy construction errors now, with the worker's traceback.
-            ray.get([w.ping.remote() for w in self._remote])
+            self._wait_until_started()
             self.sync_weights()
+
+    def _wait_until_started(self) -> None:
+        """Waits for every remote worker; fails with the numbers instead of hanging.
+
+        Construction errors (bad env, bad policy config) surface here with the worker's
+        traceback. Actors that cannot be scheduled, because other agents or actors hold
+        the CPUs, fail after WORKER_START_TIMEOUT_S rather than waiting forever.
+        """
+        import ray
+        pings = {w.ping.remote(): w for w in self._remote}
+        _, pending = ray.wait(list(pings), num_returns=len(pings),
+                              timeout=WORKER_START_TIMEOUT_S)
+        if pending:
+            free = ray.available_resources().get("CPU", 0)
+            total = ray.cluster_resources().get("CPU", 0)
+            for w in self._remote:
+                ray.kill(w)
+            raise RuntimeError(
+                f"{len(pending)} of {self.num_workers} rollout workers did not start within "
+                f"{WORKER_START_TIMEOUT_S:g} s: each needs "
+                f"{self.config.get('num_cpus_per_worker', 1)} CPU and the Ray cluster has "
+                f"{free:g} of {total:g} CPUs free. Another agent or actor may hold them "
+                "(call its stop()), or lower num_workers / num_cpus_per_worker.")
+        ray.get(list(pings))  # raises a worker's construction error with its traceback
 
     def _start_actor(self, index: int):
         actor = self._actor_cls.remote(self.env_creator, self.policy_cls, self.config,
