@@ -762,18 +762,7 @@ class DDPGTorchPolicy(Policy):
     def apply_gradients(self, grads: list[np.ndarray]) -> None:
         """Apply :meth:`compute_gradients` output: a critic step, and an actor step
         every ``policy_delay``-th call (the same counter as :meth:`learn_on_batch`)."""
-        if len(grads) != len(self._online_params):
-            raise ValueError(
-                f"expected {len(self._online_params)} gradient arrays, got {len(grads)}"
-            )
-        for param, grad in zip(self._online_params, grads):
-            grad_t = torch.as_tensor(np.array(grad, dtype=np.float32, copy=True))
-            if tuple(grad_t.shape) != tuple(param.shape):
-                raise ValueError(
-                    f"gradient of shape {tuple(grad_t.shape)} for a parameter "
-                    f"of shape {tuple(param.shape)}"
-                )
-            param.grad = grad_t.to(device=self.device, dtype=param.dtype)
+        self._set_grads(self._online_params, grads)
         self.critic_optimizer.step()
         self.num_critic_updates += 1
         if self.num_critic_updates % self.policy_delay == 0:

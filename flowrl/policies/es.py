@@ -370,7 +370,7 @@ class ESPolicy:
         return batch
 
     def learn_on_batch(self, *args: Any, **kwargs: Any) -> dict:
-        raise NotImplementedError("ESPolicy has no loss: ES updates it through "
+        raise TypeError("ESPolicy has no loss: ES updates it through "
                                   "apply_es_gradient() from perturbed returns.")
 
     # ---------------------------------------------------------- flat weights

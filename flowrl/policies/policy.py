@@ -339,11 +339,11 @@ class Policy:
         ]
         return grads, self._summarize([stats])
 
-    def apply_gradients(self, grads: list[np.ndarray]) -> None:
-        """One optimizer step with ``grads`` (as from :meth:`compute_gradients`)."""
-        if len(grads) != len(self._params):
-            raise ValueError(f"expected {len(self._params)} gradient arrays, got {len(grads)}")
-        for param, grad in zip(self._params, grads):
+    def _set_grads(self, params: list[torch.Tensor], grads: list[np.ndarray]) -> None:
+        """Writes numpy ``grads`` into ``params[i].grad``, checking count and shapes."""
+        if len(grads) != len(params):
+            raise ValueError(f"expected {len(params)} gradient arrays, got {len(grads)}")
+        for param, grad in zip(params, grads):
             grad_t = torch.as_tensor(np.array(grad, dtype=np.float32, copy=True))
             if tuple(grad_t.shape) != tuple(param.shape):
                 raise ValueError(
@@ -351,6 +351,10 @@ class Policy:
                     f"of shape {tuple(param.shape)}"
                 )
             param.grad = grad_t.to(device=self.device, dtype=param.dtype)
+
+    def apply_gradients(self, grads: list[np.ndarray]) -> None:
+        """One optimizer step with ``grads`` (as from :meth:`compute_gradients`)."""
+        self._set_grads(self._params, grads)
         self.optimizer.step()
 
     # ------------------------------------------------------- weights and state
