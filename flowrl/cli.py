@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -19,8 +20,19 @@ import yaml
 
 TRAIN_EXAMPLES = """examples:
   python scripts/train.py --run PPO --env CartPole-v1 --stop '{"episode_reward_mean": 150}'
-  python scripts/train.py --run PPO --env CartPole-v1 --config '{"num_workers": 1, "lr": 1e-3}'
+  python scripts/train.py --run DQN --env CartPole-v0
+  python scripts/train.py --run APEX --env Breakout
+  python scripts/train.py --env=PongDeterministic-v4 --run=A2C \\
+      --config '{"num_workers": 2, "monitor": true}'
   python scripts/train.py -f flowrl/tuned_examples/cartpole-ppo.yaml
+  python scripts/train.py -f sweep.yaml --num-samples 3 --ray-num-cpus 2
+  python scripts/train.py --run PPO --env CartPole-v1 --experiment-name long \\
+      --checkpoint-freq 10 --keep-checkpoints-num 3
+  python scripts/train.py --run PPO --env CartPole-v1 --experiment-name long --resume
+
+Each trial writes params.json, result.json, progress.csv, a TensorBoard event file
+(tensorboard --logdir ~/ray_results) and checkpoint_<n>/ directories under
+<local-dir>/<experiment-name>/<trial>/. Evaluate a checkpoint with scripts/rollout.py.
 """
 
 
@@ -40,32 +52,59 @@ def make_train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowrl train", description="Train a flowrl agent with Ray Tune.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EXAMPLES)
-    p.add_argument("--run", help="algorithm: PG, A2C, PPO, ...")
-    p.add_argument("--env", help="env name: a gymnasium id (CartPole-v1) or a registered name")
-    p.add_argument("--config", type=_json_arg("--config"), default={},
-                   help="algorithm config overrides as JSON")
-    p.add_argument("--stop", type=_json_arg("--stop"), default={},
-                   help='stop criteria as JSON, e.g. \'{"episode_reward_mean": 150}\'')
-    p.add_argument("-f", "--config-file", help="YAML/JSON experiment file (overrides "
-                   "--run/--env/--config/--stop)")
-    p.add_argument("--checkpoint-freq", type=int, default=0,
-                   help="checkpoint every N iterations (0 = off)")
+    p.add_argument("--run", metavar="ALGO",
+                   help="algorithm: PG, A2C, A3C, PPO, DQN, APEX, DDPG, APEX_DDPG, IMPALA, "
+                        "ES (e.g. --run PPO)")
+    p.add_argument("--env", help="a gymnasium id, an Atari short name or a registered env "
+                                 "(e.g. --env CartPole-v1, --env Breakout)")
+    p.add_argument("--config", type=_json_arg("--config"), default={}, metavar="JSON",
+                   help='algorithm config overrides as JSON '
+                        '(e.g. --config \'{"num_workers": 2, "lr": 0.001}\')')
+    p.add_argument("--stop", type=_json_arg("--stop"), default={}, metavar="JSON",
+                   help='stop when any result key reaches its value '
+                        '(e.g. --stop \'{"episode_reward_mean": 150, '
+                        '"timesteps_total": 100000}\'); default: run until stopped')
+    p.add_argument("-f", "--config-file", metavar="FILE",
+                   help="YAML or JSON experiments file: {name: {run, env, stop, config, "
+                        "...}}, several experiments allowed; replaces --run/--env/--config/"
+                        "--stop (e.g. -f flowrl/tuned_examples/cartpole-ppo.yaml)")
+    p.add_argument("--checkpoint-freq", type=int, default=None, metavar="N",
+                   help="checkpoint every N iterations; 0 = never (e.g. --checkpoint-freq 10)")
     p.add_argument("--checkpoint-at-end", action="store_true",
-                   help="checkpoint when the trial ends")
-    p.add_argument("--keep-checkpoints-num", type=int, default=None,
-                   help="keep only the N most recent checkpoints")
-    p.add_argument("--num-samples", type=int, default=1, help="trials per config")
-    p.add_argument("--experiment-name", default=None, help="default: the algorithm name")
-    p.add_argument("--local-dir", default=os.path.expanduser("~/ray_results"),
-                   help="results root (default: ~/ray_results)")
-    p.add_argument("--restore", default=None, help="checkpoint directory to start from")
-    p.add_argument("--resume", action="store_true", help="resume the named experiment")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster")
-    p.add_argument("--ray-num-cpus", type=int, default=None)
-    p.add_argument("--ray-num-gpus", type=int, default=None,
-                   help="default: the GPUs GPUtil finds")
-    p.add_argument("--local-mode", action="store_true", help="run Ray in local mode")
-    p.add_argument("-v", "--verbose", action="count", default=1)
+                   help="also checkpoint when a trial ends")
+    p.add_argument("--keep-checkpoints-num", type=int, default=None, metavar="N",
+                   help="keep only the N most recent checkpoints of each trial "
+                        "(e.g. --keep-checkpoints-num 3); default: keep all")
+    p.add_argument("--num-samples", type=int, default=None, metavar="N",
+                   help="trials per config; with grid_search, per grid point "
+                        "(e.g. --num-samples 3 runs three seeds)")
+    p.add_argument("--experiment-name", default=None, metavar="NAME",
+                   help="results folder under --local-dir (default: the algorithm name, "
+                        "or the experiment's name in -f FILE; e.g. --experiment-name long)")
+    p.add_argument("--local-dir", default=None, metavar="DIR",
+                   help="results root: trials go to <DIR>/<experiment-name>/ "
+                        "(default: ~/ray_results; e.g. --local-dir /tmp/results)")
+    p.add_argument("--restore", default=None, metavar="CHECKPOINT",
+                   help="start from this checkpoint directory (e.g. --restore "
+                        "~/ray_results/PPO/PPO_CartPole-v1_.../checkpoint_000010)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted experiment (same --experiment-name and "
+                        "--local-dir) from the last checkpoint of each trial")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="join a running Ray cluster instead of starting one "
+                        "(e.g. --ray-address 192.168.1.2:6379, or auto)")
+    p.add_argument("--ray-num-cpus", type=int, default=None, metavar="N",
+                   help="CPUs for the Ray instance started here (default: all; "
+                        "e.g. --ray-num-cpus 2)")
+    p.add_argument("--ray-num-gpus", type=int, default=None, metavar="N",
+                   help="GPUs for the Ray instance started here (default: the GPUs GPUtil "
+                        "finds; e.g. --ray-num-gpus 0 to train on the CPU)")
+    p.add_argument("--local-mode", action="store_true",
+                   help="run everything in one process (Ray local mode) for debugging "
+                        "with breakpoints")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="default: one progress line per iteration; -v adds Tune's status "
+                        "table, -vv also Tune's per-result detail")
     return p
 
 
@@ -91,10 +130,21 @@ def _first_candidate(value: Any) -> Any:
 def _experiments_from_args(args: argparse.Namespace) -> dict:
     if args.config_file:
         with open(args.config_file) as f:
-            experiments = yaml.safe_load(f)
-        if not isinstance(experiments, dict) or not experiments:
+            try:
+                experiments = yaml.safe_load(f)  # JSON is YAML too
+            except yaml.YAMLError as e:
+                raise ValueError(f"{args.config_file} is not valid YAML/JSON: {e}") from e
+        if not isinstance(experiments, dict) or not experiments or not all(
+                isinstance(spec, dict) for spec in experiments.values()):
             raise ValueError(f"{args.config_file}: expected a mapping of experiment names "
-                             "to specs")
+                             "to specs, e.g. {cartpole-ppo: {run: PPO, env: CartPole-v1, "
+                             "stop: {...}, config: {...}}}")
+        if args.experiment_name:
+            if len(experiments) > 1:
+                raise ValueError(f"--experiment-name names one experiment, but "
+                                 f"{args.config_file} holds {len(experiments)}: "
+                                 f"{', '.join(experiments)}")
+            experiments = {args.experiment_name: next(iter(experiments.values()))}
         return experiments
     if not args.run:
         raise ValueError("Give --run ALGORITHM (and --env ENV), or -f EXPERIMENT_FILE.")
@@ -118,18 +168,30 @@ def _normalize_spec(name: str, spec: dict, args: argparse.Namespace) -> dict:
     merged = agent_cls.merge_config(check)  # raises on bad keys/values
     make_env_creator(merged["env"])  # raises on unknown env ids
     spec["config"] = config
+    # Flags given on the command line win over the file's values; then the defaults.
+    def option(key: str, flag_value: Any, default: Any) -> Any:
+        from_file = spec.pop(key, None)
+        if flag_value is not None:
+            return flag_value
+        return default if from_file is None else from_file
+
     checkpoint_config = dict(spec.pop("checkpoint_config", {}))
-    checkpoint_config.setdefault("checkpoint_frequency",
-                                 spec.pop("checkpoint_freq", args.checkpoint_freq))
-    checkpoint_config.setdefault("checkpoint_at_end",
-                                 spec.pop("checkpoint_at_end", args.checkpoint_at_end))
-    keep = spec.pop("keep_checkpoints_num", args.keep_checkpoints_num)
+    checkpoint_config["checkpoint_frequency"] = option(
+        "checkpoint_freq", args.checkpoint_freq, checkpoint_config.get("checkpoint_frequency", 0))
+    checkpoint_config["checkpoint_at_end"] = option(
+        "checkpoint_at_end", args.checkpoint_at_end or None,
+        checkpoint_config.get("checkpoint_at_end", False))
+    keep = option("keep_checkpoints_num", args.keep_checkpoints_num,
+                  checkpoint_config.get("num_to_keep"))
     if keep is not None:
-        checkpoint_config.setdefault("num_to_keep", keep)
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep_checkpoints_num={keep!r} must be an int >= 1")
+        checkpoint_config["num_to_keep"] = keep
     spec["checkpoint_config"] = checkpoint_config
-    spec.setdefault("storage_path", os.path.abspath(os.path.expanduser(
-        spec.pop("local_dir", args.local_dir))))
-    spec.setdefault("num_samples", args.num_samples)
+    local_dir = option("local_dir", args.local_dir, spec.pop("storage_path", None)
+                       or "~/ray_results")
+    spec["storage_path"] = os.path.abspath(os.path.expanduser(local_dir))
+    spec["num_samples"] = option("num_samples", args.num_samples, 1)
     if args.restore:
         spec["restore"] = args.restore
     return spec
@@ -165,6 +227,9 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"flowrl train: error: {e}", file=sys.stderr)
         return 2
 
+    if args.local_mode:
+        return _run_local(experiments, args)
+
     import ray
     from ray import tune
 
@@ -178,31 +243,104 @@ def train_main(argv: list[str] | None = None) -> int:
             init_args["num_cpus"] = args.ray_num_cpus
             init_args["num_gpus"] = (args.ray_num_gpus if args.ray_num_gpus is not None
                                      else _detect_gpus())
-        if args.local_mode:
-            init_args["local_mode"] = True
         ray.init(**init_args)
     for spec in experiments.values():
         _resolve_auto(spec)
-    try:
-        trials = tune.run_experiments(experiments, resume=args.resume or None,
-                                      verbose=args.verbose, raise_on_failed_trial=False)
-    except ValueError as e:  # e.g. a resource request the cluster can never meet
-        print(f"flowrl train: error: {e}", file=sys.stderr)
-        return 2
+    from flowrl.trainable import tune_callbacks
+
+    # Our callbacks write result.json, progress.csv and TensorBoard scalars under plain
+    # names; Tune's automatic loggers would write a second, "ray/tune/"-prefixed copy.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # Tune snapshots the experiment state (which checkpoint each trial has) every 10 s
+    # or more; a driver killed in between resumes from an older checkpoint, or from
+    # scratch. Every 2 s bounds that loss at the cost of a small JSON write.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    trials = []
+    # One Tune run per experiment, in file order: Ray 2.x Tune keeps one experiment
+    # directory per run, and the files of a second experiment in the same run are lost.
+    for name, spec in experiments.items():
+        try:
+            trials += tune.run_experiments(
+                {name: spec}, resume=args.resume or None, verbose=min(args.verbose, 2),
+                raise_on_failed_trial=False, callbacks=tune_callbacks(progress=True))
+        except ValueError as e:  # e.g. a resource request the cluster can never meet
+            print(f"flowrl train: error: {e}", file=sys.stderr)
+            return 2
+    return _report(trials)
+
+
+def _stop_reached(stop: dict, result: dict) -> bool:
+    from flowrl.result_logger import flatten_result
+    flat = flatten_result(result)
+    return any(key in flat and flat[key] is not None and flat[key] >= value
+               for key, value in stop.items())
+
+
+def _run_local(experiments: dict, args: argparse.Namespace) -> int:
+    """``--local-mode``: each experiment runs in this process, one after the other,
+    with ``num_workers=0`` and no Tune, so breakpoints and profilers see everything.
+
+    (Ray removed its own local mode; this is the debugging path it used to provide.)
+    The trial directory, result files and checkpoints are the same as under Tune.
+    """
+    import datetime
+
+    from flowrl.registry import get_agent_class
+    from flowrl.result_logger import progress_line
+
+    for name, spec in experiments.items():
+        config = spec["config"]
+        if _first_candidate(config) != config or spec["num_samples"] != 1:
+            print(f"flowrl train: error: --local-mode runs one trial per experiment; "
+                  f"{name!r} has a search space or num_samples > 1", file=sys.stderr)
+            return 2
+        config = {**config, "num_workers": 0}
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        logdir = os.path.join(spec["storage_path"], name,
+                              f"{spec['run']}_{config['env']}_{stamp}".replace("/", "_"))
+        every = spec["checkpoint_config"]["checkpoint_frequency"]
+        keep = spec["checkpoint_config"].get("num_to_keep")
+        saved: list[str] = []
+        agent = get_agent_class(spec["run"])(config=config, logdir=logdir)
+        try:
+            if spec.get("restore"):
+                agent.restore(spec["restore"])
+            print(f"flowrl: {name}: one process, num_workers=0, results in {logdir}",
+                  flush=True)
+            while True:
+                result = agent.train()
+                print(progress_line(name, result), flush=True)
+                done = bool(spec["stop"]) and _stop_reached(spec["stop"], result)
+                if (every and agent.iteration % every == 0) or (
+                        done and spec["checkpoint_config"]["checkpoint_at_end"]):
+                    saved.append(agent.save())
+                    print(f"  checkpoint: {saved[-1]}", flush=True)
+                    while keep and len(saved) > keep:  # the newest is never deleted
+                        shutil.rmtree(saved.pop(0), ignore_errors=True)
+                if done:
+                    break
+        finally:
+            agent.stop()
+    return 0
+
+
+def _report(trials: list) -> int:
+    """Prints where each trial's results are; failed trials with their traceback."""
     failed = [t for t in trials if t.status == "ERROR"]
     for trial in trials:
         last = trial.last_result or {}
-        print(f"{trial.trial_id}: {trial.status}, iterations="
-              f"{last.get('training_iteration')}, episode_reward_mean="
-              f"{last.get('episode_reward_mean')}, dir={getattr(trial, 'path', trial.local_path)}")
+        print(f"{trial}: {trial.status}, iterations={last.get('training_iteration')}, "
+              f"timesteps={last.get('timesteps_total')}, "
+              f"episode_reward_mean={last.get('episode_reward_mean')}, "
+              f"dir={getattr(trial, 'path', None) or trial.local_path}")
         if trial.checkpoint is not None:
             print(f"  last checkpoint: {trial.checkpoint.path}")
-    if failed:
-        for trial in failed:
-            print(f"Trial {trial.trial_id} failed; error file: {trial.error_file}",
-                  file=sys.stderr)
-        return 1
-    return 0
+    for trial in failed:
+        print(f"Trial {trial} failed; error file: {trial.error_file}", file=sys.stderr)
+        if trial.error_file and os.path.exists(trial.error_file):
+            with open(trial.error_file) as f:
+                print(f.read(), file=sys.stderr)
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

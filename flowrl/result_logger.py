@@ -29,6 +29,43 @@ def flatten_result(result: dict, prefix: str = "") -> dict:
     return flat
 
 
+def scalar_items(result: dict) -> dict[str, float]:
+    """The finite numeric entries of a result, flattened: what TensorBoard shows.
+
+    Names are the result's own keys ("episode_reward_mean", "timesteps_total",
+    "info/learner/default_policy/entropy", "timers/sampled_steps_per_s",
+    "custom_metrics/<name>_mean", "evaluation/episode_reward_mean"), with no prefix.
+    """
+    scalars = {}
+    for key, value in flatten_result(result).items():
+        if key.startswith("config/") or key in ("pid", "timestamp"):
+            continue
+        if isinstance(value, numbers.Number) and not isinstance(value, bool) \
+                and math.isfinite(value):
+            scalars[key] = float(value)
+    return scalars
+
+
+class TensorBoardWriter:
+    """Writes each result's scalars to a TensorBoard event file in ``logdir``.
+
+    The x axis is ``timesteps_total`` (the training iteration when there is none).
+    """
+
+    def __init__(self, logdir: str):
+        from tensorboardX import SummaryWriter
+        self._writer = SummaryWriter(logdir, flush_secs=30)
+
+    def write(self, result: dict) -> None:
+        step = result.get("timesteps_total") or result.get("training_iteration", 0)
+        for key, value in scalar_items(result).items():
+            self._writer.add_scalar(key, value, global_step=int(step))
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class ResultLogger:
     """Appends each result to result.json, progress.csv and a TensorBoard event file."""
 
@@ -40,8 +77,7 @@ class ResultLogger:
         self._json = open(os.path.join(logdir, "result.json"), "a")
         self._csv_file = open(os.path.join(logdir, "progress.csv"), "a", newline="")
         self._csv = None
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(logdir, flush_secs=30)
+        self._tb = TensorBoardWriter(logdir)
 
     def log(self, result: dict) -> None:
         self._json.write(json.dumps(result, default=json_default) + "\n")
@@ -54,14 +90,35 @@ class ResultLogger:
             self._csv.writeheader()
         self._csv.writerow(flat)
         self._csv_file.flush()
-        step = result.get("timesteps_total", result.get("training_iteration", 0))
-        for key, value in flat.items():
-            if isinstance(value, numbers.Number) and not isinstance(value, bool) \
-                    and math.isfinite(value):
-                self._tb.add_scalar(f"ray/tune/{key}", value, global_step=step)
-        self._tb.flush()
+        self._tb.write(result)
 
     def close(self) -> None:
         self._json.close()
         self._csv_file.close()
         self._tb.close()
+
+
+def progress_line(name: str, result: dict) -> str:
+    """One readable line per iteration: what a user watches while training.
+
+        PPO_CartPole-v1_00000  iter 12  ts 24,576  reward 187.3  eval 200.0
+            3,150 sampled/s  3,150 trained/s  7.8 s
+    """
+    def number(key: str, fmt: str) -> str:
+        value = result.get(key)
+        return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) \
+            else format(value, fmt)
+
+    timers = result.get("timers", {})
+    parts = [name, f"iter {result.get('training_iteration', '-')}",
+             f"ts {number('timesteps_total', ',')}",
+             f"reward {number('episode_reward_mean', '.1f')}"]
+    evaluation = result.get("evaluation")
+    if isinstance(evaluation, dict) and "episode_reward_mean" in evaluation:
+        parts.append(f"eval {evaluation['episode_reward_mean']:.1f}")
+    for key, label in (("sampled_steps_per_s", "sampled/s"),
+                       ("trained_steps_per_s", "trained/s")):
+        if key in timers:
+            parts.append(f"{timers[key]:,.0f} {label}")
+    parts.append(f"{number('time_total_s', '.1f')} s")
+    return "  ".join(parts)

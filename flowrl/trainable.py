@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from ray import tune
 from ray.tune import PlacementGroupFactory, Trainable
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, LoggerCallback
 
 from flowrl.registry import ALGORITHMS, get_agent_class
 from flowrl.resources import check_cluster_fits
+from flowrl.result_logger import TensorBoardWriter, progress_line
 
 _TRAINABLES: dict[str, type] = {}
 
@@ -43,9 +45,9 @@ def make_trainable(agent_cls: type) -> type:
             return PlacementGroupFactory(bundles)
 
         def setup(self, config: dict) -> None:
-            self.agent = agent_cls(config=config, log_to_disk=False)
-            # Checkpoints and results belong in Tune's trial directory.
-            self.agent._logdir = self.logdir
+            # Checkpoints, videos and results belong in Tune's trial directory; Tune
+            # writes the result files itself.
+            self.agent = agent_cls(config=config, logdir=self.logdir, log_to_disk=False)
 
         def step(self) -> dict:
             return self.agent.step()
@@ -74,3 +76,45 @@ def register_trainables() -> None:
     """Registers every algorithm with Tune under its short name ("PPO", ...)."""
     for name in ALGORITHMS:
         tune.register_trainable(name, get_trainable_class(name))
+
+
+class TensorBoardCallback(LoggerCallback):
+    """A TensorBoard event file per trial directory, scalars under flowrl's names
+    (``episode_reward_mean``, ``info/learner/default_policy/entropy``, ...)."""
+
+    def __init__(self) -> None:
+        self._writers: dict = {}
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        if trial not in self._writers:
+            self._writers[trial] = TensorBoardWriter(trial.local_path)
+        self._writers[trial].write(result)
+
+    def log_trial_end(self, trial, failed: bool = False) -> None:
+        writer = self._writers.pop(trial, None)
+        if writer is not None:
+            writer.close()
+
+
+class ProgressLineCallback(LoggerCallback):
+    """Prints one :func:`~flowrl.result_logger.progress_line` per trial result."""
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        print(progress_line(str(trial), result), flush=True)
+
+
+def tune_callbacks(progress: bool = True) -> list:
+    """Tune callbacks for flowrl runs: result.json, progress.csv, TensorBoard scalars
+    under flowrl's names, and (optionally) one progress line per iteration.
+
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+        tune.run_experiments(experiments, callbacks=tune_callbacks())
+
+    Tune's own TensorBoard logger prefixes every name with ``ray/tune/``; the
+    environment variable keeps it (and Tune's default JSON/CSV loggers, replaced
+    here) from writing a second copy.
+    """
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), TensorBoardCallback()]
+    if progress:
+        callbacks.append(ProgressLineCallback())
+    return callbacks

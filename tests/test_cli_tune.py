@@ -57,7 +57,7 @@ def test_cli_bad_input_gives_one_clear_error(args, message):
 
 def test_cli_resource_request_beyond_cluster_fails_fast(tmp_path):
     out = run_train("--run", "PPO", "--env", "CartPole-v1", "--config",
-                    '{"num_workers": 4}', "--local-dir", str(tmp_path),
+                    '{"num_workers": 4, "num_cpus_per_worker": 1}', "--local-dir", str(tmp_path),
                     "--ray-num-cpus", "2", timeout=240)
     assert out.returncode != 0
     text = out.stdout + out.stderr
