@@ -100,3 +100,37 @@ def test_console_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "flowrl.cli", "train", "--help"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--checkpoint-freq" in out.stdout
+
+
+def _tuned_experiments():
+    import glob
+
+    import yaml
+
+    for path in sorted(glob.glob(os.path.join(ROOT, "flowrl", "tuned_examples", "*.yaml"))):
+        for name, spec in yaml.safe_load(open(path)).items():
+            yield pytest.param(spec, id=name)
+
+
+NON_ATARI = [p for p in _tuned_experiments()
+             if p.values[0]["env"].split("-")[0] in ("CartPole", "Pendulum")]
+
+
+def test_every_yaml_is_accounted_for():
+    ids = [p.id for p in _tuned_experiments()]
+    assert len(ids) >= 20 and len(NON_ATARI) >= 10
+    for algo in ("apex", "dqn", "impala", "ppo", "a2c"):
+        assert f"pong-{algo}" in ids and f"breakout-{algo}" in ids
+
+
+@pytest.mark.parametrize("spec", NON_ATARI)
+def test_tuned_example_runs_one_iteration(ray_session, spec):
+    from flowrl import get_agent_class
+
+    agent = get_agent_class(spec["run"])(config=spec["config"], env=spec["env"],
+                                         log_to_disk=False)
+    try:
+        result = agent.train()
+    finally:
+        agent.stop()
+    assert result["training_iteration"] == 1 and result["timesteps_total"] > 0
