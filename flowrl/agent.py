@@ -17,6 +17,7 @@ registered under the algorithm's short name.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import random
@@ -24,8 +25,11 @@ import string
 import time
 from typing import Any, ClassVar
 
+import gymnasium as gym
 import numpy as np
+import torch
 
+from flowrl.callbacks import DefaultCallbacks, resolve_callbacks, summarize_custom_metrics
 from flowrl.checkpoint import (read_extra_state, read_manifest, read_params,
                                read_policy_states, write_checkpoint)
 from flowrl.config import (COMMON_CONFIG, merge_config, resolve_auto_resources,
@@ -85,11 +89,15 @@ class Agent:
         self._log_to_disk = log_to_disk
         self._result_logger = None
         self._eval_env = None
+        self._eval_callbacks = None
+        # The driver's own instance: on_train_result (workers build theirs).
+        self.callbacks = self.config["callbacks"]()
         self._ensure_resources()
         self.metrics = Metrics()
         self.workers = WorkerSet(self.env_creator, self.get_policy_class(self.config),
                                  self.config,
-                                 num_workers=self.worker_set_num_workers(self.config))
+                                 num_workers=self.worker_set_num_workers(self.config),
+                                 monitor_dir=self.video_dir if self.config["monitor"] else None)
         self.iteration = 0
         self.time_total_s = 0.0
         self._plan: LocalIterator | None = None
@@ -103,8 +111,10 @@ class Agent:
         base = merge_config(COMMON_CONFIG, cls._default_config)
         config = merge_config(base, user_config, check_keys=True)
         resolved = resolve_auto_resources(config)
+        # Values the user asked to be "auto" are worth a warning; defaults only a note.
+        asked = {k for k, v in (user_config or {}).items() if v == "auto"}
         if resolved:
-            logger.warning("%s: resolved 'auto' resources for this cluster: %s",
+            (logger.warning if asked & set(resolved) else logger.info)("%s: resolved 'auto' resources for this cluster: %s",
                            cls._name, ", ".join(f"{k}={v}" for k, v in resolved.items()))
         validate_common(config)
         cls.validate_config(config)
@@ -163,7 +173,11 @@ class Agent:
 
     # -- training -----------------------------------------------------------------------
     def step(self) -> dict:
-        """One training iteration without bookkeeping fields (what Tune calls)."""
+        """One training iteration without bookkeeping fields (what Tune calls).
+
+        Adds ``result["evaluation"]`` every ``evaluation_interval`` iterations, then
+        calls ``callbacks.on_train_result(agent=self, result=result)``.
+        """
         if self._plan is not None:
             result = next(self._plan)
         else:
@@ -172,6 +186,7 @@ class Agent:
         interval = self.config["evaluation_interval"]
         if interval and self.iteration % interval == 0:
             result["evaluation"] = self.evaluate()
+        self.callbacks.on_train_result(agent=self, result=result)
         return result
 
     def train(self) -> dict:
@@ -191,34 +206,83 @@ class Agent:
             self._result_logger.log(result)
         return result
 
+    def evaluation_config(self) -> dict:
+        """The config evaluation runs with: this config with ``evaluation_config``
+        applied (``explore`` False unless set there; ``env_config`` entries update the
+        training ones).
+
+        Evaluation honors ``env``, ``env_config``, ``explore``, ``clip_actions``,
+        ``callbacks`` and ``seed``; other keys are accepted (they are validated like
+        the top level) but have no effect on the driver's evaluation loop.
+        """
+        overrides = self.config["evaluation_config"]
+        config = merge_config(self.config, {"explore": False, **overrides})
+        config["env_config"] = {**self.config["env_config"],
+                                **overrides.get("env_config", {})}
+        return config
+
     def evaluate(self) -> dict:
-        """Runs ``evaluation_num_episodes`` episodes with ``evaluation_config`` applied
-        (default: no exploration) on a separate env; returns their mean return/length."""
-        eval_overrides = {"explore": False, **self.config["evaluation_config"]}
-        explore = eval_overrides.get("explore", False)
+        """Runs ``evaluation_num_episodes`` episodes on a separate env in this process
+        with :meth:`evaluation_config` (default: no exploration).
+
+        Returns ``episode_reward_mean|min|max``, ``episode_len_mean``,
+        ``episodes_this_iter`` and ``custom_metrics`` (from the episode callbacks).
+        Episodes are real ones: on envs that report whole games in ``info["episode"]``
+        (Atari training envs end an "episode" at each lost life) the loop plays on
+        across lost lives and reports the game's unclipped score and length, as the
+        training results do. The env keeps the training preprocessing, so the policy
+        sees what it was trained on.
+        """
+        from flowrl.callbacks import Episode, overrides_episode_hooks
+        from flowrl.workers.sampler import env_reports_episodes
+        config = self.evaluation_config()
         if self._eval_env is None:
-            env_config = {**self.config["env_config"],
-                          **eval_overrides.get("env_config", {})}
-            self._eval_env = self.env_creator(EnvContext(env_config, worker_index=0))
-        returns, lengths = [], []
-        seed = self.config["seed"]
-        for episode in range(self.config["evaluation_num_episodes"]):
-            obs, _ = self._eval_env.reset(
-                seed=None if seed is None else seed + 10_000_000 + episode)
-            total, length, done = 0.0, 0, False
-            while not done:
-                action = self.compute_action(obs, explore=explore)
-                obs, reward, terminated, truncated, _ = self._eval_env.step(action)
+            creator = self.env_creator if config["env"] == self.config["env"] \
+                else make_env_creator(config["env"])
+            self._eval_env = creator(EnvContext(config["env_config"], worker_index=0))
+            self._eval_callbacks = config["callbacks"]()
+        env, callbacks = self._eval_env, self._eval_callbacks
+        hooks = overrides_episode_hooks(callbacks)
+        reports_episodes = env_reports_episodes(env)
+        space = env.action_space
+        clip = config["clip_actions"] and isinstance(space, gym.spaces.Box)
+        returns, lengths, customs = [], [], []
+        seed = config["seed"]
+        for index in range(config["evaluation_num_episodes"]):
+            obs, info = env.reset(seed=None if seed is None else seed + 10_000_000 + index)
+            episode = Episode(index, 0, obs, info)
+            if hooks:
+                callbacks.on_episode_start(worker=None, episode=episode, env_index=0)
+            total, length = 0.0, 0
+            while True:
+                action = self.compute_action(obs, explore=config["explore"])
+                env_action = np.clip(action, space.low, space.high) if clip else action
+                obs, reward, terminated, truncated, info = env.step(env_action)
                 total += float(reward)
                 length += 1
-                done = terminated or truncated
+                if hooks:
+                    episode.add_step(obs, action, reward, info)
+                    callbacks.on_episode_step(worker=None, episode=episode, env_index=0)
+                if not (terminated or truncated):
+                    continue
+                if reports_episodes and "episode" in info:
+                    total = float(np.asarray(info["episode"]["r"]).item())
+                    length = int(np.asarray(info["episode"]["l"]).item())
+                elif reports_episodes and not truncated:
+                    obs, _ = env.reset()  # a lost life: the game goes on
+                    continue
+                break
+            if hooks:
+                callbacks.on_episode_end(worker=None, episode=episode, env_index=0)
             returns.append(total)
             lengths.append(length)
+            customs.append(episode.custom_metrics)
         return {"episode_reward_mean": float(np.mean(returns)),
                 "episode_reward_min": float(np.min(returns)),
                 "episode_reward_max": float(np.max(returns)),
                 "episode_len_mean": float(np.mean(lengths)),
-                "episodes_this_iter": len(returns)}
+                "episodes_this_iter": len(returns),
+                "custom_metrics": summarize_custom_metrics(customs)}
 
     # -- acting -------------------------------------------------------------------------
     def get_policy(self, policy_id: str = DEFAULT_POLICY_ID):
@@ -228,6 +292,24 @@ class Agent:
                        policy_id: str = DEFAULT_POLICY_ID) -> Any:
         """The action of one observation (greedy / mean action unless ``explore``)."""
         return self.get_policy(policy_id).compute_single_action(obs, explore=explore)
+
+    def export_policy(self, export_dir: str, policy_id: str = DEFAULT_POLICY_ID) -> str:
+        """Writes the policy's greedy actions as TorchScript; returns the module's path.
+
+        ``<export_dir>/policy.pt`` maps a batch of raw observations (as the env returns
+        them) to the actions ``compute_action(obs, explore=False)`` gives (Box actions
+        clipped to the bounds when ``clip_actions`` is on). It loads with torch alone:
+        ``torch.jit.load(path)(torch.as_tensor(obs_batch))``. ``policy.json`` next to
+        it records the algorithm, env, and observation / action spaces.
+        """
+        from flowrl.export import write_export
+        policy = self.get_policy(policy_id)
+        env = self.config["env"]
+        metadata = {"algorithm": self._name, "policy_id": policy_id,
+                    "env": env if isinstance(env, str) else repr(env),
+                    "iteration": self.iteration}
+        return write_export(export_dir, policy.export_module(), policy.observation_space,
+                            policy.action_space, metadata)
 
     # -- checkpoints --------------------------------------------------------------------
     @property
@@ -243,6 +325,11 @@ class Agent:
                                         f"{self._name}_{env_name}_{stamp}_{suffix}")
         os.makedirs(self._logdir, exist_ok=True)
         return self._logdir
+
+    @property
+    def video_dir(self) -> str:
+        """``<logdir>/videos``: where ``monitor: true`` writes its mp4 files."""
+        return os.path.join(self.logdir, "videos")
 
     def save(self, checkpoint_dir: str | None = None) -> str:
         """Writes a checkpoint (atomically) and returns its directory.
@@ -261,7 +348,7 @@ class Agent:
         }
         return write_checkpoint(path, manifest, self.config,
                                 self.workers.local_worker().get_state(),
-                                self._replay_states())
+                                {**self._replay_states(), "rng": self._rng_state()})
 
     def restore(self, checkpoint_path: str) -> None:
         """Loads a checkpoint written by ``save()``: weights, optimizer state, counters.
@@ -284,7 +371,38 @@ class Agent:
         replay = read_extra_state(checkpoint_path, manifest, "replay")
         if replay is not None and self.config.get("checkpoint_replay_buffer"):
             self._restore_replay(replay)
+        rng = read_extra_state(checkpoint_path, manifest, "rng")
+        if rng is not None:
+            self._set_rng_state(rng)
         self.workers.sync_weights()
+
+    def _rng_state(self) -> dict:
+        """The driver's random streams (python, numpy, torch, each local policy's
+        generator), so that a resumed run continues them instead of reseeding."""
+        policies = {}
+        for pid, policy in self.workers.local_worker().policy_map.items():
+            generator = getattr(policy, "_rng", None)
+            if isinstance(generator, np.random.Generator):
+                # PCG64 states are 128-bit ints: stored as JSON text.
+                policies[pid] = json.dumps(generator.bit_generator.state)
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {"python": json.dumps(random.getstate()),
+                "numpy": {"kind": kind, "keys": keys, "pos": pos, "has_gauss": has_gauss,
+                          "cached": cached},
+                "torch": torch.get_rng_state(), "policies": policies}
+
+    def _set_rng_state(self, state: dict) -> None:
+        version, internal, gauss = json.loads(state["python"])
+        random.setstate((version, tuple(internal), gauss))
+        n = state["numpy"]
+        np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), int(n["pos"]),
+                             int(n["has_gauss"]), float(n["cached"])))
+        torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
+        for pid, text in state.get("policies", {}).items():
+            policy = self.workers.local_worker().policy_map.get(pid)
+            generator = getattr(policy, "_rng", None)
+            if isinstance(generator, np.random.Generator):
+                generator.bit_generator.state = json.loads(text)
 
     def _replay_shards(self) -> list:
         return list(getattr(self._plan, "replay_shards", []))
@@ -327,7 +445,18 @@ class Agent:
         if cls is Agent or cls._name != manifest["algorithm"]:
             from flowrl.registry import get_agent_class
             agent_cls = get_agent_class(manifest["algorithm"])
-        config = merge_config(read_params(checkpoint_path), config_overrides or {})
+        params = read_params(checkpoint_path)
+        overrides = config_overrides or {}
+        if "callbacks" not in overrides and isinstance(params.get("callbacks"), str):
+            # params.json names classes by path; one defined in a function or another
+            # script cannot be imported here, and the checkpoint stays usable without it.
+            try:
+                resolve_callbacks(params["callbacks"])
+            except ValueError as e:
+                logger.warning("%s Using DefaultCallbacks; pass config_overrides="
+                               "{'callbacks': YourCallbacks} to keep yours.", e)
+                params["callbacks"] = DefaultCallbacks
+        config = merge_config(params, overrides)
         agent = agent_cls(config=config, env=env, **kwargs)
         agent.restore(checkpoint_path)
         return agent

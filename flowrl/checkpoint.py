@@ -12,6 +12,7 @@ Policy files hold only tensors, arrays and plain containers and are read with
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -21,6 +22,8 @@ from typing import Any
 import torch
 
 import flowrl
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "flowrl_checkpoint.json"
@@ -56,6 +59,8 @@ def write_checkpoint(path: str, manifest: dict, params: dict,
     path = os.path.abspath(os.path.expanduser(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    _recover_replaced_checkpoint(path)
+    _remove_leftovers(path)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
     os.makedirs(os.path.join(tmp, POLICY_DIR))
     try:
@@ -146,6 +151,8 @@ def find_checkpoint_dir(path: str) -> str:
     if os.path.isfile(path) and os.path.basename(path) == MANIFEST_FILE:
         path = os.path.dirname(path)
     if not os.path.exists(path):
+        _recover_replaced_checkpoint(path)
+    if not os.path.exists(path):
         raise FileNotFoundError(f"Checkpoint not found: {path!r} does not exist. Pass the "
                                 "directory returned by Agent.save() (it holds "
                                 f"{MANIFEST_FILE}).")
@@ -154,6 +161,32 @@ def find_checkpoint_dir(path: str) -> str:
                                 f"{MANIFEST_FILE}. Pass the directory returned by "
                                 "Agent.save().")
     return path
+
+
+def _recover_replaced_checkpoint(path: str) -> None:
+    """Puts back the old checkpoint of an overwrite that was killed between its two
+    renames (old moved aside, new not yet in place), so ``path`` is never lost."""
+    parent, name = os.path.split(path)
+    if os.path.exists(path) or not os.path.isdir(parent):
+        return
+    for entry in sorted(os.listdir(parent)):
+        old = os.path.join(parent, entry)
+        if entry.startswith(f".{name}.old-") and \
+                os.path.isfile(os.path.join(old, MANIFEST_FILE)):
+            os.rename(old, path)
+            logger.warning("Recovered checkpoint %s from an interrupted overwrite.", path)
+            return
+
+
+def _remove_leftovers(path: str) -> None:
+    """Deletes the hidden temp/old siblings that killed writes of ``path`` left behind
+    (only once ``path`` itself is a complete checkpoint)."""
+    parent, name = os.path.split(path)
+    if not os.path.isfile(os.path.join(path, MANIFEST_FILE)):
+        return
+    for entry in os.listdir(parent):
+        if entry.startswith((f".{name}.tmp-", f".{name}.old-")):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def read_manifest(path: str) -> dict:
@@ -165,6 +198,10 @@ def read_manifest(path: str) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"Checkpoint {path!r} is corrupt: {MANIFEST_FILE} is not valid "
                          f"JSON ({e}).") from e
+    if not isinstance(manifest, dict) or "policies" not in manifest:
+        raise ValueError(f"{os.path.join(path, MANIFEST_FILE)!r} is not a flowrl checkpoint "
+                         "manifest (no 'policies' entry): was this directory written by "
+                         "another program?")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(
@@ -176,9 +213,13 @@ def read_manifest(path: str) -> dict:
 
 def read_params(path: str) -> dict:
     """The config stored with the checkpoint at ``path``."""
-    path = find_checkpoint_dir(path)
-    with open(os.path.join(path, PARAMS_FILE)) as f:
-        return json.load(f)
+    file = os.path.join(find_checkpoint_dir(path), PARAMS_FILE)
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"Checkpoint {path!r}: cannot read its config {file} "
+                         f"({_first_line(e)}).") from e
 
 
 def read_policy_states(path: str, manifest: dict) -> dict[str, dict]:
@@ -191,7 +232,7 @@ def read_policy_states(path: str, manifest: dict) -> dict[str, dict]:
             states[pid] = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"Checkpoint {path!r}: cannot load policy {pid!r} from "
-                             f"{rel} ({type(e).__name__}: {e}).") from e
+                             f"{file} (truncated or corrupt: {_first_line(e)}).") from e
     return states
 
 
@@ -201,4 +242,13 @@ def read_extra_state(path: str, manifest: dict, name: str) -> Any | None:
     if rel is None:
         return None
     file = os.path.join(find_checkpoint_dir(path), rel)
-    return to_numpy(torch.load(file, map_location="cpu", weights_only=True))
+    try:
+        return to_numpy(torch.load(file, map_location="cpu", weights_only=True))
+    except Exception as e:
+        raise ValueError(f"Checkpoint {path!r}: cannot load the {name} state from "
+                         f"{file} (truncated or corrupt: {_first_line(e)}).") from e
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"

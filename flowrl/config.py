@@ -13,11 +13,15 @@ import copy
 import difflib
 from typing import Any
 
+from flowrl.callbacks import DefaultCallbacks, resolve_callbacks
 from flowrl.policies.models import MODEL_DEFAULTS
 
 # Keys whose values are free-form dicts owned by the user (not validated inside).
-FREE_FORM_KEYS = {"env_config", "custom_model_config", "evaluation_config",
-                  "custom_eval_config", "multiagent"}
+# ``evaluation_config`` is not free-form: its keys are checked against the top level.
+FREE_FORM_KEYS = {"env_config", "custom_model_config", "custom_eval_config", "multiagent"}
+
+# Overrides of the top-level config used by Agent.evaluate(); checked like the top level.
+EVALUATION_CONFIG_KEY = "evaluation_config"
 
 COMMON_CONFIG: dict[str, Any] = {
     # -- environment --------------------------------------------------------------
@@ -40,7 +44,9 @@ COMMON_CONFIG: dict[str, Any] = {
     # -- resources ----------------------------------------------------------------
     "num_gpus": 0,                # GPUs for the learner (the driver / Tune trial)
     "num_cpus_for_driver": 1,
-    "num_cpus_per_worker": 1,
+    # "auto": the CPUs left after the driver shared among the workers, at most 1 each,
+    # so that e.g. num_workers=2 runs on a 2-core laptop instead of waiting forever.
+    "num_cpus_per_worker": "auto",
     "num_gpus_per_worker": 0,
     # -- reporting ----------------------------------------------------------------
     "timesteps_per_iteration": 0,  # at least this many sampled steps per train()
@@ -48,7 +54,12 @@ COMMON_CONFIG: dict[str, Any] = {
     "metrics_smoothing_episodes": 100,
     "evaluation_interval": None,   # run evaluation every N train() calls
     "evaluation_num_episodes": 10,
-    "evaluation_config": {},       # overrides for evaluation (e.g. {"explore": False})
+    # Overrides of this config for evaluation: same keys (unknown ones fail), e.g.
+    # {"env_config": {...}, "explore": True}; "explore" defaults to False there.
+    "evaluation_config": {},
+    # -- callbacks and videos -----------------------------------------------------
+    "callbacks": DefaultCallbacks,  # a DefaultCallbacks subclass or "module.path:Class"
+    "monitor": False,              # mp4 videos of some episodes in <logdir>/videos
     # -- reliability --------------------------------------------------------------
     "checkpoint_replay_buffer": False,  # save replay contents with checkpoints
     "recreate_failed_workers": True,
@@ -73,6 +84,10 @@ AUTO_KEYS = {"num_workers", "num_gpus", "num_cpus_per_worker", "num_replay_buffe
 def _check_type(key: str, value: Any, default: Any) -> None:
     """Raises if ``value`` does not fit the type of the key's default."""
     if default is None or value is None:
+        return
+    if isinstance(default, type):
+        # A class-valued key (callbacks) takes a class or an import path; its resolver
+        # in validate_common checks the value and says what exactly is wrong.
         return
     if key.rsplit(".", 1)[-1] in AUTO_KEYS and "auto" in (value, default):
         if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
@@ -123,12 +138,32 @@ def merge_config(base: dict, overrides: dict | None, check_keys: bool = False,
         default = base.get(key)
         if check_keys:
             _check_type(name, value, default)
-        if isinstance(default, dict) and isinstance(value, dict) and \
+            if key == EVALUATION_CONFIG_KEY and not _path:
+                _check_evaluation_config(base, value)
+        if key == EVALUATION_CONFIG_KEY and isinstance(default, dict) and \
+                isinstance(value, dict):
+            # Overrides of overrides: merged, but checked above against the top level.
+            merged[key] = merge_config(default, value)
+        elif isinstance(default, dict) and isinstance(value, dict) and \
                 key not in FREE_FORM_KEYS:
             merged[key] = merge_config(default, value, check_keys, f"{name}.")
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def _check_evaluation_config(top: dict, overrides: dict) -> None:
+    """Checks ``evaluation_config`` keys and types against the top-level config."""
+    where = f" in {EVALUATION_CONFIG_KEY!r}"
+    for key, value in overrides.items():
+        name = f"{EVALUATION_CONFIG_KEY}.{key}"
+        if key == EVALUATION_CONFIG_KEY or key not in top:
+            raise _unknown_key_error(key, [k for k in top if k != EVALUATION_CONFIG_KEY],
+                                     where)
+        _check_type(name, value, top[key])
+        if isinstance(top[key], dict) and isinstance(value, dict) and \
+                key not in FREE_FORM_KEYS:
+            merge_config(top[key], value, check_keys=True, _path=f"{name}.")
 
 
 def require(condition: bool, message: str) -> None:
@@ -190,3 +225,11 @@ def validate_common(config: dict) -> None:
     interval = config["evaluation_interval"]
     require(interval is None or (isinstance(interval, int) and interval >= 1),
             f"evaluation_interval={interval!r} must be None or an int >= 1.")
+    num_eval = config["evaluation_num_episodes"]
+    require(num_eval >= 1, f"evaluation_num_episodes={num_eval!r} must be >= 1.")
+    # Import paths become classes here, so a bad one fails before any worker starts.
+    config["callbacks"] = resolve_callbacks(config["callbacks"])
+    eval_config = config[EVALUATION_CONFIG_KEY]
+    if "callbacks" in eval_config:
+        eval_config["callbacks"] = resolve_callbacks(eval_config["callbacks"],
+                                                     f"{EVALUATION_CONFIG_KEY}.callbacks")

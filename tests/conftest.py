@@ -16,6 +16,11 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+    # Finalize leftover Ray objects now: left to run during pytest's end-of-session
+    # imports (the hypothesis plugin's ast.parse), they trip CPython 3.11.7's "AST
+    # constructor recursion depth mismatch" after a test whose learner thread crashed.
+    import gc
+    gc.collect()
 
 
 @pytest.fixture

@@ -108,7 +108,8 @@ def test_progress_lines_tensorboard_names_and_keep_checkpoints(tmp_path):
                      lines[-1])
     (trial,) = trial_dirs(tmp_path / "named")
     checkpoints = sorted(glob.glob(os.path.join(trial, "checkpoint_*")))
-    assert len(checkpoints) == 2  # --keep-checkpoints-num 2 of 4
+    assert len(checkpoints) == 2  # --keep-checkpoints-num 2 of 4, the newest kept
+    assert os.path.basename(checkpoints[-1]) == "checkpoint_000003"
     tags = tensorboard_tags(trial)
     for tag in ("episode_reward_mean", "timesteps_total", "episode_len_mean",
                 "info/learner/default_policy/entropy", "info/learner/default_policy/kl",

@@ -9,15 +9,19 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import random
 import threading
+import time
 from typing import Any, Callable
 
 from flowrl.flow import LocalIterator, Metrics, NotReady, concurrently
 from flowrl.ops.counters import LEARN_TIMER, LEARNER_INFO, NUM_STEPS_SAMPLED, NUM_STEPS_TRAINED
 from flowrl.workers.rollout_worker import RolloutWorker
 from flowrl.workers.worker_set import WorkerSet
+
+logger = logging.getLogger(__name__)
 
 NUM_WEIGHT_SYNCS = "num_weight_syncs"
 LEARNER_QUEUE_SIZE = "learner_queue_size"
@@ -88,11 +92,13 @@ class LearnerThread(threading.Thread):
     Results go to ``outqueue`` as ``(shard, batch, learner_info)``. ``weights_version``
     increases with every update (read by UpdateWorkerWeights). An exception stops the
     thread and is re-raised on the driver by ``check_alive()`` with its own traceback.
+    A learner that has work queued but finishes no update for ``stall_warning_s`` is
+    reported by ``check_alive()`` as a warning with the queue sizes (once per period).
     Timers: learn. Info: learner. Counters: learner_queue_size (latest queue length).
     """
 
     def __init__(self, local_worker: RolloutWorker, metrics: Metrics,
-                 queue_size: int = 16):
+                 queue_size: int = 16, stall_warning_s: float = 60.0):
         super().__init__(name="flowrl-learner", daemon=True)
         self.local_worker = local_worker
         self.metrics = metrics
@@ -100,6 +106,9 @@ class LearnerThread(threading.Thread):
         self.outqueue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.weights_version = 0
         self.error: BaseException | None = None
+        self.stall_warning_s = stall_warning_s
+        self.last_progress = time.monotonic()
+        self._last_stall_warning = 0.0
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -116,6 +125,7 @@ class LearnerThread(threading.Thread):
                     info = self.local_worker.learn_on_batch(batch)
                 timer.push_units_processed(batch.count)
                 self.weights_version += 1
+                self.last_progress = time.monotonic()
                 self.metrics.set_info(LEARNER_INFO, info)
                 self.metrics.set(LEARNER_QUEUE_SIZE, self.inqueue.qsize())
                 while not self._stop_event.is_set():
@@ -134,6 +144,17 @@ class LearnerThread(threading.Thread):
             raise self.error
         if not self.is_alive() and not self._stop_event.is_set():
             raise RuntimeError("The learner thread is not running (was it started?)")
+        now = time.monotonic()
+        idle = now - self.last_progress
+        if idle > self.stall_warning_s and not self.inqueue.empty() and \
+                now - self._last_stall_warning > self.stall_warning_s:
+            self._last_stall_warning = now
+            logger.warning(
+                "The learner thread finished no update for %.0f s although work is "
+                "queued (inqueue %d/%d, outqueue %d/%d, %d updates so far): "
+                "learn_on_batch may be stuck or very slow.", idle, self.inqueue.qsize(),
+                self.inqueue.maxsize, self.outqueue.qsize(), self.outqueue.maxsize,
+                self.weights_version)
 
     def stop(self) -> None:
         self._stop_event.set()

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from flowrl.callbacks import summarize_custom_metrics
 from flowrl.flow import LocalIterator, Metrics, NotReady
 from flowrl.ops.counters import LEARNER_INFO, NUM_STEPS_SAMPLED, NUM_STEPS_TRAINED
 from flowrl.workers.worker_set import WorkerSet
@@ -22,12 +23,16 @@ class CollectMetrics:
         CollectMetrics(workers, metrics, smoothing_episodes=100)()  -> {"episode_reward_mean": ...}
 
     Episode stats come from ``selected_workers`` (default: all remote workers, or the
-    local worker when there are none); means are over the last ``smoothing_episodes``.
+    local worker when there are none; a callable returning the list follows worker
+    replacements); means are over the last ``smoothing_episodes``.
+    Custom metrics that callbacks set on episodes (``EpisodeStats.custom_metrics``) are
+    summarized over the same window as ``result["custom_metrics"]["<name>_mean"]``
+    (and ``_min``, ``_max``).
     Reads counters: num_steps_sampled and all others (reported under ``info``).
     """
 
     def __init__(self, workers: WorkerSet, metrics: Metrics, smoothing_episodes: int = 100,
-                 selected_workers: list | None = None,
+                 selected_workers: list | Callable[[], list] | None = None,
                  extra_stats: Callable[[], dict] | None = None):
         self.workers = workers
         self.metrics = metrics
@@ -42,6 +47,8 @@ class CollectMetrics:
     def _fetch_episodes(self) -> list[tuple[float, int]]:
         remote = self.selected_workers if self.selected_workers is not None \
             else self.workers.remote_workers()
+        if callable(remote):
+            remote = remote()
         if not remote:
             return self.workers.local_worker().get_metrics()
         import ray
@@ -73,6 +80,9 @@ class CollectMetrics:
             "episode_len_mean": float(np.mean(lengths)) if lengths else float("nan"),
             "episodes_this_iter": len(new_episodes),
             "episodes_total": self.episodes_total,
+            # Plain (return, length) tuples (no callbacks involved) carry none.
+            "custom_metrics": summarize_custom_metrics(
+                getattr(e, "custom_metrics", None) for e in self.episodes),
             "timesteps_total": steps,
             "timesteps_this_iter": steps - self.last_steps,
             "num_healthy_workers": self.workers.num_healthy_workers(),
@@ -103,7 +113,7 @@ def _scalar_stats(learner_info: dict) -> dict:
 
 
 def StandardMetricsReporting(train_op: LocalIterator, workers: WorkerSet, config: dict,
-                             metrics: Metrics, selected_workers: list | None = None,
+                             metrics: Metrics, selected_workers: list | Callable[[], list] | None = None,
                              extra_stats: Callable[[], dict] | None = None
                              ) -> LocalIterator:
     """One item = one training iteration's result dict.

@@ -9,7 +9,7 @@ sends the TD errors to exactly that shard. A shard is either a local replay obje
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -45,7 +45,8 @@ class StoreToReplay:
         if (local_buffer is None) == (not actors):
             raise ValueError("StoreToReplay needs exactly one of local_buffer= or actors=")
         self.local_buffer = local_buffer
-        self.actors = list(actors or [])
+        # The caller's list itself, not a copy: ReplayShards swaps dead shards in place.
+        self.actors = actors if actors is not None else []
         self.rng = random.Random(seed)
 
     def __call__(self, item: Any) -> Any:
@@ -61,12 +62,16 @@ class StoreToReplay:
 
 
 def Replay(metrics: Metrics, local_buffer: Any = None, actors: list | None = None,
-           num_async: int = 4) -> LocalIterator:
+           num_async: int = 4,
+           on_actor_failure: Callable[[Any, Exception], Any] | None = None) -> LocalIterator:
     """Replayed batches as ``(shard, batch)``; NotReady until ``learning_starts``.
 
         Replay(metrics, local_buffer=buffer).for_each(TrainOneStep(workers, metrics))
         Replay(metrics, actors=replay_actors, num_async=4).for_each(Enqueue(learner.inqueue))
 
+    ``on_actor_failure(shard, error)`` returns a replacement for a dead shard
+    (e.g. :meth:`flowrl.replay.actor.ReplayShards.handle_failure`); without it a
+    dead shard's error is raised.
     Counters: num_steps_replayed.
     """
     if (local_buffer is None) == (not actors):
@@ -83,7 +88,8 @@ def Replay(metrics: Metrics, local_buffer: Any = None, actors: list | None = Non
                 yield NotReady if batch is None else (local_buffer, batch)
         return LocalIterator(replays, metrics, name="Replay(local)").for_each(
             count, name="CountReplayed")
-    return (from_actors(actors, name="Replay", metrics=metrics)
+    return (from_actors(actors, name="Replay", metrics=metrics,
+                        on_actor_failure=on_actor_failure)
             .gather_async(num_async=num_async, with_source=True,
                           name=f"Replay({len(actors)} shards, num_async={num_async})")
             .for_each(count, name="CountReplayed"))

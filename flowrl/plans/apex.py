@@ -20,7 +20,7 @@ from flowrl.ops import (Concurrently, CountTrainedSteps, Dequeue, Enqueue, Learn
 from flowrl.plans.dqn import DEFAULT_CONFIG as DQN_CONFIG
 from flowrl.plans.dqn import validate_dqn_config
 from flowrl.policies.dqn import DQNTorchPolicy
-from flowrl.replay.actor import ReplayActor
+from flowrl.replay.actor import ReplayShards
 from flowrl.workers.worker_set import WorkerSet
 
 DEFAULT_CONFIG: dict = merge_config(DQN_CONFIG, {
@@ -45,26 +45,26 @@ DEFAULT_CONFIG: dict = merge_config(DQN_CONFIG, {
     "worker_side_prioritization": True,
     "max_weight_sync_delay": 400,
     "learner_queue_size": 16,
+    "learner_stall_warning_s": 60.0,  # warn when queued work sees no update this long
     "timesteps_per_iteration": 25000,
     "min_iter_time_s": 10,
 })
 
 
 def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:
-    import ray
-    num_shards = config["num_replay_buffer_shards"]
-    shard_cls = ray.remote(num_cpus=0)(ReplayActor)
-    shards = [shard_cls.remote(config, i, num_shards) for i in range(num_shards)]
-    learner = LearnerThread(workers.local_worker(), metrics, config["learner_queue_size"])
+    shards = ReplayShards(config, config["num_replay_buffer_shards"])  # dead ones replaced
+    learner = LearnerThread(workers.local_worker(), metrics, config["learner_queue_size"],
+                            config["learner_stall_warning_s"])
     learner.start()
     # (1) sample, store, and refresh each worker's weights now and then
     store_op = (ParallelRollouts(workers, metrics, mode="async", num_async=2,
                                  with_source=True)
-                .for_each(StoreToReplay(actors=shards))
+                .for_each(StoreToReplay(actors=shards.actors))
                 .for_each(UpdateWorkerWeights(learner, workers, metrics,
                                               config["max_weight_sync_delay"])))
     # (2) replay into the learner thread, remembering each batch's shard
-    replay_op = Replay(metrics, actors=shards, num_async=4).for_each(
+    replay_op = Replay(metrics, actors=shards.actors, num_async=4,
+                       on_actor_failure=shards.handle_failure).for_each(
         Enqueue(learner.inqueue))
     # (3) learner results: priorities back to their shard, count, target updates
     update_op = (Dequeue(learner.outqueue, learner.check_alive, metrics)
@@ -75,30 +75,23 @@ def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalI
                                                by_steps_trained=True)))
     merged = Concurrently([store_op, replay_op, update_op], mode="async",
                           output_indexes=[2])
-    # Report the returns of the least-exploring third of the workers.
-    remote = workers.remote_workers()
+    # Report the returns of the least-exploring third of the workers (asked each
+    # iteration: a dead worker's replacement takes its place).
+    def least_exploring() -> list:
+        remote = workers.remote_workers()
+        return remote[-max(1, len(remote) // 3):]
+
     plan = StandardMetricsReporting(merged, workers, config, metrics,
-                                    selected_workers=remote[-max(1, len(remote) // 3):],
-                                    extra_stats=lambda: replay_stats(shards))
+                                    selected_workers=least_exploring,
+                                    extra_stats=lambda: {"replay": shards.stats()})
 
     def cleanup() -> None:
         learner.stop()
-        for shard in shards:
-            ray.kill(shard)
+        shards.stop()
 
     plan.cleanup = cleanup
-    plan.replay_shards = shards
+    plan.replay_shards = shards.actors
     return plan
-
-
-def replay_stats(shards: list) -> dict:
-    """Replay stats summed over the shards (rates and sizes), for the result dict."""
-    import ray
-    per_shard = ray.get([shard.stats.remote() for shard in shards])
-    summed = {key: sum(s[key] for s in per_shard) for key in
-              ("size", "size_bytes", "num_added", "num_sampled", "add_throughput",
-               "sample_throughput") if all(key in s for s in per_shard)}
-    return {"replay": {**summed, "num_shards": len(shards)}}
 
 
 class ApexAgent(Agent):

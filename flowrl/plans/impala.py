@@ -26,6 +26,7 @@ DEFAULT_CONFIG: dict = {
     "max_sample_requests_in_flight_per_worker": 2,
     "broadcast_interval": 1,          # learner updates between weight syncs to a worker
     "learner_queue_size": 16,
+    "learner_stall_warning_s": 60.0,  # warn when queued work sees no update this long
     "replay_proportion": 0.0,         # replayed batches mixed in per new batch
     "replay_buffer_num_slots": 0,
     "lr": 5e-4,
@@ -46,7 +47,8 @@ DEFAULT_CONFIG: dict = {
 
 
 def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:
-    learner = LearnerThread(workers.local_worker(), metrics, config["learner_queue_size"])
+    learner = LearnerThread(workers.local_worker(), metrics, config["learner_queue_size"],
+                            config["learner_stall_warning_s"])
     learner.start()
     # (1) sample asynchronously, refresh the sender's weights, batch, hand to the learner
     enqueue_op = (ParallelRollouts(workers, metrics, mode="async", with_source=True,

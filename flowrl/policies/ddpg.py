@@ -293,6 +293,24 @@ class DDPGModel(nn.Module):
         return self.center + self.half_range * self.actor(obs)
 
 
+class _ExportedActor(nn.Module):
+    """Actor ``u`` -> ``clip(center + half_range * u, low, high)`` reshaped to the action
+    shape: :meth:`ActionNormalizer.to_env` in torch, for :meth:`DDPGTorchPolicy.export_module`."""
+
+    def __init__(self, actor: Actor, normalizer: ActionNormalizer,
+                 action_space: gym.spaces.Box) -> None:
+        super().__init__()
+        self.actor = actor
+        self.action_shape = [int(d) for d in action_space.shape]
+        for name in ("center", "half_range", "low", "high"):
+            self.register_buffer(name, torch.from_numpy(getattr(normalizer, name).copy()))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        a = self.center + self.half_range * self.actor(obs).float()
+        return torch.minimum(torch.maximum(a, self.low), self.high).reshape(
+            [-1] + self.action_shape)
+
+
 def _adam(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     # The fused kernel is several times faster for small nets where torch has one.
     try:
@@ -858,3 +876,11 @@ class DDPGTorchPolicy(Policy):
         """TorchScript of :class:`DDPGModel`: raw obs ``[B, ...]`` -> env actions ``[B, A]``."""
         return super().export(export_dir)
 
+    def export_module(self) -> nn.Module:
+        """An eager CPU module ``raw obs batch -> deterministic env actions [B, *shape]``.
+
+        A copy of the online actor, mapped from normalized units to the action bounds
+        and clipped as :meth:`compute_actions` does with ``explore=False``.
+        """
+        return _ExportedActor(copy.deepcopy(self.model.actor).cpu().eval(), self.normalizer,
+                              self.action_space)

@@ -646,3 +646,12 @@ class DQNTorchPolicy(Policy):
                     for k, v in target.items()
                 }
             )
+
+    def export_module(self) -> nn.Module:
+        """An eager CPU module ``raw obs batch -> argmax_a Q(obs, a)`` (int64 ``[B]``).
+
+        A copy of the online Q network (dueling or plain): the greedy action of
+        ``compute_actions(obs, explore=False)``.
+        """
+        from flowrl.export import ArgmaxHead
+        return ArgmaxHead(copy.deepcopy(self.model).cpu().eval())

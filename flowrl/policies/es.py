@@ -21,6 +21,7 @@ of an antithetic pair see the same normalization).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import gymnasium as gym
@@ -250,6 +251,56 @@ class ESModel(nn.Module):
         return h, torch.zeros(h.shape[0], device=h.device)
 
 
+class _ESActions(nn.Module):
+    """Torch twin of :meth:`ESPolicy.compute_actions` with ``explore=False``.
+
+    Raw obs -> one-hot / flatten (float32) -> ``clip((x - mean) * inv_std, -clip, clip)``
+    with the frozen filter statistics -> network -> argmax (Discrete) or clip to the
+    bounds (Box). ``NoFilter`` is mean 0, inv_std 1, clip inf: exactly the identity.
+    """
+
+    def __init__(self, net: nn.Module, one_hot: int | None, obs_start: int,
+                 mean: np.ndarray, inv_std: np.ndarray, clip: float,
+                 action_space: gym.Space) -> None:
+        super().__init__()
+        self.net = net
+        self.one_hot = 0 if one_hot is None else int(one_hot)
+        self.obs_start = int(obs_start)
+        self.clip = float(clip)
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("inv_std", torch.as_tensor(inv_std, dtype=torch.float32))
+        self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        self.action_shape = [int(d) for d in (action_space.shape or ())]
+        low = np.zeros(1) if self.discrete else action_space.low
+        high = np.zeros(1) if self.discrete else action_space.high
+        self.register_buffer("low", torch.as_tensor(low.reshape(-1), dtype=torch.float32))
+        self.register_buffer("high", torch.as_tensor(high.reshape(-1), dtype=torch.float32))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        if self.one_hot > 0:
+            x = nn.functional.one_hot(obs.long().reshape(-1) - self.obs_start,
+                                      self.one_hot).float()
+        else:
+            x = obs.reshape(obs.shape[0], -1).float()
+        x = torch.clamp((x - self.mean) * self.inv_std, -self.clip, self.clip)
+        out = self.net(x)
+        if self.discrete:
+            return torch.argmax(out, dim=-1)
+        out = torch.minimum(torch.maximum(out, self.low), self.high)
+        return out.reshape([-1] + self.action_shape)
+
+
+class _FirstOutput(nn.Module):
+    """A catalog model's ``(dist_inputs, value)`` -> ``dist_inputs``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[0]
+
+
 # -------------------------------------------------------------------------- policy
 class ESPolicy:
     """Deterministic policy over flat weights, for evolution strategies.
@@ -435,6 +486,32 @@ class ESPolicy:
     def on_global_var_update(self, global_vars: dict[str, Any]) -> None:
         if "timestep" in global_vars:
             self.global_timestep = int(global_vars["timestep"])
+
+    def export_module(self) -> nn.Module:
+        """An eager CPU module ``raw obs batch -> greedy actions`` (see ``Policy``).
+
+        Acting runs in NumPy; this rebuilds the same computation in torch from a copy
+        of the weights and the current (frozen) observation filter statistics.
+        """
+        if isinstance(self.model, ESModel):
+            act = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU,
+                   "linear": None}[self.model.activation]
+            layers: list[nn.Module] = []
+            for i, layer in enumerate(self.model.layers):
+                layers.append(copy.deepcopy(layer))
+                if act is not None and i < len(self.model.layers) - 1:
+                    layers.append(act())
+            net: nn.Module = nn.Sequential(*layers)
+        else:
+            net = _FirstOutput(copy.deepcopy(self.model))
+        if isinstance(self.filter, NoFilter):
+            mean = np.zeros(self.obs_size, dtype=np.float32)
+            inv_std = np.ones(self.obs_size, dtype=np.float32)
+            clip = float("inf")
+        else:
+            mean, inv_std, clip = self.filter._mean, self.filter._inv_std, self.filter.clip
+        return _ESActions(net.cpu().eval(), self._one_hot, self._obs_start, mean, inv_std,
+                          clip, self.action_space)
 
     def __repr__(self) -> str:
         return (f"ESPolicy(obs={self.observation_space}, actions={self.action_space}, "

@@ -415,6 +415,19 @@ class Policy:
             traced.save(path)
         return path
 
+    def export_module(self) -> nn.Module:
+        """An eager CPU module ``raw obs batch -> greedy actions`` (a copy of the model).
+
+        ``Discrete`` actions: argmax of the logits, int64 ``[B]``. ``Box`` actions: the
+        distribution's mean, clipped to the space bounds when ``clip_actions`` is on
+        (as the sampler does before stepping the env), ``[B, *action_shape]``. This is
+        what ``Agent.export_policy`` converts to TorchScript.
+        """
+        from flowrl.export import DistInputsGreedy
+        model = copy.deepcopy(self.model).cpu().eval()
+        return DistInputsGreedy(model, self.action_space, self.dist_class.__name__,
+                                bool(self.config.get("clip_actions", True)))
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(obs={self.observation_space}, actions={self.action_space}, "

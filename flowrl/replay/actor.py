@@ -21,6 +21,8 @@ replays batches forever, so shards plug straight into a gather::
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from typing import Any, Iterator
 
@@ -30,7 +32,9 @@ from flowrl.flow import NotReady, ParallelIteratorWorker
 from flowrl.replay.buffers import PrioritizedReplayBuffer, ReplayBuffer, linear_schedule
 from flowrl.sample_batch import MultiAgentBatch, SampleBatch
 
-__all__ = ["ReplayActor", "make_replay_actors"]
+__all__ = ["ReplayActor", "ReplayShards", "make_replay_actors"]
+
+logger = logging.getLogger(__name__)
 
 #: Column with worker-computed initial priorities (``flowrl.policies.dqn.TD_ERROR``).
 _TD_ERROR = "td_error"
@@ -159,6 +163,11 @@ class ReplayActor(ParallelIteratorWorker):
             self.buffer.update_td_errors(indexes, td_errors)
 
     # ---------------------------------------------------------- stats/state
+    def get_pid(self) -> int:
+        """The process id of this shard (for operators and tests that watch processes)."""
+        import os
+        return os.getpid()
+
     def stats(self) -> dict[str, Any]:
         """The buffer's stats plus ``shard_index``, ``num_replayed_batches``, ``beta``."""
         out = self.buffer.stats()
@@ -205,3 +214,75 @@ def make_replay_actors(config: dict[str, Any], num_shards: int,
     ray_options.setdefault("num_cpus", 0)
     cls = ray.remote(ReplayActor).options(**ray_options)
     return [cls.remote(config, i, num_shards) for i in range(num_shards)]
+
+
+class ReplayShards:
+    """The replay shard actors of a plan; a shard that dies is replaced by an empty one.
+
+        shards = ReplayShards(config, num_shards=4)
+        store_op = rollouts.for_each(StoreToReplay(actors=shards.actors))
+        replay_op = Replay(metrics, actors=shards.actors,
+                           on_actor_failure=shards.handle_failure)
+
+    ``actors`` is one list object updated in place, so every operator holding it sees
+    a replacement. A replaced shard's contents are lost (the other shards keep
+    theirs); it refills from new rollouts before it replays (``learning_starts``).
+    With ``recreate_failed_workers`` off, or after ``max_worker_restarts``
+    replacements, the failure is raised instead, naming the shard.
+    Counters: ``num_restarts`` (reported as ``replay/num_shard_restarts``).
+    """
+
+    def __init__(self, config: dict[str, Any], num_shards: int, **ray_options: Any):
+        import ray
+
+        ray_options.setdefault("num_cpus", 0)
+        self.config = config
+        self.num_shards = num_shards
+        self._cls = ray.remote(ReplayActor).options(**ray_options)
+        self.actors: list = [self._start(i) for i in range(num_shards)]
+        self.num_restarts = 0
+        self._lock = threading.Lock()
+
+    def _start(self, index: int) -> Any:
+        return self._cls.remote(self.config, index, self.num_shards)
+
+    def handle_failure(self, actor: Any, error: Exception) -> Any:
+        """Replaces the dead ``actor`` (called by the Replay gather)."""
+        with self._lock:
+            if actor not in self.actors:
+                return None
+            index = self.actors.index(actor)
+            if not self.config.get("recreate_failed_workers", True) or \
+                    self.num_restarts >= self.config.get("max_worker_restarts", 100):
+                raise RuntimeError(f"Replay shard {index} died and is not replaced "
+                                   "(recreate_failed_workers / max_worker_restarts)") \
+                    from error
+            logger.warning("Replay shard %d died (%s); starting an empty replacement.",
+                           index, type(error).__name__)
+            self.num_restarts += 1
+            self.actors[index] = self._start(index)
+            return self.actors[index]
+
+    def stats(self) -> dict:
+        """Replay stats summed over the live shards (sizes and rates)."""
+        import ray
+
+        per_shard = []
+        for actor in list(self.actors):
+            try:
+                per_shard.append(ray.get(actor.stats.remote()))
+            except ray.exceptions.RayActorError:
+                continue  # replaced when the Replay gather next reaches it
+        keys = ("size", "size_bytes", "num_added", "num_sampled", "add_throughput",
+                "sample_throughput")
+        summed = {key: sum(s[key] for s in per_shard) for key in keys
+                  if per_shard and all(key in s for s in per_shard)}
+        return {**summed, "num_shards": len(self.actors),
+                "num_healthy_shards": len(per_shard),
+                "num_shard_restarts": self.num_restarts}
+
+    def stop(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)

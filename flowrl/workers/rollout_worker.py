@@ -16,11 +16,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from flowrl.callbacks import resolve_callbacks
 from flowrl.envs.compat import ensure_gymnasium_env
 from flowrl.envs.registry import EnvContext
 from flowrl.flow import ParallelIteratorWorker
 from flowrl.sample_batch import DEFAULT_POLICY_ID, MultiAgentBatch, SampleBatch
-from flowrl.workers.sampler import VectorSampler
+from flowrl.workers.external_sampler import ExternalEnv, ExternalEnvSampler
+from flowrl.workers.sampler import EpisodeStats, VectorSampler
 
 
 def worker_seed(seed: int | None, worker_index: int, vector_index: int = 0) -> int | None:
@@ -37,13 +39,18 @@ class RolloutWorker(ParallelIteratorWorker):
         config: the full algorithm config.
         worker_index: 0 for the local (learner) worker, 1..N for remote workers.
         num_workers: number of remote workers in the set.
+        monitor_dir: where videos go when ``config["monitor"]`` is on (the Agent passes
+            ``<logdir>/videos``). Only the first env of one worker records: worker 1,
+            or the local worker 0 when there are no remote workers.
     """
 
     def __init__(self, env_creator: Callable[[EnvContext], Any], policy_cls: type,
-                 config: dict, worker_index: int = 0, num_workers: int = 0):
+                 config: dict, worker_index: int = 0, num_workers: int = 0,
+                 monitor_dir: str | None = None):
         self.worker_index = worker_index
         self.num_workers = num_workers
         self.config = config
+        self.callbacks = resolve_callbacks(config.get("callbacks"))()
         # Torch threads follow the CPUs reserved for this process: one per remote worker,
         # num_cpus_for_driver for the learner. Oversubscribed cores make small-net
         # torch steps tens of times slower, so the default stays at 1.
@@ -56,8 +63,18 @@ class RolloutWorker(ParallelIteratorWorker):
             np.random.seed(worker_seed(seed, worker_index) % (2**32))
         context = EnvContext(config.get("env_config", {}), worker_index, 0, num_workers)
         num_envs = config.get("num_envs_per_worker", 1)
-        self.envs = [ensure_gymnasium_env(env_creator(context.copy_with_overrides(vector_index=i)))
-                     for i in range(num_envs)]
+        # monitor: env 0 of worker 1 (of the local worker without remote ones) records.
+        self.monitor_dir = monitor_dir if config.get("monitor") and \
+            worker_index == (1 if num_workers > 0 else 0) else None
+        self.envs = []
+        for i in range(num_envs):
+            ctx = context.copy_with_overrides(vector_index=i)
+            if i == 0 and self.monitor_dir is not None:
+                self.envs.append(self._video_env(env_creator, ctx))
+            else:
+                self.envs.append(ensure_gymnasium_env(env_creator(ctx)))
+            if isinstance(self.envs[0], ExternalEnv):
+                break  # serving: one ExternalEnv multiplexes its episodes (1 per worker)
         self.env = self.envs[0]
         # Policies see where they run (Ape-X gives each worker its own epsilon).
         policy_config = {**config, "worker_index": worker_index, "num_workers": num_workers}
@@ -65,7 +82,8 @@ class RolloutWorker(ParallelIteratorWorker):
             DEFAULT_POLICY_ID: policy_cls(self.env.observation_space,
                                           self.env.action_space, policy_config)
         }
-        self.sampler = VectorSampler(
+        sampler_cls = ExternalEnvSampler if isinstance(self.env, ExternalEnv) else VectorSampler
+        self.sampler = sampler_cls(
             self.envs, self.policy_map[DEFAULT_POLICY_ID],
             fragment_length=config.get("rollout_fragment_length", 200),
             batch_mode=config.get("batch_mode", "truncate_episodes"),
@@ -73,20 +91,39 @@ class RolloutWorker(ParallelIteratorWorker):
             clip_actions=config.get("clip_actions", True),
             explore=config.get("explore", True),
             episode_id_base=worker_index << 40,
+            callbacks=self.callbacks,
+            worker=self,
         )
         ParallelIteratorWorker.__init__(self, lambda: iter(self.sample, None), repeat=True)
 
+    def _video_env(self, env_creator: Callable[[EnvContext], Any], ctx: EnvContext) -> Any:
+        """The env, with render_mode "rgb_array" where flowrl builds it, recorded as
+        the outermost wrapper (so Atari videos span whole games, not lives)."""
+        from flowrl.envs.video import EpisodeVideoRecorder, make_recordable_env
+        env = ensure_gymnasium_env(make_recordable_env(env_creator, ctx))
+        return EpisodeVideoRecorder(env, self.monitor_dir,
+                                    name_prefix=f"worker{self.worker_index}_episode")
+
     # -- sampling ---------------------------------------------------------------
     def sample(self) -> SampleBatch:
-        """One fragment: ``rollout_fragment_length`` steps per env, postprocessed."""
-        return self.sampler.sample()
+        """One fragment: ``rollout_fragment_length`` steps per env, postprocessed.
+
+        Calls ``callbacks.on_sample_end(worker=self, samples=batch)`` before returning.
+        """
+        batch = self.sampler.sample()
+        self.callbacks.on_sample_end(worker=self, samples=batch)
+        return batch
 
     def sample_with_count(self) -> tuple[SampleBatch, int]:
         batch = self.sample()
         return batch, batch.count
 
-    def get_metrics(self) -> list[tuple[float, int]]:
-        """(return, length) of the episodes finished since the last call."""
+    def get_metrics(self) -> list[EpisodeStats]:
+        """(return, length) of the episodes finished since the last call.
+
+        Each item is an :class:`EpisodeStats`: a ``(return, length)`` tuple whose
+        ``custom_metrics`` attribute holds what the callbacks wrote for the episode.
+        """
         return self.sampler.pop_episode_metrics()
 
     # -- learning ---------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 Rollouts are written time-major into preallocated ``[T, N]`` arrays, then cut into
 per-episode pieces that the policy postprocesses (GAE, n-step, ...).
+
+Episode callbacks (:mod:`flowrl.callbacks`) run per env step only when the callbacks
+class overrides an episode hook; otherwise the loop does no per-episode bookkeeping.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Any, Sequence
 import gymnasium as gym
 import numpy as np
 
+from flowrl.callbacks import DefaultCallbacks, Episode, overrides_episode_hooks
 from flowrl.sample_batch import SampleBatch
 
 _STEP_COLUMNS = (SampleBatch.REWARDS, SampleBatch.TERMINATEDS, SampleBatch.TRUNCATEDS)
@@ -31,31 +35,73 @@ def env_reports_episodes(env: gym.Env) -> bool:
     return False
 
 
+class EpisodeStats(tuple):
+    """``(episode_return, length)`` of one finished episode, with its ``custom_metrics``.
+
+    Still a 2-tuple (``ret, length = stats`` and ``stats == (ret, length)`` hold), so
+    code written for plain ``(return, length)`` pairs keeps working; the episode's
+    :attr:`custom_metrics` (``{name: float}`` from the callbacks, often empty) ride
+    along as an attribute and survive pickling to the driver.
+    """
+
+    def __new__(cls, episode_return: float, length: int,
+                custom_metrics: dict[str, float] | None = None) -> "EpisodeStats":
+        self = super().__new__(cls, (episode_return, length))
+        self.custom_metrics = custom_metrics or {}
+        return self
+
+    @property
+    def episode_return(self) -> float:
+        return self[0]
+
+    @property
+    def length(self) -> int:
+        return self[1]
+
+    def __reduce__(self) -> tuple:
+        return EpisodeStats, (self[0], self[1], self.custom_metrics)
+
+    def __repr__(self) -> str:
+        extra = f", custom_metrics={self.custom_metrics!r}" if self.custom_metrics else ""
+        return f"EpisodeStats({self[0]!r}, {self[1]!r}{extra})"
+
+
 class EpisodeTracker:
     """Running return/length per env; finished episodes are kept until collected.
 
     With ``env_reports_episodes`` the env's own ``info["episode"]`` stats are used
-    instead of the sampler's sums (see :func:`env_reports_episodes`).
+    instead of the sampler's sums (see :func:`env_reports_episodes`). Custom metrics
+    stored in ``custom_metrics[env_index]`` (by the episode callbacks) are attached to
+    that env's next finished episode.
     """
 
     def __init__(self, num_envs: int, env_reports_episodes: bool = False):
         self.returns = np.zeros(num_envs, dtype=np.float64)
         self.lengths = np.zeros(num_envs, dtype=np.int64)
-        self.finished: list[tuple[float, int]] = []
+        self.finished: list[EpisodeStats] = []
         self.env_reports_episodes = env_reports_episodes
+        self.custom_metrics: list[dict | None] = [None] * num_envs
 
-    def record_env_episode(self, stats: dict) -> None:
-        self.finished.append((float(np.asarray(stats["r"]).item()),
-                              int(np.asarray(stats["l"]).item())))
+    def _pop_custom(self, env_index: int | None) -> dict | None:
+        if env_index is None:
+            return None
+        custom, self.custom_metrics[env_index] = self.custom_metrics[env_index], None
+        return custom
+
+    def record_env_episode(self, stats: dict, env_index: int | None = None) -> None:
+        self.finished.append(EpisodeStats(float(np.asarray(stats["r"]).item()),
+                                          int(np.asarray(stats["l"]).item()),
+                                          self._pop_custom(env_index)))
 
     def end(self, env_index: int) -> None:
         if not self.env_reports_episodes:
-            self.finished.append((float(self.returns[env_index]),
-                                  int(self.lengths[env_index])))
+            self.finished.append(EpisodeStats(float(self.returns[env_index]),
+                                              int(self.lengths[env_index]),
+                                              self._pop_custom(env_index)))
         self.returns[env_index] = 0.0
         self.lengths[env_index] = 0
 
-    def pop_finished(self) -> list[tuple[float, int]]:
+    def pop_finished(self) -> list[EpisodeStats]:
         out, self.finished = self.finished, []
         return out
 
@@ -71,11 +117,17 @@ class VectorSampler:
     episodes cut at the end are bootstrapped by the policy.
     ``complete_episodes``: each call returns only whole episodes, at least
     ``fragment_length * len(envs)`` steps; unfinished episodes carry over to the next call.
+
+    ``callbacks``: a :class:`~flowrl.callbacks.DefaultCallbacks` instance whose episode
+    hooks receive ``worker``; they run only if the class overrides one of them.
+    An :class:`~flowrl.callbacks.Episode` spans what the results count as an episode
+    (a whole Atari game across lost lives, see :func:`env_reports_episodes`).
     """
 
     def __init__(self, envs: Sequence[gym.Env], policy: Any, fragment_length: int,
                  batch_mode: str = "truncate_episodes", seeds: Sequence[int | None] = (),
-                 clip_actions: bool = True, explore: bool = True, episode_id_base: int = 0):
+                 clip_actions: bool = True, explore: bool = True, episode_id_base: int = 0,
+                 callbacks: DefaultCallbacks | None = None, worker: Any = None):
         if batch_mode not in ("truncate_episodes", "complete_episodes"):
             raise ValueError(f"batch_mode={batch_mode!r}; expected 'truncate_episodes' or "
                              "'complete_episodes'")
@@ -93,17 +145,25 @@ class VectorSampler:
         self._next_eps_id = episode_id_base
         self._unroll_id = 0
         seeds = list(seeds) or [None] * self.num_envs
-        first = []
+        first, first_infos = [], []
         for env, seed in zip(self.envs, seeds):
             if seed is not None:
                 env.action_space.seed(seed)
-            obs, _ = env.reset(seed=seed)
+            obs, info = env.reset(seed=seed)
             first.append(obs)
+            first_infos.append(info)
         self._obs = np.stack([np.asarray(o) for o in first])
         self._eps_ids = np.array([self._new_eps_id() for _ in range(self.num_envs)])
         self._t = np.zeros(self.num_envs, dtype=np.int64)
         # complete_episodes: per env, the unfinished piece of the current episode
         self._pending: list[SampleBatch | None] = [None] * self.num_envs
+        # Episode hooks: decided once, so the default loop skips all per-step calls.
+        self.callbacks = callbacks
+        self.worker = worker
+        self._episode_hooks = callbacks is not None and overrides_episode_hooks(callbacks)
+        # Per env: the callbacks' Episode (None: not started yet / just ended).
+        self._episodes: list[Episode | None] = [None] * self.num_envs
+        self._first_infos: list[dict] | None = first_infos if self._episode_hooks else None
 
     def _new_eps_id(self) -> int:
         self._next_eps_id += 1
@@ -137,6 +197,13 @@ class VectorSampler:
         actions_buf = extras_buf = None
         envs, tracker = self.envs, self.tracker
         reports_episodes = tracker.env_reports_episodes
+        hooks = self._episode_hooks
+        if hooks and self._first_infos is not None:
+            # Started here rather than in __init__, so that the callbacks see a worker
+            # that is fully constructed.
+            for i, info in enumerate(self._first_infos):
+                self._start_episode(i, self._obs[i], info)
+            self._first_infos = None
         for t in range(T):
             obs = self._obs
             actions, extras = self.policy.compute_actions(obs, explore=self.explore)
@@ -165,10 +232,12 @@ class VectorSampler:
                 step_rewards.append(r)
                 step_terms.append(term)
                 step_truncs.append(trunc)
+                if hooks:  # before the stats are recorded: on_episode_end sets metrics
+                    self._episode_step(i, o, actions[i], r, term, trunc, info)
                 if term or trunc:
                     ended.append(i)
                     if reports_episodes and "episode" in info:
-                        tracker.record_env_episode(info["episode"])
+                        tracker.record_env_episode(info["episode"], i)
             rewards[t] = step_rewards
             terms[t] = step_terms
             truncs[t] = step_truncs
@@ -178,9 +247,11 @@ class VectorSampler:
             next_obs = new_obs_row.copy()
             for i in ended:  # auto-reset; the final obs stays in new_obs
                 tracker.end(i)
-                next_obs[i], _ = envs[i].reset()
+                next_obs[i], reset_info = envs[i].reset()
                 self._eps_ids[i] = self._new_eps_id()
                 self._t[i] = 0
+                if hooks:
+                    self._episode_reset(i, next_obs[i], reset_info)
             self._obs = next_obs
         self._unroll_id += 1
         columns = {
@@ -191,6 +262,39 @@ class VectorSampler:
             **extras_buf,
         }
         return self._cut_into_episodes(columns, final)
+
+    # -- episode callbacks (only when the callbacks class overrides an episode hook) --
+    def _start_episode(self, env_index: int, obs: Any, info: dict) -> None:
+        episode = Episode(int(self._eps_ids[env_index]), env_index, obs, info)
+        self._episodes[env_index] = episode
+        self.callbacks.on_episode_start(worker=self.worker, episode=episode,
+                                        env_index=env_index)
+
+    def _episode_step(self, env_index: int, obs: Any, action: Any, reward: float,
+                      terminated: bool, truncated: bool, info: dict) -> None:
+        episode = self._episodes[env_index]
+        episode.add_step(obs, action, reward, info)
+        self.callbacks.on_episode_step(worker=self.worker, episode=episode,
+                                       env_index=env_index)
+        if not (terminated or truncated):
+            return
+        reports = self.tracker.env_reports_episodes
+        # With info["episode"] reporting, a termination without it is a lost life:
+        # the game (and the Episode) goes on after the reset.
+        if reports and not truncated and "episode" not in info:
+            return
+        self.callbacks.on_episode_end(worker=self.worker, episode=episode,
+                                      env_index=env_index)
+        if not reports or "episode" in info:  # the tracker records this episode
+            self.tracker.custom_metrics[env_index] = episode.custom_metrics
+        self._episodes[env_index] = None
+
+    def _episode_reset(self, env_index: int, obs: Any, info: dict) -> None:
+        episode = self._episodes[env_index]
+        if episode is None:
+            self._start_episode(env_index, obs, info)
+        else:  # a lost life: same game, new first observation
+            episode.last_observation = obs
 
     def _cut_into_episodes(self, columns: dict, final: bool) -> list[SampleBatch]:
         T = self.fragment_length
@@ -217,6 +321,7 @@ class VectorSampler:
                 start = end
         return pieces
 
-    def pop_episode_metrics(self) -> list[tuple[float, int]]:
-        """(return, length) of episodes finished since the last call."""
+    def pop_episode_metrics(self) -> list[EpisodeStats]:
+        """(return, length) of episodes finished since the last call, as EpisodeStats
+        (2-tuples that also carry the episodes' ``custom_metrics``)."""
         return self.tracker.pop_finished()

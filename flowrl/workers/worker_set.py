@@ -20,25 +20,34 @@ logger = logging.getLogger(__name__)
 
 # How long remote workers may take to start before WorkerSet reports why they can't.
 WORKER_START_TIMEOUT_S = 60.0
+# How long stop() waits for recording workers to finish their videos before killing them.
+WORKER_STOP_TIMEOUT_S = 10.0
 
 
 class WorkerSet:
     """The local worker (index 0) and the remote workers (indexes 1..num_workers).
 
+    ``monitor_dir``: the video directory handed to the workers (used when
+    ``config["monitor"]`` is on; see RolloutWorker).
+
     Counters: ``num_worker_restarts`` (read by the Agent's reports).
     """
 
     def __init__(self, env_creator: Callable[[EnvContext], Any], policy_cls: type,
-                 config: dict, num_workers: int | None = None):
+                 config: dict, num_workers: int | None = None,
+                 monitor_dir: str | None = None):
         self.env_creator = env_creator
         self.policy_cls = policy_cls
         self.config = config
         self.num_workers = config.get("num_workers", 0) if num_workers is None else num_workers
+        self.monitor_dir = monitor_dir
         self.num_worker_restarts = 0
         self._lock = threading.Lock()
-        self._local = RolloutWorker(env_creator, policy_cls, config, 0, self.num_workers)
+        self._local = RolloutWorker(env_creator, policy_cls, config, 0, self.num_workers,
+                                    monitor_dir)
         self._remote: list = []
         self._index_of: dict = {}  # actor handle -> worker index
+        self._pid_ref_of: dict = {}  # actor handle -> ref of its process id
         if self.num_workers > 0:
             import ray
             self._actor_cls = ray.remote(RolloutWorker).options(
@@ -75,9 +84,19 @@ class WorkerSet:
 
     def _start_actor(self, index: int):
         actor = self._actor_cls.remote(self.env_creator, self.policy_cls, self.config,
-                                       index, self.num_workers)
+                                       index, self.num_workers, self.monitor_dir)
         self._index_of[actor] = index
+        # Asked now so that an error about the worker's death can name its process.
+        self._pid_ref_of[actor] = actor.get_pid.remote()
         return actor
+
+    def _describe(self, actor, index: int) -> str:
+        import ray
+        try:
+            pid = ray.get(self._pid_ref_of.pop(actor), timeout=0.5)
+        except Exception:  # it died before answering
+            pid = "?"
+        return f"Rollout worker {index} (pid {pid})"
 
     def local_worker(self) -> RolloutWorker:
         return self._local
@@ -122,8 +141,10 @@ class WorkerSet:
     def handle_actor_failure(self, actor, error: Exception):
         """Called by gathers when ``actor`` died: returns a replacement or None.
 
-        Replaces the worker when ``recreate_failed_workers`` is on and fewer than
-        ``max_worker_restarts`` restarts happened; otherwise drops it from the set.
+        Replaces the worker (same index, current weights) when
+        ``recreate_failed_workers`` is on and fewer than ``max_worker_restarts``
+        restarts happened; otherwise raises an error naming the worker, chained to
+        the original one.
         """
         with self._lock:
             if actor not in self._index_of:
@@ -131,12 +152,15 @@ class WorkerSet:
             index = self._index_of.pop(actor)
             self._remote = [w for w in self._remote if w is not actor]
             allowed = self.config.get("max_worker_restarts", 100)
-            if not self.config.get("recreate_failed_workers", True) or \
-                    self.num_worker_restarts >= allowed:
-                logger.error("Rollout worker %d died and is not replaced: %s", index, error)
-                return None
-            logger.warning("Rollout worker %d died (%s); starting a replacement.",
-                           index, type(error).__name__)
+            who = self._describe(actor, index)
+            if not self.config.get("recreate_failed_workers", True):
+                raise RuntimeError(f"{who} died and recreate_failed_workers is off: "
+                                   f"{error}") from error
+            if self.num_worker_restarts >= allowed:
+                raise RuntimeError(f"{who} died after max_worker_restarts={allowed} "
+                                   f"replacements: {error}") from error
+            logger.warning("%s died (%s); starting a replacement with the current "
+                           "weights.", who, type(error).__name__)
             self.num_worker_restarts += 1
             new_actor = self._start_actor(index)
             import ray
@@ -146,12 +170,19 @@ class WorkerSet:
             return new_actor
 
     def stop(self) -> None:
-        """Stops the envs and kills the remote actors."""
+        """Stops the envs and kills the remote actors.
+
+        With videos on, remote workers first close their envs (up to
+        WORKER_STOP_TIMEOUT_S), so that a video in progress is finished.
+        """
         try:
             self._local.stop()
         finally:
             if self._remote:
                 import ray
+                if self.monitor_dir is not None and self.config.get("monitor"):
+                    ray.wait([w.stop.remote() for w in self._remote],
+                             num_returns=len(self._remote), timeout=WORKER_STOP_TIMEOUT_S)
                 for w in self._remote:
                     ray.kill(w)
                 self._remote = []

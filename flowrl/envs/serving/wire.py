@@ -1,0 +1,291 @@
+"""The policy server's wire format: JSON only, never pickle.
+
+Arrays travel as ``{"dtype": "float32", "shape": [4], "data": ...}`` where ``data`` is
+the base64 of the raw little-endian bytes (what :func:`encode_array` writes) or a
+nested JSON list of numbers. Only numeric and boolean dtypes exist on the wire.
+Spaces (Box, Discrete, MultiDiscrete, MultiBinary) and configs are plain JSON.
+
+Every decoder checks what it reads and raises
+:class:`~flowrl.envs.serving.errors.BadRequestError` with a message that names the
+offending field, so the server can answer HTTP 400 instead of failing later.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from flowrl.envs.serving.errors import BadRequestError
+
+#: dtypes accepted on the wire (no object, string or void dtypes).
+WIRE_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
+                         "uint32", "uint64", "float16", "float32", "float64"})
+MAX_NDIM = 32
+#: Upper bound on elements per array; the body size limit is usually stricter.
+MAX_ELEMENTS = 1 << 26
+
+SUPPORTED_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete,
+                    gym.spaces.MultiBinary)
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def is_int(value: Any) -> bool:
+    """A JSON integer (booleans are not integers here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite JSON number (booleans excluded)."""
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+# -- arrays ------------------------------------------------------------------------------
+def encode_array(value: Any) -> dict:
+    """``{"dtype", "shape", "data"}`` with ``data`` the base64 of little-endian bytes."""
+    arr = np.ascontiguousarray(value)
+    if arr.dtype.name not in WIRE_DTYPES:
+        raise TypeError(f"cannot send an array of dtype {arr.dtype} (allowed: "
+                        f"{', '.join(sorted(WIRE_DTYPES))})")
+    raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+    return {"dtype": arr.dtype.name, "shape": list(arr.shape),
+            "data": base64.b64encode(raw).decode("ascii")}
+
+
+def _decode_shape(shape: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or \
+            not all(is_int(n) and n >= 0 for n in shape):
+        raise BadRequestError(f"{what}: 'shape' must be a list of at most {MAX_NDIM} "
+                              f"non-negative integers, got {shape!r:.80}")
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise BadRequestError(f"{what}: shape {shape} has more than {MAX_ELEMENTS} elements")
+    return tuple(shape)
+
+
+def _from_base64(data: str, dtype: np.dtype, shape: tuple[int, ...], what: str) -> np.ndarray:
+    try:
+        raw = base64.b64decode(data.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise BadRequestError(f"{what}: 'data' is neither valid base64 nor a list") from None
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) != expected:
+        raise BadRequestError(f"{what}: 'data' holds {len(raw)} bytes; dtype {dtype.name} "
+                              f"and shape {list(shape)} need {expected}")
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
+
+
+def _from_list(data: Any, dtype: np.dtype, shape: tuple[int, ...], what: str) -> np.ndarray:
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError):  # ragged nesting
+        raise BadRequestError(f"{what}: 'data' is not a rectangular list of numbers") from None
+    if arr.dtype.kind not in "biuf" or (arr.dtype.kind == "b") != (dtype.kind == "b"):
+        raise BadRequestError(f"{what}: 'data' must hold only "
+                              f"{'booleans' if dtype.kind == 'b' else 'numbers'}")
+    if arr.shape != shape:
+        raise BadRequestError(f"{what}: 'data' has shape {list(arr.shape)}, 'shape' says "
+                              f"{list(shape)}")
+    if dtype.kind in "iu":
+        if arr.dtype.kind == "f":
+            raise BadRequestError(f"{what}: dtype {dtype.name} but 'data' holds fractions")
+        info = np.iinfo(dtype)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise BadRequestError(f"{what}: 'data' does not fit dtype {dtype.name}")
+    return arr.astype(dtype)
+
+
+def decode_array(obj: Any, what: str) -> np.ndarray:
+    """The array an ``{"dtype", "shape", "data"}`` object describes (a new array).
+
+    Raises BadRequestError for anything else: other types, missing or extra keys,
+    unknown dtypes, impossible shapes, bad base64, byte counts that do not match.
+    """
+    if not isinstance(obj, dict):
+        raise BadRequestError(f"{what}: expected an array object {{\"dtype\", \"shape\", "
+                              f"\"data\"}}, got {json_type(obj)}")
+    if set(obj) != {"dtype", "shape", "data"}:
+        raise BadRequestError(f"{what}: an array object has exactly the keys 'dtype', "
+                              f"'shape', 'data'; got {sorted(map(str, obj))!r:.120}")
+    name = obj["dtype"]
+    if not isinstance(name, str) or name not in WIRE_DTYPES:
+        raise BadRequestError(f"{what}: dtype {name!r:.40} is not one of "
+                              f"{', '.join(sorted(WIRE_DTYPES))}")
+    dtype = np.dtype(name)
+    shape = _decode_shape(obj["shape"], what)
+    data = obj["data"]
+    if isinstance(data, str):
+        return _from_base64(data, dtype, shape, what)
+    if isinstance(data, (list, int, float, bool)):
+        return _from_list(data, dtype, shape, what)
+    raise BadRequestError(f"{what}: 'data' must be a base64 string or a list, "
+                          f"got {json_type(data)}")
+
+
+# -- values of a space --------------------------------------------------------------------
+def check_space_supported(space: gym.Space, what: str) -> None:
+    """TypeError unless the wire format can carry values of ``space``."""
+    if not isinstance(space, SUPPORTED_SPACES):
+        raise TypeError(f"{what} {space} is not supported by the policy server: use Box, "
+                        "Discrete, MultiDiscrete or MultiBinary (flatten Dict/Tuple spaces)")
+
+
+def check_value(space: gym.Space, value: Any, what: str, strict_dtype: bool,
+                batched: bool = False) -> Any:
+    """``value`` checked against ``space``; returns it as the sampler stores it.
+
+    Discrete values come back as ``int`` (``int64`` arrays when ``batched``), others as
+    arrays of the space's dtype. ``strict_dtype``: the array's dtype must be the
+    space's (the HTTP path); otherwise same-kind casts are applied (in-process calls
+    with Python lists or float64 arrays). Float values must be finite; Discrete,
+    MultiDiscrete and MultiBinary values must lie in the space. Box bounds are not
+    enforced: simulators often step slightly outside the bounds they declare.
+    ``batched``: ``value`` holds one row per step (a leading batch dimension).
+    """
+    if isinstance(space, gym.spaces.Discrete):
+        arr = np.asarray(value) if not isinstance(value, np.ndarray) else value
+        want_shape: tuple[int, ...] = arr.shape[:1] if batched else ()
+        if arr.dtype.kind not in "iu" or arr.shape != want_shape or \
+                (batched and arr.ndim != 1):
+            raise BadRequestError(f"{what}: expected {'integers' if batched else 'an integer'}"
+                                  f" of {space}, got dtype {arr.dtype} shape {list(arr.shape)}")
+        low, high = int(space.start), int(space.start) + int(space.n)
+        if arr.size and (arr.min() < low or arr.max() >= high):
+            raise BadRequestError(f"{what}: {arr.tolist()!r:.80} is outside {space}")
+        return arr.astype(np.int64) if batched else int(arr)
+    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    want = space.shape if not batched else (arr.shape[:1] + tuple(space.shape))
+    if arr.shape != want or (batched and arr.ndim != len(space.shape) + 1):
+        raise BadRequestError(f"{what}: shape {list(arr.shape)} does not match {space} "
+                              f"(shape {list(space.shape)}{', plus a batch dimension' if batched else ''})")
+    dtype = np.dtype(space.dtype)
+    if arr.dtype != dtype:
+        if strict_dtype or not np.can_cast(arr.dtype, dtype, casting="same_kind"):
+            raise BadRequestError(f"{what}: dtype {arr.dtype} does not match {space} "
+                                  f"(dtype {dtype})")
+        arr = arr.astype(dtype)
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise BadRequestError(f"{what}: NaN or infinite values are not accepted")
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        if np.any(arr < 0) or np.any(arr >= space.nvec):
+            raise BadRequestError(f"{what}: values outside {space}")
+    elif isinstance(space, gym.spaces.MultiBinary):
+        if np.any((arr != 0) & (arr != 1)):
+            raise BadRequestError(f"{what}: values of {space} must be 0 or 1")
+    return arr
+
+
+def decode_value(space: gym.Space, obj: Any, what: str, batched: bool = False) -> Any:
+    """A value of ``space`` from JSON (an array object; a plain integer for Discrete)."""
+    if isinstance(space, gym.spaces.Discrete) and not batched and is_int(obj):
+        return check_value(space, np.int64(obj), what, strict_dtype=True)
+    return check_value(space, decode_array(obj, what), what, strict_dtype=True,
+                       batched=batched)
+
+
+def encode_value(space: gym.Space, value: Any) -> Any:
+    """JSON for a value of ``space``: an ``int`` for Discrete, else an array object."""
+    if isinstance(space, gym.spaces.Discrete):
+        return int(value)
+    return encode_array(np.asarray(value, dtype=space.dtype))
+
+
+def decode_reply_value(space: gym.Space, obj: Any) -> Any:
+    """The client's side of :func:`encode_value` (trusts the server's shapes)."""
+    if isinstance(space, gym.spaces.Discrete):
+        return int(obj)
+    return decode_array(obj, "action")
+
+
+# -- spaces ---------------------------------------------------------------------------------
+def space_to_json(space: gym.Space) -> dict:
+    """JSON description of a supported space (Box bounds as base64 arrays: they may be
+    infinite, which JSON numbers cannot express)."""
+    check_space_supported(space, "space")
+    if isinstance(space, gym.spaces.Discrete):
+        return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
+    if isinstance(space, gym.spaces.Box):
+        return {"type": "Box", "low": encode_array(space.low), "high": encode_array(space.high),
+                "dtype": np.dtype(space.dtype).name}
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return {"type": "MultiDiscrete", "nvec": encode_array(space.nvec),
+                "dtype": np.dtype(space.dtype).name}
+    return {"type": "MultiBinary", "n": np.asarray(space.n).tolist()}
+
+
+def space_from_json(obj: Any) -> gym.Space:
+    """The space :func:`space_to_json` described; BadRequestError if malformed."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+        raise BadRequestError(f"space: expected an object with a 'type', got {json_type(obj)}")
+    kind = obj["type"]
+    try:
+        if kind == "Discrete":
+            return gym.spaces.Discrete(int(obj["n"]), start=int(obj.get("start", 0)))
+        if kind == "Box":
+            return gym.spaces.Box(decode_array(obj["low"], "space.low"),
+                                  decode_array(obj["high"], "space.high"),
+                                  dtype=_wire_dtype(obj["dtype"]))
+        if kind == "MultiDiscrete":
+            return gym.spaces.MultiDiscrete(decode_array(obj["nvec"], "space.nvec"),
+                                            dtype=_wire_dtype(obj["dtype"]))
+        if kind == "MultiBinary":
+            return gym.spaces.MultiBinary(obj["n"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise BadRequestError(f"space: malformed {kind} description ({error})") from None
+    raise BadRequestError(f"space: unsupported type {kind!r:.40}")
+
+
+def _wire_dtype(name: Any) -> np.dtype:
+    if not isinstance(name, str) or name not in WIRE_DTYPES:
+        raise ValueError(f"dtype {name!r:.40}")
+    return np.dtype(name)
+
+
+# -- configs ----------------------------------------------------------------------------------
+_SKIP = object()
+
+
+def _json_safe(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else _SKIP
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            v = _json_safe(v)
+            if isinstance(k, str) and v is not _SKIP:
+                out[k] = v
+        return out
+    if isinstance(value, (list, tuple)):
+        items = [_json_safe(v) for v in value]
+        return _SKIP if any(v is _SKIP for v in items) else items
+    return _SKIP  # classes, callables, arrays: not part of a policy's JSON config
+
+
+def config_to_json(config: dict) -> dict:
+    """The JSON-representable part of a config (classes, callables and non-finite
+    floats are left out: a client rebuilds its policy from the rest)."""
+    out = _json_safe(config)
+    return out if isinstance(out, dict) else {}

@@ -1,0 +1,156 @@
+"""Checkpoints that survive a killed driver, errors for damaged ones, and a resume that
+continues counters, optimizer state and random streams."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from flowrl import Agent, get_agent_class
+from flowrl.checkpoint import MANIFEST_FILE, read_manifest
+
+DQN_SMALL = {"learning_starts": 100, "timesteps_per_iteration": 200, "seed": 3,
+             "checkpoint_replay_buffer": True, "buffer_size": 50000}
+
+SAVE_FOREVER = textwrap.dedent("""
+    import sys
+    from flowrl import get_agent_class
+    agent = get_agent_class("DQN")(config={config}, env="CartPole-v1", log_to_disk=False)
+    for _ in range(20):  # a fuller replay buffer makes each save take longer
+        agent.train()
+    agent.save(sys.argv[1])
+    print("first", flush=True)
+    while True:              # overwrite the same checkpoint until killed mid-write
+        agent.save(sys.argv[1])
+""")
+
+
+def test_sigkill_while_overwriting_a_checkpoint_never_loses_it(tmp_path):
+    script = tmp_path / "save_forever.py"
+    script.write_text(SAVE_FOREVER.format(config=repr(DQN_SMALL)))
+    path = str(tmp_path / "checkpoint")
+    rng = random.Random(0)
+    for attempt in range(3):
+        child = subprocess.Popen([sys.executable, str(script), path], stdout=subprocess.PIPE,
+                                 text=True)
+        try:
+            assert child.stdout.readline().strip() == "first"
+            time.sleep(rng.uniform(0.2, 1.5))  # somewhere inside a later save
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        agent = Agent.from_checkpoint(path, config_overrides={"seed": 1})
+        try:
+            assert agent.iteration >= 20
+            assert agent.metrics.get("num_steps_sampled") >= 20 * 200
+        finally:
+            agent.stop()
+    # Leftovers of killed writes are hidden siblings, never mistaken for checkpoints.
+    assert os.listdir(tmp_path).count("checkpoint") == 1
+
+
+def test_an_overwrite_killed_between_its_renames_is_recovered(tmp_path):
+    agent = get_agent_class("PG")(config={"seed": 0}, env="CartPole-v1", log_to_disk=False)
+    try:
+        agent.train()
+        path = agent.save(str(tmp_path / "checkpoint_1"))
+    finally:
+        agent.stop()
+    # The state a kill leaves after "old moved aside", before "new moved in".
+    os.rename(path, str(tmp_path / ".checkpoint_1.old-0000abcd"))
+    manifest = read_manifest(path)
+    assert manifest["iteration"] == 1 and os.path.isdir(path)
+
+
+def test_damaged_foreign_and_newer_checkpoints_give_one_line_errors(tmp_path):
+    agent = get_agent_class("PG")(config={"seed": 0}, env="CartPole-v1", log_to_disk=False)
+    try:
+        agent.train()
+        path = agent.save(str(tmp_path / "checkpoint_1"))
+        policy_file = os.path.join(path, "policies", "default_policy.pt")
+        with open(policy_file, "r+b") as f:
+            f.truncate(os.path.getsize(policy_file) // 2)
+        with pytest.raises(ValueError) as info:
+            agent.restore(path)
+        message = str(info.value)
+        assert policy_file in message and "truncated or corrupt" in message
+        assert "\n" not in message
+
+        foreign = tmp_path / "foreign"
+        foreign.mkdir()
+        (foreign / MANIFEST_FILE).write_text(json.dumps({"name": "something else"}))
+        with pytest.raises(ValueError, match="is not a flowrl checkpoint manifest"):
+            agent.restore(str(foreign))
+        with pytest.raises(FileNotFoundError, match="has no flowrl_checkpoint.json"):
+            agent.restore(str(tmp_path))
+
+        newer = agent.save(str(tmp_path / "checkpoint_2"))
+        manifest_file = os.path.join(newer, MANIFEST_FILE)
+        manifest = json.load(open(manifest_file))
+        manifest.update(format_version=99, flowrl_version="9.0.0")
+        json.dump(manifest, open(manifest_file, "w"))
+        with pytest.raises(ValueError, match=r"format version 99 \(written by flowrl "
+                                             r"9\.0\.0\), but this flowrl .* reads format "
+                                             r"version 1"):
+            agent.restore(newer)
+    finally:
+        agent.stop()
+
+
+def test_restore_continues_counters_optimizer_and_random_streams(tmp_path):
+    agent = get_agent_class("DQN")(config=DQN_SMALL, env="CartPole-v1", log_to_disk=False)
+    try:
+        for _ in range(3):
+            agent.train()
+        path = agent.save(str(tmp_path / "checkpoint_3"))
+        optimizer = agent.get_policy().get_state()
+        expected = (random.random(), float(np.random.rand()), float(torch.rand(1)),
+                    float(agent.get_policy()._rng.random()))
+        counters = dict(agent.metrics.save())
+    finally:
+        agent.stop()
+    restored = get_agent_class("DQN")(config={**DQN_SMALL, "seed": 11}, env="CartPole-v1",
+                                      log_to_disk=False)
+    try:
+        restored.restore(path)
+        got = (random.random(), float(np.random.rand()), float(torch.rand(1)),
+               float(restored.get_policy()._rng.random()))
+        assert got == expected  # the streams continue where they were saved
+        assert restored.metrics.save() == counters
+        restored_optimizer = restored.get_policy().get_state()["optimizer"]
+        assert restored_optimizer["state"], "Adam moments were restored"
+        for slot, values in optimizer["optimizer"]["state"].items():
+            for name, value in values.items():
+                assert np.array_equal(np.asarray(restored_optimizer["state"][slot][name]),
+                                      np.asarray(value)), (slot, name)
+        result = restored.train()
+        assert result["training_iteration"] == 4
+        assert result["timesteps_total"] == counters["counters"]["num_steps_sampled"] + 200
+    finally:
+        restored.stop()
+
+
+def test_seeded_runs_without_workers_are_identical():
+    def run():
+        agent = get_agent_class("PPO")(config={
+            "seed": 5, "train_batch_size": 512, "rollout_fragment_length": 64,
+            "num_sgd_iter": 2}, env="CartPole-v1", log_to_disk=False)
+        try:
+            out = []
+            for _ in range(3):
+                r = agent.train()
+                out.append((r["timesteps_total"], r["episode_reward_mean"],
+                            r["info"]["learner"]["default_policy"]["total_loss"]))
+            return out
+        finally:
+            agent.stop()
+
+    assert run() == run()
