@@ -221,7 +221,20 @@ def validate_common(config: dict) -> None:
             "'complete_episodes'.")
     require(0.0 <= config["gamma"] <= 1.0, f"gamma={config['gamma']!r} must be in [0, 1].")
     require(config["lr"] >= 0, f"lr={config['lr']!r} must be >= 0.")
-    require(config["num_gpus"] >= 0, f"num_gpus={config['num_gpus']!r} must be >= 0.")
+    for key in ("num_gpus", "num_gpus_per_worker", "num_cpus_for_driver",
+                "timesteps_per_iteration", "min_iter_time_s", "max_worker_restarts"):
+        require(config[key] >= 0, f"{key}={config[key]!r} must be >= 0.")
+    require(config["num_cpus_per_worker"] > 0 or config["num_workers"] == 0,
+            f"num_cpus_per_worker={config['num_cpus_per_worker']!r} must be > 0 (fractions "
+            "like 0.5 are fine).")
+    require(config["metrics_smoothing_episodes"] >= 1,
+            f"metrics_smoothing_episodes={config['metrics_smoothing_episodes']!r} must be "
+            ">= 1.")
+    clip = config["grad_clip"]
+    require(clip is None or clip > 0, f"grad_clip={clip!r} must be None (off) or > 0.")
+    require(config["num_gpus"] == 0 or config["num_gpus"] <= 1 or
+            float(config["num_gpus"]).is_integer(),
+            f"num_gpus={config['num_gpus']!r}: fractions are allowed only below 1.")
     interval = config["evaluation_interval"]
     require(interval is None or (isinstance(interval, int) and interval >= 1),
             f"evaluation_interval={interval!r} must be None or an int >= 1.")
