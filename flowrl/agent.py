@@ -100,6 +100,7 @@ class Agent:
                                  monitor_dir=self.video_dir if self.config["monitor"] else None)
         self.iteration = 0
         self.time_total_s = 0.0
+        self._seeds_reported = False
         self._plan: LocalIterator | None = None
         if type(self).training_step is Agent.training_step:
             self._plan = self.execution_plan(self.workers, self.config, self.metrics)
@@ -183,11 +184,28 @@ class Agent:
         else:
             result = self.training_step()
         self.iteration += 1
+        if not self._seeds_reported:
+            # Recorded once per agent (result.json): which env seeds each worker used.
+            result.setdefault("info", {})["worker_seeds"] = self.worker_seeds()
+            self._seeds_reported = True
         interval = self.config["evaluation_interval"]
         if interval and self.iteration % interval == 0:
             result["evaluation"] = self.evaluate()
         self.callbacks.on_train_result(agent=self, result=result)
         return result
+
+    def worker_seeds(self) -> dict[str, list[int]]:
+        """``{worker index: [seed of each of its envs]}`` (empty without ``seed``).
+
+        Worker ``i``'s env ``v`` is seeded ``seed + 1000 * i + v``: distinct per worker
+        and env, and the same in every run with the same ``seed``.
+        """
+        from flowrl.workers.rollout_worker import worker_seed
+        if self.config["seed"] is None:
+            return {}
+        num_envs = self.config["num_envs_per_worker"]
+        return {str(i): [worker_seed(self.config["seed"], i, v) for v in range(num_envs)]
+                for i in range(self.workers.num_workers + 1)}
 
     def train(self) -> dict:
         """Runs one iteration and returns its result dict (also logged to the logdir)."""

@@ -154,3 +154,21 @@ def test_seeded_runs_without_workers_are_identical():
             agent.stop()
 
     assert run() == run()
+
+
+def test_worker_seeds_are_distinct_and_recorded(ray_session):
+    agent = get_agent_class("PPO")(config={
+        "seed": 5, "num_workers": 2, "num_envs_per_worker": 2, "train_batch_size": 256,
+        "rollout_fragment_length": 32, "num_sgd_iter": 1}, env="CartPole-v1",
+        log_to_disk=False)
+    try:
+        first, second = agent.train(), agent.train()
+        seeds = first["info"]["worker_seeds"]
+        assert seeds == {"0": [5, 6], "1": [1005, 1006], "2": [2005, 2006]}
+        assert "worker_seeds" not in second["info"]  # recorded once per run
+        # The workers really use them: each one's first env reset is seeded so.
+        firsts = agent.workers.foreach_worker_with_index(
+            lambda w, i: w.env.np_random_seed)
+        assert firsts == [5, 1005, 2005]
+    finally:
+        agent.stop()
