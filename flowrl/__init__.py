@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 # they unpickle a RolloutWorker, and must not pay for Tune and every plan each time.
 _LAZY = {
     "Agent": "flowrl.agent",
+    "build_agent": "flowrl.builder",
     "EnvContext": "flowrl.envs",
     "register_env": "flowrl.envs",
     "register_custom_model": "flowrl.policies.models",

@@ -54,7 +54,8 @@ def make_train_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EXAMPLES)
     p.add_argument("--run", metavar="ALGO",
                    help="algorithm: PG, A2C, A3C, PPO, DQN, APEX, DDPG, APEX_DDPG, IMPALA, "
-                        "ES (e.g. --run PPO)")
+                        "ES (e.g. --run PPO), or one of your own built with build_agent: "
+                        "--run examples/custom_plan.py:PPOWithLogging")
     p.add_argument("--env", help="a gymnasium id, an Atari short name or a registered env "
                                  "(e.g. --env CartPole-v1, --env Breakout)")
     p.add_argument("--config", type=_json_arg("--config"), default={}, metavar="JSON",
@@ -151,7 +152,8 @@ def _experiments_from_args(args: argparse.Namespace) -> dict:
     spec = {"run": args.run, "config": dict(args.config), "stop": args.stop}
     if args.env:
         spec["env"] = args.env
-    return {args.experiment_name or args.run: spec}
+    # "examples/my_plan.py:MyAlgo" -> experiment "MyAlgo"
+    return {args.experiment_name or args.run.rsplit(":", 1)[-1]: spec}
 
 
 def _normalize_spec(name: str, spec: dict, args: argparse.Namespace) -> dict:
@@ -159,11 +161,22 @@ def _normalize_spec(name: str, spec: dict, args: argparse.Namespace) -> dict:
     from flowrl.envs.registry import make_env_creator
     from flowrl.registry import get_agent_class
 
+    from flowrl.imports import absolute_import_string
     spec = dict(spec)
     config = dict(spec.get("config", {}))
     if "env" in spec:
         config["env"] = spec.pop("env")
-    agent_cls = get_agent_class(spec.get("run"))
+    # Tune trials run in their own directories: file paths in import strings must be
+    # absolute ("examples/custom_env.py:SimpleCorridor" -> "/abs/examples/...").
+    if isinstance(config.get("env"), str):
+        config["env"] = absolute_import_string(config["env"])
+    model = config.get("model")
+    if isinstance(model, dict) and isinstance(model.get("custom_model"), str):
+        config["model"] = {**model,
+                           "custom_model": absolute_import_string(model["custom_model"])}
+    from flowrl.builder import load_algorithm
+    spec["run"] = load_algorithm(str(spec.get("run")))  # "file.py:NAME" registers NAME
+    agent_cls = get_agent_class(spec["run"])
     check: dict = _first_candidate(config)
     merged = agent_cls.merge_config(check)  # raises on bad keys/values
     make_env_creator(merged["env"])  # raises on unknown env ids

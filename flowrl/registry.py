@@ -20,12 +20,19 @@ ALGORITHMS: dict[str, str] = {
 
 
 def get_agent_class(name: str) -> type:
-    """``get_agent_class("PPO") -> PPOAgent``; unknown names raise ``ValueError``."""
+    """``get_agent_class("PPO") -> PPOAgent``; unknown names raise ``ValueError``.
+
+    Names registered with :func:`flowrl.build_agent` in this process resolve too.
+    """
+    from flowrl.builder import user_algorithms
+    users = user_algorithms()
+    if name in users:
+        return users[name]
     if name not in ALGORITHMS:
-        close = difflib.get_close_matches(str(name).upper(), list(ALGORITHMS), n=1,
-                                          cutoff=0.5)
+        known = list(ALGORITHMS) + list(users)
+        close = difflib.get_close_matches(str(name).upper(), known, n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"Unknown algorithm {name!r}.{hint} "
-                         f"Known algorithms: {', '.join(ALGORITHMS)}.")
+                         f"Known algorithms: {', '.join(known)}.")
     module_name, class_name = ALGORITHMS[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)

@@ -18,6 +18,7 @@ import gymnasium as gym
 
 from flowrl.envs import atari as _atari  # noqa: F401  (registers ALE ids with gymnasium)
 from flowrl.envs.compat import ensure_gymnasium_env
+from flowrl.imports import is_import_string, load_object
 
 EnvCreator = Callable[["EnvContext"], Any]
 
@@ -88,7 +89,8 @@ def make_env_creator(env: Any) -> EnvCreator:
 
     ``env`` may be a name given to :func:`register_env`, a gymnasium id
     (``"CartPole-v1"``), a short Atari name (``"Breakout"``, when Atari support is
-    installed), or an env class / callable taking the ``EnvContext``.
+    installed), an env class / callable taking the ``EnvContext``, or an import string
+    naming one (``"examples/custom_env.py:SimpleCorridor"``).
     Unknown names fail here, before any worker starts.
     """
     if env is None:
@@ -99,6 +101,12 @@ def make_env_creator(env: Any) -> EnvCreator:
             creator = _ENV_CREATORS[env]
         elif env in gym.registry:
             creator = _GymnasiumCreator(env)
+        elif is_import_string(env):
+            # "path/to/file.py:MyEnv" or "package.module:MyEnv": an env class or a
+            # creator function, usable from scripts/train.py --env / --config.
+            creator = load_object(env)
+            if not callable(creator):
+                raise ValueError(f"env {env!r} is not a class or function")
         else:
             creator = _from_tune_registry(env) or _resolve_extra_names(env)
             if creator is None:

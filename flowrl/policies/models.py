@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowrl.imports import is_import_string, load_object
+
 __all__ = [
     "MODEL_DEFAULTS",
     "TorchModel",
@@ -381,13 +383,16 @@ def get_model(
 ) -> nn.Module:
     """Build the model for these spaces; ``model_config`` is merged over :data:`MODEL_DEFAULTS`.
 
-    ``custom_model`` (a registered name or a model class) takes precedence over
-    the built-ins. Unsupported observation spaces raise ``ValueError``.
+    ``custom_model`` (a registered name, a model class, or an import string
+    ``"path/to/file.py:Model"``) takes precedence over the built-ins. Unsupported observation spaces raise ``ValueError``.
     """
     config = merge_model_config(model_config)
     custom = config.get("custom_model")
     if custom is not None:
-        if isinstance(custom, str):
+        if isinstance(custom, str) and custom not in _CUSTOM_MODELS and \
+                is_import_string(custom):
+            cls = load_object(custom)  # "path/to/file.py:MyModel" from --config
+        elif isinstance(custom, str):
             if custom not in _CUSTOM_MODELS:
                 raise ValueError(
                     f"unknown custom_model {custom!r}; registered models: {sorted(_CUSTOM_MODELS)} "
