@@ -18,7 +18,7 @@ from flowrl.policies.models import MODEL_DEFAULTS
 
 # Keys whose values are free-form dicts owned by the user (not validated inside).
 # ``evaluation_config`` is not free-form: its keys are checked against the top level.
-FREE_FORM_KEYS = {"env_config", "custom_model_config", "custom_eval_config", "multiagent"}
+FREE_FORM_KEYS = {"env_config", "custom_model_config", "custom_eval_config"}
 
 # Overrides of the top-level config used by Agent.evaluate(); checked like the top level.
 EVALUATION_CONFIG_KEY = "evaluation_config"
@@ -60,6 +60,15 @@ COMMON_CONFIG: dict[str, Any] = {
     # -- callbacks and videos -----------------------------------------------------
     "callbacks": DefaultCallbacks,  # a DefaultCallbacks subclass or "module.path:Class"
     "monitor": False,              # mp4 videos of some episodes in <logdir>/videos
+    # -- multi-agent (envs that are flowrl.envs.MultiAgentEnv) -----------------------
+    "multiagent": {
+        # {policy_id: None | {"policy_class", "observation_space", "action_space",
+        #  "config"}}, or a list of ids; None parts come from the algorithm and the env.
+        "policies": None,
+        # agent_id -> policy_id: a function, an import string "file.py:fn", or a dict.
+        "policy_mapping_fn": None,
+        "policies_to_train": None,  # None = all
+    },
     # -- reliability --------------------------------------------------------------
     "checkpoint_replay_buffer": False,  # save replay contents with checkpoints
     "recreate_failed_workers": True,
@@ -240,6 +249,8 @@ def validate_common(config: dict) -> None:
             f"evaluation_interval={interval!r} must be None or an int >= 1.")
     num_eval = config["evaluation_num_episodes"]
     require(num_eval >= 1, f"evaluation_num_episodes={num_eval!r} must be >= 1.")
+    from flowrl.workers.multi_agent_sampler import validate_multiagent
+    validate_multiagent(config)
     # Import paths become classes here, so a bad one fails before any worker starts.
     config["callbacks"] = resolve_callbacks(config["callbacks"])
     eval_config = config[EVALUATION_CONFIG_KEY]

@@ -59,6 +59,7 @@ class CountingCallbacks(DefaultCallbacks):
 
     def on_train_result(self, *, agent, result):
         result["callback_iteration"] = agent.iteration
+        result["agent_logdir"] = agent.logdir
 
 
 def _assert_custom_metrics(result):
@@ -100,6 +101,25 @@ def test_callbacks_run_on_remote_workers(ray_session, results_dir):
     assert result["callback_iteration"] == 1
     _assert_custom_metrics(result)
     agent.stop()
+
+
+def test_tune_trials_run_on_train_result_and_write_videos_in_the_agent_logdir(
+        ray_session, tmp_path):
+    from ray import tune
+
+    import flowrl  # noqa: F401  (registers the trainables)
+    trials = tune.run_experiments(
+        {"cb": {"run": "PG", "env": "CartPole-v1", "stop": {"training_iteration": 1},
+                "storage_path": str(tmp_path),
+                "config": {**PG_SMALL, "callbacks": CountingCallbacks, "monitor": True}}},
+        verbose=0)
+    (trial,) = trials
+    assert trial.status == "TERMINATED"
+    assert trial.last_result["callback_iteration"] == 1
+    assert "max_angle_mean" in trial.last_result["custom_metrics"]
+    # Videos go to the logdir Tune hands the agent (the Trainable's logdir).
+    videos = os.listdir(os.path.join(trial.last_result["agent_logdir"], "videos"))
+    assert "worker0_episode_000000.mp4" in videos
 
 
 def test_callbacks_given_by_import_path(results_dir):

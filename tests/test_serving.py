@@ -87,23 +87,27 @@ def worker_config(**overrides):
 
 
 # -- (1) learning: the example server + a client process -----------------------------------
-@pytest.mark.learning
-def test_server_example_trains_dqn_with_a_client_process(tmp_path):
-    """Budget: 40k env steps (the DQN settings of cartpole-dqn.yaml reach 150 in ~20-30k)."""
+def _train_over_http(seed: int, trial_dir) -> tuple[subprocess.Popen, str, subprocess.Popen, str]:
+    """Runs cartpole_server.py (DQN) and one cartpole_client.py process against it."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     server = subprocess.Popen(
         [sys.executable, "examples/serving/cartpole_server.py", "--run", "DQN", "--port", "0",
-         "--token", TOKEN, "--checkpoint-dir", str(tmp_path / "trial"), "--stop-reward", "150",
-         "--stop-timesteps", "40000", "--checkpoint-freq", "10", "--seed", "0"],
+         "--token", TOKEN, "--checkpoint-dir", str(trial_dir), "--stop-reward", "150",
+         "--stop-timesteps", "40000", "--checkpoint-freq", "10", "--seed", str(seed)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     client = None
     try:
-        first = server.stdout.readline()
-        match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", first)
-        assert match, first
+        head = []
+        while True:  # the first line naming the address (warnings may come before it)
+            line = server.stdout.readline()
+            head.append(line)
+            match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            if match or not line:
+                break
+        assert match, "".join(head)
         client = subprocess.Popen(
             [sys.executable, "examples/serving/cartpole_client.py", "--port", match.group(1),
-             "--token", TOKEN, "--seed", "0"],
+             "--token", TOKEN, "--seed", str(seed)],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         out, _ = server.communicate(timeout=240)
         client_out, _ = client.communicate(timeout=30)
@@ -111,6 +115,19 @@ def test_server_example_trains_dqn_with_a_client_process(tmp_path):
         for proc in (server, client):
             if proc is not None and proc.poll() is None:
                 proc.kill()
+    return server, "".join(head) + out, client, client_out
+
+
+@pytest.mark.learning
+def test_server_example_trains_dqn_with_a_client_process(tmp_path):
+    """DQN reaches a mean return of 150 on CartPole-v1 played by a client process over
+    HTTP. Budget: 40k env steps per seed (18k-28k needed in trial runs, 40-60 s);
+    a second seed runs only if the first misses (DESIGN §13)."""
+    for seed in (0, 1):
+        server, out, client, client_out = _train_over_http(seed, tmp_path / f"seed{seed}")
+        if server.returncode == 0:
+            break
+        assert "did not reach reward 150" in out, out  # anything else is a failure
     assert server.returncode == 0, out
     assert "reached reward 150" in out, out
     assert re.search(r"checkpoint .*checkpoint_0000\d\d", out), out
@@ -192,6 +209,12 @@ def test_concurrent_clients_steps_land_in_their_own_trajectories(batch_mode):
                                       ends & (not s["truncated"]))
         if batch_mode == "complete_episodes":  # whole episodes, never cut
             assert len(set(batch[SampleBatch.UNROLL_ID][rows].tolist())) == 1
+    # action_logp belongs to the action taken, also where the simulator chose it
+    logits = batch[SampleBatch.ACTION_DIST_INPUTS].astype(np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(
+        batch[SampleBatch.ACTION_LOGP],
+        log_probs[np.arange(batch.count), batch[SampleBatch.ACTIONS]], atol=1e-5)
     # episode metrics: every episode with a step, trained on or not
     metrics = worker.get_metrics()
     assert len(metrics) == len(sent)
@@ -433,7 +456,8 @@ def test_hostile_requests_get_4xx_and_the_server_keeps_serving(monkeypatch):
         assert not loaded
         # the live episode was not disturbed by any of it
         obs = encode_array(np.array([1, 2, 3], np.float32))
-        status, reply = _cmd(port, {"command": "get_action", "episode_id": live, "observation": obs})
+        status, reply = _cmd(port, {"command": "get_action", "episode_id": live,
+                                    "observation": obs})
         assert status == 200 and reply["action"] in (0, 1)
         assert _cmd(port, {"command": "log_returns", "episode_id": live, "reward": 1.0})[0] == 200
         assert _cmd(port, {"command": "end_episode", "episode_id": live, "observation": obs,
@@ -484,7 +508,10 @@ def test_local_inference_mode_end_to_end(algo, results_dir):
         agent = DQNAgent(config={"timesteps_per_iteration": 300, "learning_starts": 100,
                                  "seed": 0}, env="serving_test_cartpole")
     url = agent.workers.local_worker().env.server.url
-    client = PolicyClient(url, inference_mode="local", update_interval_s=0.2)
+    client = PolicyClient(url, inference_mode="local", update_interval_s=0.05)
+    spec = client.get_policy_spec()
+    assert spec["algorithm"] == algo and spec["config"]["gamma"] == agent.config["gamma"]
+    assert "env_config" not in spec["config"]  # the env's settings may hold secrets
     initial = {k: v.copy() for k, v in client.policy.get_weights().items()}
     assert client.num_weight_updates == 1
     stop, errors = threading.Event(), []
@@ -533,8 +560,8 @@ def test_remote_mode_trains_any_algorithm(algo, results_dir):
     try:
         result = [agent.train() for _ in range(2)][-1]
     finally:
-        agent.stop()
         stop.set()
+        agent.stop()  # the players' waiting get_action calls fail with 503 and they end
     for p in players:
         p.join(timeout=30)
     assert result["timesteps_total"] >= 2 * (400 if algo == "PPO" else 300)
@@ -579,6 +606,53 @@ def test_policy_client_raises_the_servers_message():
 
 
 # -- ExternalEnv without HTTP, inference-only serving ----------------------------------------------
+def test_external_env_api_contract():
+    from flowrl.envs.serving import (BadRequestError, EpisodeStateError, UnavailableError,
+                                     UnknownEpisodeError)
+    env = ExternalEnv(OBS_SPACE, ACT_SPACE, max_concurrent_episodes=2, max_buffered_steps=3)
+    eid = env.start_episode()
+    assert re.fullmatch(r"[0-9a-f]{32}", eid)
+    with pytest.raises(EpisodeStateError, match="already running"):
+        env.start_episode(eid)
+    with pytest.raises(BadRequestError, match="episode_id must be"):
+        env.start_episode("has space")
+    with pytest.raises(EpisodeStateError, match="log_returns before its first action"):
+        env.log_returns(eid, 1.0)
+    with pytest.raises(BadRequestError, match="shape"):
+        env.log_action(eid, [0.0, 1.0], 0)
+    with pytest.raises(BadRequestError, match="outside"):
+        env.log_action(eid, [0.0, 1.0, 2.0], 2)
+    env.log_action(eid, [0.0, 1.0, 2.0], 1)  # a float64 list is cast to the space's dtype
+    env.log_returns(eid, 0.5)
+    env.log_returns(eid, 0.25, info={"note": 1})
+    env.log_action(eid, np.ones(3, np.float32), 0)
+    env.log_returns(eid, 1.0)
+    env.start_episode("second")
+    with pytest.raises(EpisodeStateError, match="2 episodes are running"):
+        env.start_episode("third")
+    env.end_episode(eid, np.full(3, 2.0, np.float32), truncated=True)
+    steps = env.drain_steps()
+    assert [s.reward for s in steps] == [0.75, 1.0] and [s.t for s in steps] == [0, 1]
+    assert [(s.terminated, s.truncated, s.episode_end) for s in steps] == \
+        [(False, False, False), (False, True, True)]
+    np.testing.assert_array_equal(steps[0].new_obs, np.ones(3, np.float32))
+    assert env.pop_episode_stats() == [(1.75, 2)]
+    for call in (lambda: env.log_returns(eid, 1.0), lambda: env.end_episode(eid, [0, 0, 0])):
+        with pytest.raises(EpisodeStateError, match="already finished"):
+            call()
+    with pytest.raises(UnknownEpisodeError):
+        env.log_returns("never", 1.0)
+    for t in range(4):  # the sampler never drains: the 4th completed step is refused
+        env.log_action("second", [t, 0, 0], 0)
+    with pytest.raises(UnavailableError, match="wait for the sampler"):
+        env.log_action("second", [9, 0, 0], 0)
+    with pytest.raises(TypeError, match="ExternalEnv"):
+        env.reset()
+    env.close()
+    with pytest.raises(UnavailableError, match="closed"):
+        env.start_episode()
+
+
 class CartPoleLoop(ExternalEnv):
     """A simulator running its own loop in the env's thread."""
 

@@ -93,6 +93,7 @@ class CollectMetrics:
                        "sampled_steps_per_s": (steps - self.last_steps) / elapsed,
                        "trained_steps_per_s": (trained - self.last_trained) / elapsed},
         }
+        result.update(_policy_reward_stats(self.episodes))
         if self.extra_stats is not None:
             result.update(self.extra_stats())
         self.last_steps, self.last_trained, self.last_time = steps, trained, now
@@ -104,6 +105,20 @@ class CollectMetrics:
     def restore(self, state: dict) -> None:
         self.episodes_total = state.get("episodes_total", 0)
         self.last_steps = state.get("last_steps", 0)
+
+
+def _policy_reward_stats(episodes: Any) -> dict:
+    """Multi-agent episodes: ``policy_reward_mean|min|max`` = ``{policy_id: value}``
+    over the smoothing window (empty for single-agent runs)."""
+    per_policy: dict[str, list[float]] = collections.defaultdict(list)
+    for episode in episodes:
+        for pid, reward in getattr(episode, "policy_rewards", {}).items():
+            per_policy[pid].append(reward)
+    if not per_policy:
+        return {}
+    return {f"policy_reward_{name}": {pid: float(fn(values))
+                                      for pid, values in per_policy.items()}
+            for name, fn in (("mean", np.mean), ("min", np.min), ("max", np.max))}
 
 
 def _scalar_stats(learner_info: dict) -> dict:

@@ -13,7 +13,6 @@ from flowrl.flow import LocalIterator, Metrics
 from flowrl.ops import (BroadcastWeights, ConcatBatches, ParallelRollouts, SelectExperiences,
                         StandardMetricsReporting, StandardizeFields, TrainOneStep)
 from flowrl.policies.ppo import PPOTorchPolicy
-from flowrl.sample_batch import DEFAULT_POLICY_ID
 from flowrl.workers.worker_set import WorkerSet
 
 DEFAULT_CONFIG: dict = {
@@ -63,7 +62,7 @@ class UpdateKL:
 def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:
     rollouts = ParallelRollouts(workers, metrics, mode="bulk_sync")
     train_op = (rollouts
-                .for_each(SelectExperiences([DEFAULT_POLICY_ID]))
+                .for_each(SelectExperiences(workers.policies_to_train()))
                 .combine(ConcatBatches(config["train_batch_size"], metrics))
                 .for_each(StandardizeFields(["advantages"]))
                 .for_each(TrainOneStep(workers, metrics,

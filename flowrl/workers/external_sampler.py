@@ -41,7 +41,8 @@ from flowrl.workers.sampler import EpisodeStats
 _POLL_S = 0.2
 
 
-def logged_action_extras(policy: Any, obs: np.ndarray, actions: np.ndarray) -> dict[str, np.ndarray]:
+def logged_action_extras(policy: Any, obs: np.ndarray,
+                         actions: np.ndarray) -> dict[str, np.ndarray]:
     """The policy's extra columns for ``actions`` it did not choose itself.
 
     Runs the policy on ``obs`` for its per-observation columns (``vf_preds``,

@@ -18,10 +18,12 @@ import torch
 
 from flowrl.callbacks import resolve_callbacks
 from flowrl.envs.compat import ensure_gymnasium_env
+from flowrl.envs.multi_agent import MultiAgentEnv
 from flowrl.envs.registry import EnvContext
 from flowrl.flow import ParallelIteratorWorker
 from flowrl.sample_batch import DEFAULT_POLICY_ID, MultiAgentBatch, SampleBatch
 from flowrl.workers.external_sampler import ExternalEnv, ExternalEnvSampler
+from flowrl.workers.multi_agent_sampler import MultiAgentSampler, build_policy_map
 from flowrl.workers.sampler import EpisodeStats, VectorSampler
 
 
@@ -77,10 +79,15 @@ class RolloutWorker(ParallelIteratorWorker):
                 break  # serving: one ExternalEnv multiplexes its episodes (1 per worker)
         self.env = self.envs[0]
         # Policies see where they run (Ape-X gives each worker its own epsilon).
-        policy_config = {**config, "worker_index": worker_index, "num_workers": num_workers}
+        where = {"worker_index": worker_index, "num_workers": num_workers}
+        self.policies_to_train: set | None = None
+        if isinstance(self.env, MultiAgentEnv):
+            self._init_multi_agent(policy_cls, config, where, seed)
+            ParallelIteratorWorker.__init__(self, lambda: iter(self.sample, None), repeat=True)
+            return
         self.policy_map = {
             DEFAULT_POLICY_ID: policy_cls(self.env.observation_space,
-                                          self.env.action_space, policy_config)
+                                          self.env.action_space, {**config, **where})
         }
         sampler_cls = ExternalEnvSampler if isinstance(self.env, ExternalEnv) else VectorSampler
         self.sampler = sampler_cls(
@@ -95,6 +102,23 @@ class RolloutWorker(ParallelIteratorWorker):
             worker=self,
         )
         ParallelIteratorWorker.__init__(self, lambda: iter(self.sample, None), repeat=True)
+
+    def _init_multi_agent(self, policy_cls: type, config: dict, where: dict,
+                          seed: int | None) -> None:
+        """Policies from ``config["multiagent"]`` (one default policy for all agents when
+        it names none) and a MultiAgentSampler."""
+        if not (config.get("multiagent") or {}).get("policies"):
+            config = {**config, "multiagent": {**(config.get("multiagent") or {}),
+                                               "policies": [DEFAULT_POLICY_ID]}}
+        self.policy_map, mapping, self.policies_to_train = build_policy_map(
+            self.env, policy_cls, config, where)
+        self.sampler = MultiAgentSampler(
+            self.envs, self.policy_map, mapping,
+            fragment_length=config.get("rollout_fragment_length", 200),
+            batch_mode=config.get("batch_mode", "truncate_episodes"),
+            seeds=[worker_seed(seed, self.worker_index, i) for i in range(len(self.envs))],
+            explore=config.get("explore", True), episode_id_base=self.worker_index << 40,
+            callbacks=self.callbacks, worker=self)
 
     def _video_env(self, env_creator: Callable[[EnvContext], Any], ctx: EnvContext) -> Any:
         """The env, with render_mode "rgb_array" where flowrl builds it, recorded as
@@ -137,14 +161,19 @@ class RolloutWorker(ParallelIteratorWorker):
         """Trains each policy on its part of ``batch``; returns ``{policy_id: stats}``."""
         return {
             pid: self.policy_map[pid].learn_on_batch(b, num_sgd_iter, sgd_minibatch_size)
-            for pid, b in self._policy_batches(batch).items()
+            for pid, b in self._policy_batches(batch).items() if self._trains(pid)
         }
+
+    def _trains(self, policy_id: str) -> bool:
+        """Whether ``policy_id`` learns here (``multiagent.policies_to_train``)."""
+        return self.policies_to_train is None or policy_id in self.policies_to_train
 
     def compute_gradients(self, batch: SampleBatch | MultiAgentBatch
                           ) -> tuple[dict[str, list[np.ndarray]], dict[str, dict]]:
         grads, stats = {}, {}
         for pid, b in self._policy_batches(batch).items():
-            grads[pid], stats[pid] = self.policy_map[pid].compute_gradients(b)
+            if self._trains(pid):
+                grads[pid], stats[pid] = self.policy_map[pid].compute_gradients(b)
         return grads, stats
 
     def apply_gradients(self, grads: dict[str, list[np.ndarray]]) -> None:

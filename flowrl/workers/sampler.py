@@ -45,9 +45,12 @@ class EpisodeStats(tuple):
     """
 
     def __new__(cls, episode_return: float, length: int,
-                custom_metrics: dict[str, float] | None = None) -> "EpisodeStats":
+                custom_metrics: dict[str, float] | None = None,
+                policy_rewards: dict[str, float] | None = None) -> "EpisodeStats":
         self = super().__new__(cls, (episode_return, length))
         self.custom_metrics = custom_metrics or {}
+        # Multi-agent episodes: the summed reward of each policy's agents.
+        self.policy_rewards = policy_rewards or {}
         return self
 
     @property
@@ -59,7 +62,7 @@ class EpisodeStats(tuple):
         return self[1]
 
     def __reduce__(self) -> tuple:
-        return EpisodeStats, (self[0], self[1], self.custom_metrics)
+        return EpisodeStats, (self[0], self[1], self.custom_metrics, self.policy_rewards)
 
     def __repr__(self) -> str:
         extra = f", custom_metrics={self.custom_metrics!r}" if self.custom_metrics else ""

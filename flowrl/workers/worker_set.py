@@ -108,6 +108,11 @@ class WorkerSet:
         """The worker index (1..N) of a remote worker handle."""
         return self._index_of[actor]
 
+    def policies_to_train(self) -> list[str]:
+        """The policy ids the learner trains (``multiagent.policies_to_train``, else all)."""
+        local = self._local
+        return [pid for pid in local.policy_map if local._trains(pid)]
+
     def num_healthy_workers(self) -> int:
         return len(self._remote)
 

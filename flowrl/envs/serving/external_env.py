@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 import gymnasium as gym
 import numpy as np
 
-from flowrl.envs.serving.errors import (BadRequestError, EpisodeStateError,
+from flowrl.envs.serving.errors import (BadRequestError, EpisodeStateError, ServingError,
                                         UnavailableError, UnknownEpisodeError)
 from flowrl.envs.serving.wire import check_space_supported, check_value
 
@@ -150,15 +150,20 @@ class ExternalEnv(gym.Env):
             so that abandoned episodes cannot grow memory without bound.
         max_finished_ids: how many finished episode ids are remembered, to tell
             "finished" (409) from "unknown" (404) and to map ids to ``eps_id``.
+        max_buffered_steps: completed steps waiting for the sampler; beyond this,
+            calls are refused (UnavailableError) until it catches up, so an env that
+            nobody samples cannot fill the memory.
     """
 
     def __init__(self, observation_space: gym.Space, action_space: gym.Space,
-                 max_concurrent_episodes: int = 1000, max_finished_ids: int = 100_000):
+                 max_concurrent_episodes: int = 1000, max_finished_ids: int = 100_000,
+                 max_buffered_steps: int = 1_000_000):
         check_space_supported(observation_space, "observation space")
         check_space_supported(action_space, "action space")
         self.observation_space = observation_space
         self.action_space = action_space
         self.max_concurrent_episodes = int(max_concurrent_episodes)
+        self.max_buffered_steps = int(max_buffered_steps)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # requests, steps or close arrived
         self._episodes: dict[str, _Episode] = {}
@@ -171,7 +176,6 @@ class ExternalEnv(gym.Env):
         self._weights_wanted = False
         self._weights_ready = threading.Event()
         self._steps: list[Step] = []
-        self._num_training_steps = 0
         self._episode_stats: collections.deque = collections.deque(maxlen=100_000)
         self._eps_counter = itertools.count(1)
         self._eps_id_base = 0
@@ -246,8 +250,11 @@ class ExternalEnv(gym.Env):
         while not request.done.wait(0.5):
             if self._closed:
                 break
+        if isinstance(request.error, ServingError):  # a fresh exception per waiting thread
+            raise type(request.error)(str(request.error))
         if request.error is not None:
-            raise request.error
+            raise ServingError(f"computing the action failed: {request.error!r}") \
+                from request.error
         if not request.done.is_set():
             raise UnavailableError("the env was closed while waiting for an action")
         return request.env_action
@@ -333,11 +340,13 @@ class ExternalEnv(gym.Env):
         raise UnknownEpisodeError(f"unknown episode {episode_id!r:.60}")
 
     def num_running_episodes(self) -> int:
+        """Episodes started and not ended yet."""
         with self._lock:
             return len(self._episodes)
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`close` ran (every call then raises UnavailableError)."""
         return self._closed
 
     # -- for samplers and inference loops -------------------------------------------------
@@ -484,6 +493,9 @@ class ExternalEnv(gym.Env):
     def _check_open(self) -> None:
         if self._closed:
             raise UnavailableError(f"{type(self).__name__} was closed")
+        if len(self._steps) >= self.max_buffered_steps:
+            raise UnavailableError(f"{len(self._steps)} steps wait for the sampler: it is not "
+                                   "sampling this env (or not keeping up)")
 
     def _observation(self, value: Any, what: str) -> Any:
         return check_value(self.observation_space, value, what, strict_dtype=False)

@@ -38,16 +38,19 @@ class InferenceServer:
                                    max_body_bytes=max_body_bytes)
 
     def start(self) -> "InferenceServer":
+        """Starts the serving loop, then the HTTP server; returns self."""
         self.loop.start()
         self.server.start()
         return self
 
     @property
     def port(self) -> int:
+        """The bound port."""
         return self.server.port
 
     @property
     def url(self) -> str:
+        """``http://address:port`` for PolicyClient."""
         return self.server.url
 
     def shutdown(self) -> None:

@@ -21,6 +21,11 @@ from flowrl.envs.serving.wire import config_to_json
 
 logger = logging.getLogger(__name__)
 
+#: Config keys never sent to clients: the env's settings may hold secrets (the server's
+#: token, credentials of a simulator) and a client's policy does not need them.
+PRIVATE_CONFIG_KEYS = frozenset({"env", "env_config", "evaluation_config", "callbacks",
+                                 "custom_eval_config", "multiagent"})
+
 
 def algorithm_of(policy: Any) -> str | None:
     """The registered algorithm whose policy class is ``type(policy)`` (first match)."""
@@ -56,8 +61,9 @@ class PolicyService:
         """Algorithm name and JSON config of the policy (computed once, on request)."""
         with self._spec_lock:
             if self._spec is None:
-                self._spec = PolicySpec(algorithm_of(self.policy),
-                                        config_to_json(dict(self.policy.config)))
+                config = {k: v for k, v in self.policy.config.items()
+                          if k not in PRIVATE_CONFIG_KEYS}
+                self._spec = PolicySpec(algorithm_of(self.policy), config_to_json(config))
             return self._spec
 
     def publish_weights(self) -> None:
@@ -105,6 +111,7 @@ class PolicyServiceLoop:
                                         name="PolicyServiceLoop")
 
     def start(self) -> "PolicyServiceLoop":
+        """Starts the env's own loop and the serving thread; returns self."""
         self.env.start()
         self._thread.start()
         return self
@@ -120,5 +127,6 @@ class PolicyServiceLoop:
             self.env.wait_for_work(0.2)
 
     def stop(self) -> None:
+        """Stops the serving thread (waiting requests stay until the env closes)."""
         self._stop.set()
         self._thread.join(timeout=5)

@@ -220,14 +220,13 @@ class _RequestHandler(BaseHTTPRequestHandler):
         elif code >= 500:  # e.g. 505 for "HTTP/9.9": the client's fault, not the server's
             code = HTTPStatus.BAD_REQUEST
         self._reply(int(code), {"error": message or HTTPStatus(code).phrase}, close=True)
+        self._linger()
 
     def do_POST(self) -> None:
         body_read = False
         try:
             if self.path.split("?", 1)[0] != "/":
-                self._reply(404, {"error": f"no such path {self.path!r:.60}: POST to /"},
-                            close=True)
-                return
+                raise ProtocolError(404, f"no such path {self.path!r:.60}: POST to /")
             self._check_token()
             body = self._read_body()
             body_read = True
@@ -275,8 +274,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding") is not None:
-            raise ProtocolError(411, "chunked bodies are not accepted: send a "
-                                              "Content-Length")
+            raise ProtocolError(411, "chunked bodies are not accepted: send a Content-Length")
         lengths = self.headers.get_all("Content-Length") or []
         if not lengths:
             raise ProtocolError(411, "missing Content-Length")
@@ -289,8 +287,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
                                        f"{self.server.max_body_bytes}")
         content_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
         if content_type != "application/json":
-            raise ProtocolError(415, f"Content-Type must be application/json, got "
-                                              f"{content_type or 'none'!r:.60}")
+            raise ProtocolError(415, "Content-Type must be application/json, got "
+                                     f"{content_type or 'none'!r:.60}")
         body = self.rfile.read(length)
         if len(body) != length:
             self.close_connection = True
@@ -356,7 +354,8 @@ class PolicyServer:
                  token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  request_timeout_s: float = 60.0):
         if not isinstance(external_env, ExternalEnv):
-            raise TypeError(f"PolicyServer serves an ExternalEnv, got {type(external_env).__name__}")
+            raise TypeError("PolicyServer serves an ExternalEnv, got "
+                            f"{type(external_env).__name__}")
         if token is not None and (not isinstance(token, str) or not token
                                   or not token.isascii() or not token.isprintable()
                                   or " " in token):
@@ -369,6 +368,7 @@ class PolicyServer:
 
     @property
     def address(self) -> str:
+        """The bound interface."""
         return self._httpd.server_address[0]
 
     @property

@@ -106,7 +106,7 @@ def _from_list(data: Any, dtype: np.dtype, shape: tuple[int, ...], what: str) ->
         raise BadRequestError(f"{what}: 'data' has shape {list(arr.shape)}, 'shape' says "
                               f"{list(shape)}")
     if dtype.kind in "iu":
-        if arr.dtype.kind == "f":
+        if arr.dtype.kind == "f" and arr.size:
             raise BadRequestError(f"{what}: dtype {dtype.name} but 'data' holds fractions")
         info = np.iinfo(dtype)
         if arr.size and (arr.min() < info.min or arr.max() > info.max):
@@ -175,8 +175,9 @@ def check_value(space: gym.Space, value: Any, what: str, strict_dtype: bool,
     arr = value if isinstance(value, np.ndarray) else np.asarray(value)
     want = space.shape if not batched else (arr.shape[:1] + tuple(space.shape))
     if arr.shape != want or (batched and arr.ndim != len(space.shape) + 1):
+        batch_note = ", plus a batch dimension" if batched else ""
         raise BadRequestError(f"{what}: shape {list(arr.shape)} does not match {space} "
-                              f"(shape {list(space.shape)}{', plus a batch dimension' if batched else ''})")
+                              f"(shape {list(space.shape)}{batch_note})")
     dtype = np.dtype(space.dtype)
     if arr.dtype != dtype:
         if strict_dtype or not np.can_cast(arr.dtype, dtype, casting="same_kind"):
