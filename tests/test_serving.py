@@ -526,7 +526,7 @@ def test_local_inference_mode_end_to_end(algo, results_dir):
     assert results[-1]["timesteps_total"] >= 3 * (400 if algo == "PPO" else 300)
     assert results[-1]["episodes_total"] > 0
     assert results[-1]["info"]["num_steps_trained"] > 0
-    assert client.num_weight_updates >= 3  # refreshed while the agent trained
+    assert client.num_weight_updates >= 2  # refreshed (every 0.05 s) while the agent trained
     # get_weights answers with the weights the sampler acts with: after training
     # stopped, one sampler round takes the latest ones
     client.update_policy_weights()

@@ -230,7 +230,8 @@ def test_worker_set_foreach_and_weight_sync(ray_session):
 
 def test_too_many_workers_fail_fast_with_a_clear_message(ray_session):
     with pytest.raises(ValueError, match=r"asks for 8 CPUs, but the Ray cluster has 2"):
-        PPOAgent(config={"num_workers": 8}, env="CartPole-v1", log_to_disk=False)
+        PPOAgent(config={"num_workers": 8, "num_cpus_per_worker": 1}, env="CartPole-v1",
+                 log_to_disk=False)
 
 
 def test_env_reported_episode_stats_replace_sampler_sums():

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                                       logdir=args.checkpoint_dir)
     server = agent.workers.local_worker().env.server
     print(f"PolicyServer listening on {server.url} ({args.run})", flush=True)
-    start, reached, result = time.time(), False, {}
+    start, reached, result, saved_at = time.time(), False, {}, None
     try:
         while True:
             result = agent.train()
@@ -94,12 +94,14 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             if args.checkpoint_freq and agent.iteration % args.checkpoint_freq == 0:
                 print(f"checkpoint {agent.save()}", flush=True)
+                saved_at = agent.iteration
             if reward >= args.stop_reward:
                 reached = True
                 break
             if steps >= args.stop_timesteps:
                 break
-        print(f"checkpoint {agent.save()}", flush=True)
+        if saved_at != agent.iteration:
+            print(f"checkpoint {agent.save()}", flush=True)
     finally:
         agent.stop()  # closes the env and with it the server: clients see it go away
     outcome = "reached" if reached else "did not reach"

@@ -95,8 +95,11 @@ class MultiCartPole(MultiAgentEnv):
     """``num_agents`` independent CartPole-v1 poles, one per agent ``agent_<i>``.
 
     An agent leaves when its pole falls (or at 500 steps); the episode ends when all
-    have left. ``env_config``: ``num_agents`` (default 2). A small, fast env for tests
-    and the two-trainer example.
+    have left. With ``respawn`` an agent whose pole fell gets a fresh pole in the next
+    step (a new agent-episode) and the env episode ends after ``horizon`` steps, so
+    every agent acts in every step, however well the others do.
+    ``env_config``: ``num_agents`` (default 2), ``respawn`` (False), ``horizon`` (1000).
+    A small, fast env for tests and the two-trainer example.
     """
 
     def __init__(self, config: dict | None = None):
@@ -104,6 +107,10 @@ class MultiCartPole(MultiAgentEnv):
         self.num_agents = int(config.get("num_agents", 2))
         if self.num_agents < 1:
             raise ValueError(f"num_agents={self.num_agents} must be >= 1")
+        self.respawn = bool(config.get("respawn", False))
+        self.horizon = int(config.get("horizon", 1000))
+        self._steps = 0
+        self._fallen: set = set()
         self.possible_agents = [f"agent_{i}" for i in range(self.num_agents)]
         self.envs = {a: gym.make("CartPole-v1") for a in self.possible_agents}
         self.observation_spaces = {a: e.observation_space for a, e in self.envs.items()}
@@ -118,19 +125,33 @@ class MultiCartPole(MultiAgentEnv):
         for i, (agent, env) in enumerate(self.envs.items()):
             obs[agent], _ = env.reset(seed=None if seed is None else seed + 7919 * i)
         self._live = set(self.possible_agents)
+        self._steps, self._fallen = 0, set()
         return obs, {}
 
     def step(self, action_dict: dict) -> tuple[dict, dict, dict, dict, dict]:
         obs, rewards, terms, truncs = {}, {}, {}, {}
+        for agent in self._fallen:  # respawn: a fresh pole, acting from the next step
+            obs[agent], _ = self.envs[agent].reset()
+            self._live.add(agent)
+        self._fallen = set()
         for agent, action in action_dict.items():
-            if agent not in self._live:
-                raise ValueError(f"agent {agent!r} acted after it left the episode")
+            if agent not in self._live or agent in obs:
+                raise ValueError(f"agent {agent!r} acted while it was not in the episode")
             o, r, term, trunc, _ = self.envs[agent].step(int(np.asarray(action)))
             obs[agent], rewards[agent], terms[agent], truncs[agent] = o, r, term, trunc
             if term or trunc:
                 self._live.discard(agent)
-        terms[ALL] = not self._live and any(terms.values())
-        truncs[ALL] = not self._live and not terms[ALL]
+                if self.respawn:
+                    self._fallen.add(agent)
+        self._steps += 1
+        if self.respawn and self._steps >= self.horizon:
+            for agent in self._live:
+                truncs[agent] = True
+            self._live = set()
+            terms[ALL], truncs[ALL] = False, True
+            return obs, rewards, terms, truncs, {}
+        terms[ALL] = not self._live and not self._fallen and any(terms.values())
+        truncs[ALL] = not self._live and not self._fallen and not terms[ALL]
         return obs, rewards, terms, truncs, {}
 
     def close(self) -> None:

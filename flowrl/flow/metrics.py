@@ -206,6 +206,14 @@ class Metrics:
         with self._lock:
             self.info[key] = value
 
+    def update_info(self, key: str, value: dict) -> None:
+        """Merge ``value`` into the dict ``info[key]``: per-policy learner stats from
+        several training branches (e.g. PPO and DQN in one plan) all stay visible."""
+        with self._lock:
+            merged = dict(self.info.get(key) or {})
+            merged.update(value)
+            self.info[key] = merged
+
     # -- checkpointing ----------------------------------------------------
     def save(self) -> dict:
         """JSON-able state: ``{"counters": {...}}`` (timers and info are transient)."""

@@ -126,7 +126,7 @@ class LearnerThread(threading.Thread):
                 timer.push_units_processed(batch.count)
                 self.weights_version += 1
                 self.last_progress = time.monotonic()
-                self.metrics.set_info(LEARNER_INFO, info)
+                self.metrics.update_info(LEARNER_INFO, info)
                 self.metrics.set(LEARNER_QUEUE_SIZE, self.inqueue.qsize())
                 while not self._stop_event.is_set():
                     try:

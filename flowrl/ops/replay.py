@@ -111,6 +111,8 @@ class UpdatePriorities:
 
     def __call__(self, item: tuple) -> tuple:
         shard, batch, info = item
+        if isinstance(batch, MultiAgentBatch):  # e.g. replayed rows of one policy, wrapped
+            batch = batch.policy_batches.get(self.policy_id, SampleBatch({}))
         td_error = info.get(self.policy_id, {}).get("td_error")
         if td_error is not None and SampleBatch.BATCH_INDEXES in batch:
             indexes = batch[SampleBatch.BATCH_INDEXES]

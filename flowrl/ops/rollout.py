@@ -79,22 +79,33 @@ class ConcatBatches:
     """Buffers batches until at least ``min_batch_size`` steps, then emits one batch.
 
         rollouts.combine(ConcatBatches(4000, metrics)) -> batches of >= 4000 steps
+        ma_rollouts.combine(ConcatBatches(4000, metrics, count_steps_by="agent_steps"))
 
+    ``count_steps_by``: ``"env_steps"`` (default) or ``"agent_steps"`` (rows of the
+    policies in a MultiAgentBatch: after SelectExperiences, the selected policies' rows).
     Timers: sample (time between emitted batches, throughput in steps/s).
     """
 
-    def __init__(self, min_batch_size: int, metrics: Metrics | None = None):
+    def __init__(self, min_batch_size: int, metrics: Metrics | None = None,
+                 count_steps_by: str = "env_steps"):
         if min_batch_size < 1:
             raise ValueError(f"ConcatBatches(min_batch_size={min_batch_size!r}): must be >= 1")
+        if count_steps_by not in ("env_steps", "agent_steps"):
+            raise ValueError(f"ConcatBatches(count_steps_by={count_steps_by!r}): expected "
+                             "'env_steps' or 'agent_steps'")
         self.min_batch_size = min_batch_size
         self.metrics = metrics
+        self.count_steps_by = count_steps_by
         self.buffer: list = []
         self.count = 0
         self.last_emit = time.perf_counter()
 
     def __call__(self, batch) -> list:
         self.buffer.append(batch)
-        self.count += batch.count
+        if self.count_steps_by == "agent_steps" and isinstance(batch, MultiAgentBatch):
+            self.count += batch.agent_steps()
+        else:
+            self.count += batch.count
         if self.count < self.min_batch_size:
             return []
         out = _concat(self.buffer)

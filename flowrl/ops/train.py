@@ -47,7 +47,7 @@ class TrainOneStep:
                 batch, self.num_sgd_iter, self.sgd_minibatch_size)
         timer.push_units_processed(batch.count)
         self.metrics.inc(NUM_STEPS_TRAINED, batch.count)
-        self.metrics.set_info(LEARNER_INFO, info)
+        self.metrics.update_info(LEARNER_INFO, info)
         return batch, info
 
     def __repr__(self) -> str:
@@ -94,7 +94,7 @@ class ComputeGradients:
     def __call__(self, batch) -> tuple[dict, int]:
         with self.metrics.timer(GRAD_TIMER):
             grads, info = self.workers.local_worker().compute_gradients(batch)
-        self.metrics.set_info(LEARNER_INFO, info)
+        self.metrics.update_info(LEARNER_INFO, info)
         return grads, batch.count
 
     def __repr__(self) -> str:
@@ -178,7 +178,10 @@ class UpdateTargetNetwork:
     def __call__(self, item: Any) -> Any:
         now = self.metrics.get(self.counter)
         if now - self.metrics.get(LAST_TARGET_UPDATE_TS) >= self.target_update_freq:
-            self.workers.local_worker().foreach_policy(lambda policy, _pid: policy.update_target())
+            # Only policies with a target network (DQN, DDPG) have one to update; in a
+            # multi-agent plan the others (e.g. PPO) are skipped.
+            self.workers.local_worker().foreach_policy(
+                lambda policy, _pid: getattr(policy, "update_target", lambda: None)())
             self.metrics.inc(NUM_TARGET_UPDATES)
             self.metrics.set(LAST_TARGET_UPDATE_TS, now)
         return item
@@ -210,7 +213,7 @@ def AsyncGradients(workers: WorkerSet, metrics: Metrics, num_async: int = 1):
     def record(item: tuple) -> tuple:
         worker, (grads, info, count) = item
         metrics.inc(NUM_STEPS_SAMPLED, count)
-        metrics.set_info(LEARNER_INFO, info)
+        metrics.update_info(LEARNER_INFO, info)
         return worker, grads, count
 
     return (from_actors(workers.remote_workers(), name="AsyncGradients", metrics=metrics,

@@ -112,6 +112,8 @@ class ReplayActor(ParallelIteratorWorker):
         priorities; with ``worker_side_prioritization`` they come from the
         batch's ``td_error`` column as ``|td_error| + eps``.
         """
+        if isinstance(batch, MultiAgentBatch) and not batch.policy_batches:
+            return  # e.g. a fragment in which the selected policy's agents did not act
         if isinstance(batch, MultiAgentBatch) and len(batch.policy_batches) == 1:
             batch = next(iter(batch.policy_batches.values()))
         if self.worker_side_prioritization and isinstance(batch, SampleBatch) \

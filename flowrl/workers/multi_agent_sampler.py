@@ -37,6 +37,7 @@ class _Trajectory:
         self.agent_index = agent_index
         self.rows: dict[str, list] = defaultdict(list)
         self.pending: dict | None = None  # the last action's row, waiting for its reward
+        self.episode_return = 0.0         # this agent-episode's summed reward
 
     def __len__(self) -> int:
         return len(self.rows[SampleBatch.OBS])
@@ -52,8 +53,10 @@ class MultiAgentSampler:
         fragment_length / batch_mode / seeds / explore / episode_id_base / callbacks /
             worker: as for :class:`~flowrl.workers.sampler.VectorSampler`.
 
-    Episode stats carry ``policy_rewards`` (``{policy_id: summed reward of its agents}``)
-    besides the total return over all agents, reported as ``policy_reward_mean``.
+    Episode stats carry ``policy_rewards``: ``{policy_id: mean return of that policy's
+    agent-episodes}`` (an agent-episode runs from an agent's first action to its
+    ``terminated``/``truncated``, or to the end of the env episode), besides the total
+    return over all agents; the results report them as ``policy_reward_mean``.
     """
 
     def __init__(self, envs: Sequence[Any], policy_map: dict, policy_mapping_fn: Callable,
@@ -96,12 +99,12 @@ class MultiAgentSampler:
         if i < len(self._episodes):
             self._episodes[i] = episode
             self._policy_of[i], self._trajectories[i] = {}, {}
-            self._policy_rewards[i], self._t[i] = defaultdict(float), 0
+            self._policy_rewards[i], self._t[i] = defaultdict(list), 0
         else:
             self._episodes.append(episode)
             self._policy_of.append({})
             self._trajectories.append({})
-            self._policy_rewards.append(defaultdict(float))
+            self._policy_rewards.append(defaultdict(list))
             self._t.append(0)
         if self.callbacks is not None:
             self.callbacks.on_episode_start(worker=self.worker, episode=episode, env_index=i)
@@ -185,8 +188,9 @@ class MultiAgentSampler:
                         SampleBatch.EPS_ID: episode.episode_id, SampleBatch.T: t})
             for key, value in row.items():
                 trajectory.rows[key].append(value)
-            self._policy_rewards[i][trajectory.policy_id] += reward
+            trajectory.episode_return += reward
             if row[SampleBatch.TERMINATEDS] or row[SampleBatch.TRUNCATEDS]:
+                self._policy_rewards[i][trajectory.policy_id].append(trajectory.episode_return)
                 closed.append(self._close(trajectory))
                 del self._trajectories[i][agent]
         episode.add_step(obs, actions, float(sum(rewards.values())), infos)
@@ -195,6 +199,8 @@ class MultiAgentSampler:
         self._t[i] = t + 1
         if terms.get(ALL) or truncs.get(ALL):
             for agent, trajectory in list(self._trajectories[i].items()):
+                self._policy_rewards[i][trajectory.policy_id].append(
+                    trajectory.episode_return)
                 if len(trajectory):  # agents still in when the whole episode ended
                     trajectory.rows[SampleBatch.TRUNCATEDS][-1] = \
                         trajectory.rows[SampleBatch.TRUNCATEDS][-1] or not terms.get(ALL)
@@ -205,7 +211,9 @@ class MultiAgentSampler:
                 self.callbacks.on_episode_end(worker=self.worker, episode=episode,
                                               env_index=i)
             stats = EpisodeStats(episode.total_reward, episode.length,
-                                 dict(episode.custom_metrics), dict(self._policy_rewards[i]))
+                                 dict(episode.custom_metrics),
+                                 {pid: float(np.mean(returns))
+                                  for pid, returns in self._policy_rewards[i].items()})
             self._finished_stats.append(stats)
             new_obs, info = env.reset()
             self._obs[i] = new_obs
