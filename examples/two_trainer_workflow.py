@@ -7,7 +7,7 @@ policy, ``agent_1`` by a DQN policy. One stream of multi-agent rollouts is dupli
 
     rollouts -> duplicate -+-> SelectExperiences(ppo) -> ConcatBatches -> TrainOneStep (PPO)
                            +-> SelectExperiences(dqn) -> StoreToReplay -> BroadcastWeights
-    Replay -> as dqn_policy's batch -> TrainOneStep -> UpdatePriorities -> UpdateTargetNetwork
+    Replay ({dqn_policy: rows}) -> TrainOneStep -> UpdatePriorities -> UpdateTargetNetwork
     Concurrently([ppo, store, replay], round_robin, weights [1, k, k * dqn_replays_per_store])
     (k = fragments per PPO batch, so every fragment is stored once)
 
@@ -29,7 +29,6 @@ from flowrl.plans import dqn, ppo
 from flowrl.policies.dqn import DQNTorchPolicy
 from flowrl.policies.ppo import PPOTorchPolicy
 from flowrl.replay.actor import ReplayActor
-from flowrl.sample_batch import MultiAgentBatch
 from flowrl.workers.worker_set import WorkerSet
 
 PPO_ID, DQN_ID = "ppo_policy", "dqn_policy"
@@ -65,21 +64,6 @@ DEFAULT_CONFIG = {
 }
 
 
-class AsPolicyBatch:
-    """``(shard, batch)`` -> ``(shard, MultiAgentBatch({policy_id: batch}))``, so that
-    TrainOneStep trains that policy on replayed rows. No counters."""
-
-    def __init__(self, policy_id: str):
-        self.policy_id = policy_id
-
-    def __call__(self, item: tuple) -> tuple:
-        shard, batch = item
-        return shard, MultiAgentBatch({self.policy_id: batch}, batch.count)
-
-    def __repr__(self) -> str:
-        return f"AsPolicyBatch({self.policy_id})"
-
-
 def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:
     dqn_config = {**config, **config["multiagent"]["policies"][DQN_ID]["config"]}
     replay_buffer = ReplayActor(dqn_config, shard_index=0, num_shards=1)
@@ -98,8 +82,8 @@ def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalI
                 .for_each(SelectExperiences([DQN_ID]))
                 .for_each(StoreToReplay(local_buffer=replay_buffer))
                 .for_each(BroadcastWeights(workers, metrics)))  # epsilon follows timesteps
+    # The buffer holds dqn_policy's rows only and replays them as {dqn_policy: rows}.
     replay_op = (Replay(metrics, local_buffer=replay_buffer)
-                 .for_each(AsPolicyBatch(DQN_ID))
                  .for_each(TrainOneStep(workers, metrics))
                  .for_each(UpdatePriorities(metrics, policy_id=DQN_ID))
                  .for_each(UpdateTargetNetwork(workers, metrics,

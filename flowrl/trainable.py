@@ -13,6 +13,8 @@ the cluster can never satisfy fails at once instead of leaving the trial pending
 
 from __future__ import annotations
 
+import os
+
 from ray import tune
 from ray.tune import PlacementGroupFactory, Trainable
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, LoggerCallback
@@ -45,9 +47,22 @@ def make_trainable(agent_cls: type) -> type:
             return PlacementGroupFactory(bundles)
 
         def setup(self, config: dict) -> None:
-            # Checkpoints, videos and results belong in Tune's trial directory; Tune
-            # writes the result files itself.
-            self.agent = agent_cls(config=config, logdir=self.logdir, log_to_disk=False)
+            # Videos and other agent files belong in the trial's results folder; Tune
+            # writes the result files and checkpoints itself.
+            self.agent = agent_cls(config=config, logdir=self._trial_dir(),
+                                   log_to_disk=False)
+
+        def _trial_dir(self) -> str:
+            """``<storage_path>/<experiment>/<trial>`` when it is a local folder (Ray 2.x
+            gives the trainable a temporary working dir that is not synced back), else
+            Tune's logdir."""
+            storage = getattr(self, "_storage", None)
+            path = getattr(storage, "trial_fs_path", None)
+            filesystem = getattr(storage, "storage_filesystem", None)
+            if path and type(filesystem).__name__ == "LocalFileSystem":
+                os.makedirs(path, exist_ok=True)
+                return path
+            return self.logdir
 
         def step(self) -> dict:
             return self.agent.step()

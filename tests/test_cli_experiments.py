@@ -194,7 +194,8 @@ def test_documented_pong_a2c_monitor_command_starts_and_stops(tmp_path):
     assert "num_cpus_per_worker=0.5" in out.stdout  # fitted to the 2 CPUs
     (trial,) = trial_dirs(tmp_path / "A2C")
     assert [r["training_iteration"] for r in results_of(trial)] == [1, 2]
-    assert os.path.isdir(os.path.join(trial, "videos"))
+    videos = glob.glob(os.path.join(trial, "videos", "*.mp4"))
+    assert videos and open(videos[0], "rb").read(8)[4:8] == b"ftyp"  # in the results folder
 
 
 def test_every_help_flag_is_exercised_by_a_test_or_documented():

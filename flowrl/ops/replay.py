@@ -111,9 +111,14 @@ class UpdatePriorities:
 
     def __call__(self, item: tuple) -> tuple:
         shard, batch, info = item
-        if isinstance(batch, MultiAgentBatch):  # e.g. replayed rows of one policy, wrapped
-            batch = batch.policy_batches.get(self.policy_id, SampleBatch({}))
-        td_error = info.get(self.policy_id, {}).get("td_error")
+        # Replayed rows of one policy may arrive wrapped as {policy_id: rows}.
+        if isinstance(batch, MultiAgentBatch):
+            if len(batch.policy_batches) != 1:
+                return item
+            policy_id, batch = next(iter(batch.policy_batches.items()))
+        else:
+            policy_id = self.policy_id
+        td_error = info.get(policy_id, {}).get("td_error")
         if td_error is not None and SampleBatch.BATCH_INDEXES in batch:
             indexes = batch[SampleBatch.BATCH_INDEXES]
             td_error = np.asarray(td_error)

@@ -83,6 +83,11 @@ def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalI
 
 
 def validate_dqn_config(config: dict) -> None:
+    policies = config["multiagent"]["policies"] or []
+    require(len(policies) <= 1,
+            f"multiagent.policies has {len(policies)} policies, but a replay-based plan "
+            "(DQN, APEX, DDPG, APEX_DDPG) learns one: map all agents to one policy, or "
+            "give each policy its own replay as in examples/two_trainer_workflow.py.")
     require(config["n_step"] >= 1, f"n_step={config['n_step']!r} must be >= 1.")
     require(config["buffer_size"] >= config["train_batch_size"],
             f"buffer_size={config['buffer_size']} must be >= train_batch_size="

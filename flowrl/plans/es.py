@@ -317,6 +317,8 @@ class ESAgent(Agent):
         require(config["num_evaluation_episodes"] > 0 or config["eval_prob"] > 0,
                 "ES reports the return of unperturbed episodes: set "
                 "num_evaluation_episodes > 0 or eval_prob > 0.")
+        require(not config["multiagent"]["policies"],
+                "ES runs single-agent envs only: remove multiagent.policies.")
 
     def __init__(self, config: dict | None = None, env: Any = None, **kwargs: Any):
         super().__init__(config, env, **kwargs)

@@ -30,7 +30,7 @@ import numpy as np
 
 from flowrl.flow import NotReady, ParallelIteratorWorker
 from flowrl.replay.buffers import PrioritizedReplayBuffer, ReplayBuffer, linear_schedule
-from flowrl.sample_batch import MultiAgentBatch, SampleBatch
+from flowrl.sample_batch import DEFAULT_POLICY_ID, MultiAgentBatch, SampleBatch
 
 __all__ = ["ReplayActor", "ReplayShards", "make_replay_actors"]
 
@@ -99,6 +99,7 @@ class ReplayActor(ParallelIteratorWorker):
             raise ValueError(f"train_batch_size must be >= 1, got {self.train_batch_size}")
         self.worker_side_prioritization = bool(_get(config, "worker_side_prioritization", False))
         self._num_replayed = 0
+        self._policy_id: str | None = None  # set when rows come from a named policy
         ParallelIteratorWorker.__init__(self, self._replay_items, repeat=True)
 
     def __repr__(self) -> str:
@@ -115,7 +116,14 @@ class ReplayActor(ParallelIteratorWorker):
         if isinstance(batch, MultiAgentBatch) and not batch.policy_batches:
             return  # e.g. a fragment in which the selected policy's agents did not act
         if isinstance(batch, MultiAgentBatch) and len(batch.policy_batches) == 1:
-            batch = next(iter(batch.policy_batches.values()))
+            # One policy's rows (a multiagent config with one policy): replayed batches
+            # are wrapped back under its id so that the learner trains that policy.
+            policy_id, batch = next(iter(batch.policy_batches.items()))
+            self._policy_id = None if policy_id == DEFAULT_POLICY_ID else policy_id
+        elif isinstance(batch, MultiAgentBatch):
+            raise ValueError(f"a replay shard stores one policy's rows, got policies "
+                             f"{sorted(batch.policy_batches)}: select one policy first "
+                             "(SelectExperiences), one buffer per policy")
         if self.worker_side_prioritization and isinstance(batch, SampleBatch) \
                 and _TD_ERROR in batch:
             td = batch[_TD_ERROR]
@@ -143,6 +151,8 @@ class ReplayActor(ParallelIteratorWorker):
         else:
             batch = self.buffer.sample(self.train_batch_size)
         self._num_replayed += 1
+        if self._policy_id is not None:
+            return MultiAgentBatch({self._policy_id: batch}, batch.count)
         return batch
 
     def _replay_items(self) -> Iterator[Any]:

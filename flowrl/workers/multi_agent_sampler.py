@@ -360,7 +360,11 @@ def build_policy_map(env: Any, default_policy_cls: type, config: dict,
     mapping = mapping_function(multiagent, list(specs))
     agents_of: dict[str, Any] = {}
     for agent in getattr(env, "possible_agents", []):
-        agents_of.setdefault(mapping(agent), agent)
+        pid = mapping(agent)
+        if pid not in specs:
+            raise ValueError(f"policy_mapping_fn({agent!r}) returned {pid!r}, which is not a "
+                             f"policy; policies: {sorted(specs)}")
+        agents_of.setdefault(pid, agent)
     policy_map = {}
     for pid, spec in specs.items():
         agent = agents_of.get(pid)
