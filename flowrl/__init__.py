@@ -21,6 +21,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "Agent": "flowrl.agent",
     "build_agent": "flowrl.builder",
+    "DefaultCallbacks": "flowrl.callbacks",
+    "MultiAgentEnv": "flowrl.envs",
     "EnvContext": "flowrl.envs",
     "register_env": "flowrl.envs",
     "register_custom_model": "flowrl.policies.models",

@@ -1,7 +1,9 @@
-"""Environment creation: registry, EnvContext, old-gym-API adapter."""
+"""Environment creation: registry, EnvContext, old-gym-API adapter, multi-agent envs."""
 
 from flowrl.envs.compat import OldGymAPIAdapter, ensure_gymnasium_env
+from flowrl.envs.multi_agent import MultiAgentEnv, MultiCartPole, ParallelEnvAdapter
 from flowrl.envs.registry import EnvContext, make_env_creator, register_env, registered_envs
 
-__all__ = ["EnvContext", "OldGymAPIAdapter", "ensure_gymnasium_env", "make_env_creator",
-           "register_env", "registered_envs"]
+__all__ = ["EnvContext", "MultiAgentEnv", "MultiCartPole", "OldGymAPIAdapter",
+           "ParallelEnvAdapter", "ensure_gymnasium_env", "make_env_creator", "register_env",
+           "registered_envs"]
