@@ -252,6 +252,11 @@ class Agent:
         sees what it was trained on.
         """
         from flowrl.callbacks import Episode, overrides_episode_hooks
+        from flowrl.envs.multi_agent import MultiAgentEnv
+        if isinstance(self.workers.local_worker().env, MultiAgentEnv):
+            raise ValueError("evaluate() / evaluation_interval runs single-agent envs; for "
+                             f"the multi-agent env {self.config['env']!r} read the "
+                             "policy_reward_mean of the training results instead")
         from flowrl.workers.sampler import env_reports_episodes
         config = self.evaluation_config()
         if self._eval_env is None:

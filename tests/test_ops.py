@@ -80,7 +80,7 @@ def test_local_rollouts_train_one_step_counts_and_learns():
     assert metrics.get("num_steps_sampled") == 64
     assert metrics.get("num_steps_trained") == 64
     assert "total_loss" in info["default_policy"]
-    assert metrics.info["learner"] is info
+    assert metrics.info["learner"] == info  # merged per policy, a copy
     after = workers.local_worker().get_weights()["default_policy"]
     assert any(not np.allclose(before[k], after[k]) for k in before)
     assert repr(train).startswith("ParallelRollouts(bulk_sync, local)")

@@ -62,7 +62,7 @@ def test_learner_thread_trains_and_reports_its_own_traceback():
         assert shard == "shard-0" and out_batch is batch
         assert "total_loss" in info["default_policy"]
         assert learner.weights_version == 1
-        assert metrics.info["learner"] is info
+        assert metrics.info["learner"] == info  # merged per policy, a copy
         learner.inqueue.put(("shard-0", "not a batch"))
         deadline = time.time() + 30
         while learner.error is None and time.time() < deadline:
