@@ -132,7 +132,7 @@ def test_resume_continues_a_killed_experiment_from_its_last_checkpoint(tmp_path)
         while time.time() < deadline:
             dirs = trial_dirs(tmp_path / "resume-me")
             if dirs and len(glob.glob(os.path.join(dirs[0], "checkpoint_*"))) >= 2:
-                time.sleep(3)  # > the CLI's 2 s experiment-state period: it is recorded
+                time.sleep(5)  # > the CLI's 2 s experiment-state period: it is recorded
                 break
             assert first.poll() is None, "the first run ended before it was killed"
             time.sleep(0.5)
