@@ -151,7 +151,11 @@ def test_resume_continues_a_killed_experiment_from_its_last_checkpoint(tmp_path)
     assert iterations[-1] == 30
     results = results_of(trial)
     assert results[-1]["training_iteration"] == 30
-    steps = [r["timesteps_total"] for r in results if r["training_iteration"] >= iterations[0]]
+    # result.json keeps the killed run's lines too (Tune appends): the resumed run's
+    # lines start at the last occurrence of its first iteration.
+    start = max(i for i, r in enumerate(results) if r["training_iteration"] == iterations[0])
+    steps = [r["timesteps_total"] for r in results[start:]]
+    assert [r["training_iteration"] for r in results[start:]] == list(range(iterations[0], 31))
     assert steps == sorted(steps) and steps[0] > 100  # counters continue too
 
 
