@@ -148,7 +148,8 @@ class Agent:
 
         Subclasses that override this get no plan; ``train()`` calls it instead.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} defines neither an execution_plan "
+                                  "nor a training_step")
 
     def _ensure_resources(self) -> None:
         """Starts Ray if workers need it; fails fast if they could never be scheduled."""

@@ -32,7 +32,6 @@ Which hooks run where:
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Iterable
 
 import numpy as np
@@ -160,28 +159,12 @@ def resolve_callbacks(value: Any, key: str = "callbacks") -> type:
 
 
 def _import_path(path: str, key: str) -> Any:
-    """``"pkg.mod:Outer.Inner"`` or ``"pkg.mod.Name"`` -> the object."""
-    if ":" in path:
-        module_name, _, attrs = path.partition(":")
-    else:
-        module_name, _, attrs = path.rpartition(".")
-    if not module_name or not attrs:
-        raise ValueError(f"Config key {key!r}: {path!r} is not an import path; expected "
-                         "'module.path:ClassName' or 'module.path.ClassName'.")
+    """``"pkg.mod:Outer.Inner"``, ``"pkg.mod.Name"`` or ``"file.py:Name"`` -> the object."""
+    from flowrl.imports import load_object
     try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"Config key {key!r}: cannot import module {module_name!r} of "
-                         f"{path!r} ({type(e).__name__}: {e}).") from e
-    try:
-        for attr in attrs.split("."):
-            obj = getattr(obj, attr)
-    except AttributeError as e:
-        hint = (" Classes defined inside functions cannot be named by path: pass the "
-                "class itself." if "<locals>" in attrs else "")
-        raise ValueError(f"Config key {key!r}: module {module_name!r} has no "
-                         f"{attrs!r} ({path!r}).{hint}") from e
-    return obj
+        return load_object(path)
+    except ValueError as e:
+        raise ValueError(f"Config key {key!r}: {e}") from e
 
 
 def summarize_custom_metrics(metrics: Iterable[dict | None]) -> dict[str, float]:

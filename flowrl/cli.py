@@ -170,6 +170,8 @@ def _normalize_spec(name: str, spec: dict, args: argparse.Namespace) -> dict:
     # absolute ("examples/custom_env.py:SimpleCorridor" -> "/abs/examples/...").
     if isinstance(config.get("env"), str):
         config["env"] = absolute_import_string(config["env"])
+    if isinstance(config.get("callbacks"), str):
+        config["callbacks"] = absolute_import_string(config["callbacks"])
     model = config.get("model")
     if isinstance(model, dict) and isinstance(model.get("custom_model"), str):
         config["model"] = {**model,

@@ -56,12 +56,24 @@ def load_module(where: str, spec: str) -> Any:
 
 
 def load_object(spec: str) -> Any:
-    """The object ``Name`` of ``"where:Name"``; a clear ``ValueError`` if absent."""
-    if not is_import_string(spec):
-        raise ValueError(f"{spec!r} is not an import string; expected 'path/to/file.py:Name' "
-                         "or 'package.module:Name'")
-    where, name = spec.split(":")
-    module = load_module(where, spec)
-    if not hasattr(module, name):
-        raise ValueError(f"{spec!r}: {where} has no attribute {name!r}")
-    return getattr(module, name)
+    """The object of ``"where:Name"`` (``where`` a file path or a module; ``Name`` may be
+    dotted, ``Outer.Inner``) or of ``"package.module.Name"``; a clear ``ValueError``
+    if it does not resolve."""
+    if is_import_string(spec) or (isinstance(spec, str) and ":" in spec):
+        where, _, attrs = spec.partition(":")
+    elif isinstance(spec, str):
+        where, _, attrs = spec.rpartition(".")
+    else:
+        where = attrs = ""
+    if not where or not attrs:
+        raise ValueError(f"{spec!r} is not an import path; expected 'path/to/file.py:Name', "
+                         "'package.module:Name' or 'package.module.Name'")
+    obj = load_module(where, spec)
+    try:
+        for attr in attrs.split("."):
+            obj = getattr(obj, attr)
+    except AttributeError as e:
+        hint = (" Classes defined inside functions cannot be named by path: pass the "
+                "object itself." if "<locals>" in attrs else "")
+        raise ValueError(f"{spec!r}: {where} has no {attrs!r}.{hint}") from e
+    return obj

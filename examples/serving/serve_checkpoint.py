@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
-        pass
+        pass  # Ctrl-C is how this server is meant to stop; shut down below
     finally:
         server.shutdown()
     return 0

@@ -39,10 +39,13 @@ class MultiAgentEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None
               ) -> tuple[dict, dict]:
-        raise NotImplementedError
+        """``(observations, infos)``, dicts keyed by agent id."""
+        raise NotImplementedError(f"{type(self).__name__} must implement reset()")
 
     def step(self, action_dict: dict) -> tuple[dict, dict, dict, dict, dict]:
-        raise NotImplementedError
+        """``(observations, rewards, terminateds, truncateds, infos)`` keyed by agent id,
+        ``terminateds["__all__"]`` / ``truncateds["__all__"]`` ending the episode."""
+        raise NotImplementedError(f"{type(self).__name__} must implement step()")
 
 
 class ParallelEnvAdapter(MultiAgentEnv):

@@ -13,7 +13,7 @@ Local use in a DQN-style plan, and sharded over actors in Ape-X::
     replay_op = from_actors(shards, "Replay").gather_async(num_async=4)
 """
 
-from flowrl.replay.actor import ReplayActor, make_replay_actors
+from flowrl.replay.actor import ReplayActor, ReplayShards
 from flowrl.replay.buffers import PrioritizedReplayBuffer, ReplayBuffer, linear_schedule
 from flowrl.replay.frame_storage import FrameStackStorage
 from flowrl.replay.segment_tree import MinSegmentTree, SegmentTree, SumSegmentTree
@@ -27,5 +27,5 @@ __all__ = [
     "SumSegmentTree",
     "MinSegmentTree",
     "ReplayActor",
-    "make_replay_actors",
+    "ReplayShards",
 ]

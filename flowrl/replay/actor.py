@@ -16,7 +16,7 @@ replays batches forever, so shards plug straight into a gather::
         td = learner.learn(batch)
         actor.update_priorities.remote(batch["batch_indexes"], td)   # same shard
 
-:func:`make_replay_actors` builds the shards from a config.
+:class:`ReplayShards` builds the shards from a config and replaces dead ones.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from flowrl.flow import NotReady, ParallelIteratorWorker
 from flowrl.replay.buffers import PrioritizedReplayBuffer, ReplayBuffer, linear_schedule
 from flowrl.sample_batch import DEFAULT_POLICY_ID, MultiAgentBatch, SampleBatch
 
-__all__ = ["ReplayActor", "ReplayShards", "make_replay_actors"]
+__all__ = ["ReplayActor", "ReplayShards"]
 
 logger = logging.getLogger(__name__)
 
@@ -212,20 +212,6 @@ def _get(config: dict[str, Any], key: str, default: Any) -> Any:
     """``config[key]``, or ``default`` when the key is missing or None."""
     value = config.get(key)
     return default if value is None else value
-
-
-def make_replay_actors(config: dict[str, Any], num_shards: int,
-                       **ray_options: Any) -> list[Any]:
-    """Start ``num_shards`` ReplayActor actors (0 CPUs each unless ``ray_options`` say)::
-
-        shards = make_replay_actors(config, config["num_replay_buffer_shards"])
-        replay_op = from_actors(shards, "Replay").gather_async(num_async=4)
-    """
-    import ray
-
-    ray_options.setdefault("num_cpus", 0)
-    cls = ray.remote(ReplayActor).options(**ray_options)
-    return [cls.remote(config, i, num_shards) for i in range(num_shards)]
 
 
 class ReplayShards:

@@ -259,7 +259,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
                     break
                 budget -= len(chunk)
         except OSError:
-            pass
+            pass  # the client went away: nothing left to drain
 
     def _check_token(self) -> None:
         token = self.server.token
