@@ -156,27 +156,31 @@ def _experiments_from_args(args: argparse.Namespace) -> dict:
     return {args.experiment_name or args.run.rsplit(":", 1)[-1]: spec}
 
 
-def _normalize_spec(name: str, spec: dict, args: argparse.Namespace) -> dict:
-    """Fills CLI defaults and validates algorithm, env and config before Tune starts."""
-    from flowrl.envs.registry import make_env_creator
-    from flowrl.registry import get_agent_class
-
+def _absolute_import_paths(config: dict) -> None:
+    """Tune trials run in their own directories: file paths in the import strings of
+    ``env``, ``callbacks`` and ``model.custom_model`` become absolute
+    (``"examples/custom_env.py:SimpleCorridor"`` -> ``"/abs/examples/..."``)."""
     from flowrl.imports import absolute_import_string
-    spec = dict(spec)
-    config = dict(spec.get("config", {}))
-    if "env" in spec:
-        config["env"] = spec.pop("env")
-    # Tune trials run in their own directories: file paths in import strings must be
-    # absolute ("examples/custom_env.py:SimpleCorridor" -> "/abs/examples/...").
-    if isinstance(config.get("env"), str):
-        config["env"] = absolute_import_string(config["env"])
-    if isinstance(config.get("callbacks"), str):
-        config["callbacks"] = absolute_import_string(config["callbacks"])
+    for key in ("env", "callbacks"):
+        if isinstance(config.get(key), str):
+            config[key] = absolute_import_string(config[key])
     model = config.get("model")
     if isinstance(model, dict) and isinstance(model.get("custom_model"), str):
         config["model"] = {**model,
                            "custom_model": absolute_import_string(model["custom_model"])}
+
+
+def _normalize_spec(name: str, spec: dict, args: argparse.Namespace) -> dict:
+    """Fills CLI defaults and validates algorithm, env and config before Tune starts."""
     from flowrl.builder import load_algorithm
+    from flowrl.envs.registry import make_env_creator
+    from flowrl.registry import get_agent_class
+
+    spec = dict(spec)
+    config = dict(spec.get("config", {}))
+    if "env" in spec:
+        config["env"] = spec.pop("env")
+    _absolute_import_paths(config)
     spec["run"] = load_algorithm(str(spec.get("run")))  # "file.py:NAME" registers NAME
     agent_cls = get_agent_class(spec["run"])
     check: dict = _first_candidate(config)
