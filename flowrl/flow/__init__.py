@@ -14,6 +14,7 @@ No RL lives here; ``flowrl.ops`` builds RL operators on top of it::
 from flowrl.flow.iterators import LocalIterator, NotReady, concurrently, from_items
 from flowrl.flow.metrics import Metrics, TimerStat
 from flowrl.flow.parallel import ParallelIterator, ParallelIteratorWorker, from_actors
+from flowrl.flow.plan import Plan, Saveable, Stoppable, as_plan
 
 __all__ = [
     "NotReady",
@@ -25,4 +26,8 @@ __all__ = [
     "from_items",
     "from_actors",
     "concurrently",
+    "Plan",
+    "Saveable",
+    "Stoppable",
+    "as_plan",
 ]
