@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 
 from flowrl import build_agent
-from flowrl.flow import LocalIterator, Metrics
+from flowrl.flow import Metrics, Plan
 from flowrl.ops import (BroadcastWeights, Concurrently, ParallelRollouts, Replay,
                         StandardMetricsReporting, StoreToReplay, TrainOneStep,
                         UpdateTargetNetwork)
 from flowrl.plans.dqn import DEFAULT_CONFIG, validate_dqn_config
 from flowrl.policies.dqn import DQNTorchPolicy
 from flowrl.replay.actor import ReplayActor
+from flowrl.replay.checkpoint import ReplayCheckpoint
 from flowrl.workers.worker_set import WorkerSet
 
 CONFIG = {**DEFAULT_CONFIG, "prioritized_replay": False, "burst_every": 8, "burst_size": 8,
@@ -31,7 +32,7 @@ CONFIG = {**DEFAULT_CONFIG, "prioritized_replay": False, "burst_every": 8, "burs
           "timesteps_per_iteration": 1000, "hiddens": [64]}
 
 
-def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:
+def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> Plan:
     replay_buffer = ReplayActor(config, shard_index=0, num_shards=1)
     store_op = (ParallelRollouts(workers, metrics, mode="bulk_sync")
                 .for_each(StoreToReplay(local_buffer=replay_buffer))
@@ -42,10 +43,10 @@ def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalI
                                                config["target_network_update_freq"])))
     train_op = Concurrently([store_op, replay_op], mode="round_robin", output_indexes=[1],
                             round_robin_weights=[config["burst_every"], config["burst_size"]])
-    plan = StandardMetricsReporting(train_op, workers, config, metrics,
-                                    extra_stats=lambda: {"replay": replay_buffer.stats()})
-    plan.replay_shards = [replay_buffer]
-    return plan
+    return StandardMetricsReporting(
+        train_op, workers, config, metrics,
+        extra_stats=lambda: {"replay": replay_buffer.stats()}).saving(
+        replay=ReplayCheckpoint([replay_buffer], enabled=config["checkpoint_replay_buffer"]))
 
 
 def validate(config: dict) -> None:

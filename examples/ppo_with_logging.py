@@ -18,7 +18,7 @@ import logging
 import numpy as np
 
 from flowrl import build_agent
-from flowrl.flow import LocalIterator, Metrics
+from flowrl.flow import Metrics, Plan
 from flowrl.ops import (BroadcastWeights, ConcatBatches, ParallelRollouts,
                         StandardizeFields, StandardMetricsReporting, TrainOneStep)
 from flowrl.plans.ppo import DEFAULT_CONFIG, UpdateKL
@@ -60,7 +60,7 @@ class LogBatchStats:
         return f"LogBatchStats(every {self.log_every})"
 
 
-def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:
+def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> Plan:
     rollouts = ParallelRollouts(workers, metrics, mode="bulk_sync")
     train_op = (rollouts
                 .filter(DropZeroLengthBatches)

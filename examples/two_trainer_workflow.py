@@ -21,7 +21,7 @@ import argparse
 
 from flowrl import build_agent, register_env
 from flowrl.envs.multi_agent import MultiCartPole
-from flowrl.flow import LocalIterator, Metrics
+from flowrl.flow import Metrics, Plan
 from flowrl.ops import (BroadcastWeights, ConcatBatches, Concurrently, ParallelRollouts,
                         Replay, SelectExperiences, StandardizeFields, StandardMetricsReporting,
                         StoreToReplay, TrainOneStep, UpdatePriorities, UpdateTargetNetwork)
@@ -29,6 +29,7 @@ from flowrl.plans import dqn, ppo
 from flowrl.policies.dqn import DQNTorchPolicy
 from flowrl.policies.ppo import PPOTorchPolicy
 from flowrl.replay.actor import ReplayActor
+from flowrl.replay.checkpoint import ReplayCheckpoint
 from flowrl.workers.worker_set import WorkerSet
 
 PPO_ID, DQN_ID = "ppo_policy", "dqn_policy"
@@ -64,7 +65,7 @@ DEFAULT_CONFIG = {
 }
 
 
-def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:
+def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> Plan:
     dqn_config = {**config, **config["multiagent"]["policies"][DQN_ID]["config"]}
     replay_buffer = ReplayActor(dqn_config, shard_index=0, num_shards=1)
     rollouts = ParallelRollouts(workers, metrics, mode="bulk_sync")
@@ -96,8 +97,10 @@ def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalI
         [ppo_op, store_op, replay_op], mode="round_robin", output_indexes=[0, 2],
         round_robin_weights=[1, fragments_per_ppo_batch,
                              fragments_per_ppo_batch * config["dqn_replays_per_store"]])
-    return StandardMetricsReporting(train_op, workers, config, metrics,
-                                    extra_stats=lambda: {"replay": replay_buffer.stats()})
+    return StandardMetricsReporting(
+        train_op, workers, config, metrics,
+        extra_stats=lambda: {"replay": replay_buffer.stats()}).saving(
+        replay=ReplayCheckpoint([replay_buffer], enabled=config["checkpoint_replay_buffer"]))
 
 
 TwoTrainerWorkflow = build_agent("TwoTrainerWorkflow", DEFAULT_CONFIG, PPOTorchPolicy,

@@ -35,7 +35,7 @@ from flowrl.checkpoint import (read_extra_state, read_manifest, read_params,
 from flowrl.config import (COMMON_CONFIG, merge_config, resolve_auto_resources,
                            validate_common)
 from flowrl.envs.registry import EnvContext, make_env_creator
-from flowrl.flow import LocalIterator, Metrics
+from flowrl.flow import Metrics, Plan, as_plan
 from flowrl.resources import check_cluster_fits
 from flowrl.sample_batch import DEFAULT_POLICY_ID
 from flowrl.workers.worker_set import WorkerSet
@@ -43,20 +43,6 @@ from flowrl.workers.worker_set import WorkerSet
 logger = logging.getLogger(__name__)
 
 DEFAULT_RESULTS_DIR = os.path.expanduser("~/ray_results")
-
-
-def _call(target: Any, method: str, *args: Any) -> Any:
-    """``target.method(*args)`` on a local object, or ``.remote`` on a Ray actor."""
-    fn = getattr(target, method)
-    return fn.remote(*args) if hasattr(fn, "remote") else fn(*args)
-
-
-def _resolve(value: Any) -> Any:
-    """``ray.get`` for object refs, the value itself otherwise."""
-    if type(value).__name__ == "ObjectRef":
-        import ray
-        return ray.get(value)
-    return value
 
 
 class Agent:
@@ -101,9 +87,11 @@ class Agent:
         self.iteration = 0
         self.time_total_s = 0.0
         self._seeds_reported = False
-        self._plan: LocalIterator | None = None
+        # What the plan started and holds is declared in the Plan value (owns, state).
+        self.plan: Plan | None = None
         if type(self).training_step is Agent.training_step:
-            self._plan = self.execution_plan(self.workers, self.config, self.metrics)
+            self.plan = as_plan(self.execution_plan(self.workers, self.config, self.metrics),
+                                f"{type(self).__name__}.execution_plan")
 
     # -- configuration ------------------------------------------------------------------
     @classmethod
@@ -139,8 +127,10 @@ class Agent:
         return config["num_workers"]
 
     @staticmethod
-    def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:
-        """Returns the plan: an iterator whose every item is one iteration's result."""
+    def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> Plan:
+        """Returns the :class:`~flowrl.flow.Plan`: its results iterator yields one result
+        dict per iteration; it declares what it owns (stopped by :meth:`stop`) and the
+        state that checkpoints keep."""
         raise NotImplementedError("Agent subclasses define execution_plan or training_step")
 
     def training_step(self) -> dict:
@@ -180,8 +170,8 @@ class Agent:
         Adds ``result["evaluation"]`` every ``evaluation_interval`` iterations, then
         calls ``callbacks.on_train_result(agent=self, result=result)``.
         """
-        if self._plan is not None:
-            result = next(self._plan)
+        if self.plan is not None:
+            result = next(self.plan)
         else:
             result = self.training_step()
         self.iteration += 1
@@ -253,54 +243,43 @@ class Agent:
         sees what it was trained on.
         """
         from flowrl.callbacks import Episode, overrides_episode_hooks
+        from flowrl.envs.episodes import EpisodeRunner, EpisodeStep
         from flowrl.envs.multi_agent import MultiAgentEnv
         if isinstance(self.workers.local_worker().env, MultiAgentEnv):
             raise ValueError("evaluate() / evaluation_interval runs single-agent envs; for "
                              f"the multi-agent env {self.config['env']!r} read the "
                              "policy_reward_mean of the training results instead")
-        from flowrl.workers.sampler import env_reports_episodes
         config = self.evaluation_config()
         if self._eval_env is None:
             creator = self.env_creator if config["env"] == self.config["env"] \
                 else make_env_creator(config["env"])
             self._eval_env = creator(EnvContext(config["env_config"], worker_index=0))
             self._eval_callbacks = config["callbacks"]()
-        env, callbacks = self._eval_env, self._eval_callbacks
+        callbacks = self._eval_callbacks
         hooks = overrides_episode_hooks(callbacks)
-        reports_episodes = env_reports_episodes(env)
-        space = env.action_space
-        clip = config["clip_actions"] and isinstance(space, gym.spaces.Box)
-        returns, lengths, customs = [], [], []
-        seed = config["seed"]
+        runner = EpisodeRunner(self._eval_env, clip_actions=config["clip_actions"])
+        explore, seed = config["explore"], config["seed"]
+        episodes: list[Episode] = []  # the callbacks' view of each episode
+
+        def start(obs: Any, info: dict) -> None:
+            episodes.append(Episode(len(episodes), 0, obs, info))
+            if hooks:
+                callbacks.on_episode_start(worker=None, episode=episodes[-1], env_index=0)
+
+        def step(s: EpisodeStep) -> None:
+            episodes[-1].add_step(s.next_obs, s.action, s.reward, s.info)
+            callbacks.on_episode_step(worker=None, episode=episodes[-1], env_index=0)
+
+        returns, lengths = [], []
         for index in range(config["evaluation_num_episodes"]):
-            obs, info = env.reset(seed=None if seed is None else seed + 10_000_000 + index)
-            episode = Episode(index, 0, obs, info)
+            result = runner.run(lambda obs: self.compute_action(obs, explore=explore),
+                                seed=None if seed is None else seed + 10_000_000 + index,
+                                on_start=start, on_step=step if hooks else None)
             if hooks:
-                callbacks.on_episode_start(worker=None, episode=episode, env_index=0)
-            total, length = 0.0, 0
-            while True:
-                action = self.compute_action(obs, explore=config["explore"])
-                env_action = np.clip(action, space.low, space.high) if clip else action
-                obs, reward, terminated, truncated, info = env.step(env_action)
-                total += float(reward)
-                length += 1
-                if hooks:
-                    episode.add_step(obs, action, reward, info)
-                    callbacks.on_episode_step(worker=None, episode=episode, env_index=0)
-                if not (terminated or truncated):
-                    continue
-                if reports_episodes and "episode" in info:
-                    total = float(np.asarray(info["episode"]["r"]).item())
-                    length = int(np.asarray(info["episode"]["l"]).item())
-                elif reports_episodes and not truncated:
-                    obs, _ = env.reset()  # a lost life: the game goes on
-                    continue
-                break
-            if hooks:
-                callbacks.on_episode_end(worker=None, episode=episode, env_index=0)
-            returns.append(total)
-            lengths.append(length)
-            customs.append(episode.custom_metrics)
+                callbacks.on_episode_end(worker=None, episode=episodes[-1], env_index=0)
+            returns.append(result.episode_return)
+            lengths.append(result.length)
+        customs = [episode.custom_metrics for episode in episodes]
         return {"episode_reward_mean": float(np.mean(returns)),
                 "episode_reward_min": float(np.min(returns)),
                 "episode_reward_max": float(np.max(returns)),
@@ -368,11 +347,11 @@ class Agent:
             "iteration": self.iteration,
             "time_total_s": self.time_total_s,
             "counters": self.metrics.save(),
-            "reporting": self._reporting_state(save=True),
         }
+        plan_state = self.plan.save() if self.plan is not None else {}
         return write_checkpoint(path, manifest, self.config,
                                 self.workers.local_worker().get_state(),
-                                {**self._replay_states(), "rng": self._rng_state()})
+                                {**plan_state, "rng": self._rng_state()})
 
     def restore(self, checkpoint_path: str) -> None:
         """Loads a checkpoint written by ``save()``: weights, optimizer state, counters.
@@ -391,10 +370,8 @@ class Agent:
         self.iteration = manifest["iteration"]
         self.time_total_s = manifest.get("time_total_s", 0.0)
         self.metrics.restore(manifest.get("counters", {}))
-        self._reporting_state(restore=manifest.get("reporting", {}))
-        replay = read_extra_state(checkpoint_path, manifest, "replay")
-        if replay is not None and self.config.get("checkpoint_replay_buffer"):
-            self._restore_replay(replay)
+        if self.plan is not None:
+            self.plan.restore(self._plan_states(checkpoint_path, manifest))
         rng = read_extra_state(checkpoint_path, manifest, "rng")
         if rng is not None:
             self._set_rng_state(rng)
@@ -428,34 +405,18 @@ class Agent:
             if isinstance(generator, np.random.Generator):
                 generator.bit_generator.state = json.loads(text)
 
-    def _replay_shards(self) -> list:
-        return list(getattr(self._plan, "replay_shards", []))
-
-    def _replay_states(self) -> dict:
-        """``{"replay": [shard states]}`` when ``checkpoint_replay_buffer`` is on."""
-        shards = self._replay_shards()
-        if not self.config.get("checkpoint_replay_buffer") or not shards:
-            return {}
-        states = [_call(shard, "get_state") for shard in shards]
-        return {"replay": [_resolve(s) for s in states]}
-
-    def _restore_replay(self, states: list) -> None:
-        shards = self._replay_shards()
-        if len(states) != len(shards):
-            raise ValueError(f"The checkpoint holds {len(states)} replay shards, this agent "
-                             f"has {len(shards)}: set num_replay_buffer_shards to "
-                             f"{len(states)} or checkpoint_replay_buffer to False.")
-        for shard, state in zip(shards, states):
-            _resolve(_call(shard, "set_state", state))
-
-    def _reporting_state(self, save: bool = False, restore: dict | None = None) -> dict:
-        collector = getattr(self._plan, "collect_metrics", None)
-        if collector is None:
-            return {}
-        if restore is not None:
-            collector.restore(restore)
-            return {}
-        return collector.save()
+    def _plan_states(self, checkpoint_path: str, manifest: dict) -> dict:
+        """The checkpoint's states of the names this plan declares (a name the
+        checkpoint lacks, e.g. replay saved with ``checkpoint_replay_buffer`` off, is
+        left as the plan built it)."""
+        states = {}
+        for name in self.plan.state:
+            state = read_extra_state(checkpoint_path, manifest, name)
+            if state is None and name == "reporting":
+                state = manifest.get("reporting")  # checkpoints before Plan values
+            if state is not None:
+                states[name] = state
+        return states
 
     @classmethod
     def from_checkpoint(cls, checkpoint_path: str, config_overrides: dict | None = None,
@@ -489,11 +450,11 @@ class Agent:
     def stop(self) -> None:
         """Stops the plan's own resources (threads, replay actors), the workers, and
         closes the result files."""
-        # A plan that owns threads or actors attaches ``cleanup`` to its iterator.
-        cleanup = getattr(self._plan, "cleanup", None)
-        if cleanup is not None:
-            cleanup()
-        self.workers.stop()
+        try:
+            if self.plan is not None:
+                self.plan.stop()  # what the plan started (threads, replay actors), newest first
+        finally:
+            self.workers.stop()
         if self._result_logger is not None:
             self._result_logger.close()
             self._result_logger = None

@@ -26,10 +26,10 @@ import sys
 from typing import Any, Callable
 
 from flowrl.agent import Agent
-from flowrl.flow import LocalIterator, Metrics
+from flowrl.flow import Metrics, Plan
 from flowrl.workers.worker_set import WorkerSet
 
-ExecutionPlan = Callable[[WorkerSet, dict, Metrics], LocalIterator]
+ExecutionPlan = Callable[[WorkerSet, dict, Metrics], Plan]
 
 # Algorithms defined by users in this process: name -> Agent class.
 _USER_ALGORITHMS: dict[str, type] = {}
@@ -49,8 +49,10 @@ def build_agent(name: str, default_config: dict, policy: type | Callable[[dict],
         default_config: the algorithm's defaults; COMMON_CONFIG fills the rest, and
             unknown user keys are rejected against the union of both.
         policy: a Policy class, or ``fn(config) -> Policy class``.
-        execution_plan: ``fn(workers, config, metrics) -> iterator of result dicts``
-            (usually ending in StandardMetricsReporting).
+        execution_plan: ``fn(workers, config, metrics) -> Plan`` whose results are
+            one result dict per iteration (usually the value of
+            StandardMetricsReporting, extended with ``.owning(...)`` for threads or
+            actors the plan starts and ``.saving(name=...)`` for state to checkpoint).
         training_step: alternatively, ``fn(agent) -> result dict`` run once per
             ``train()`` (the imperative escape hatch).
         validate_config: ``fn(config)`` raising ``ValueError`` for bad values.

@@ -169,7 +169,7 @@ def test_dqn_checkpoint_with_replay_buffer(results_dir, tmp_path):
               "checkpoint_replay_buffer": True}
     agent = DQNAgent(config=config, env="CartPole-v1")
     agent.train()
-    size = agent._replay_shards()[0].stats()["size"]
+    size = agent.plan.state["replay"].buffers[0].stats()["size"]
     assert size >= 300
     path = agent.save(str(tmp_path / "dqn"))
     obs = np.zeros(4, np.float32)
@@ -177,7 +177,7 @@ def test_dqn_checkpoint_with_replay_buffer(results_dir, tmp_path):
     agent.stop()
     fresh = DQNAgent(config=config, env="CartPole-v1")
     fresh.restore(path)
-    assert fresh._replay_shards()[0].stats()["size"] == size
+    assert fresh.plan.state["replay"].buffers[0].stats()["size"] == size
     assert fresh.compute_action(obs) == action
     result = fresh.train()
     assert result["replay"]["size"] > size

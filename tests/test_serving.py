@@ -18,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import gymnasium as gym
 import numpy as np
@@ -495,6 +497,40 @@ def test_error_replies_are_json_with_a_message():
         assert status == 400 and "dtype float64" in reply["error"]
     finally:
         env.close()
+
+
+def test_oversized_body_gets_a_readable_413_and_the_server_keeps_serving():
+    """A 20 MB POST through plain urllib reads the 413 rather than a connection reset
+    (the server drains the refused body); the next requests are served as usual."""
+    env = ServedEnv({"token": TOKEN})
+    loop = PolicyServiceLoop(env, PPOTorchPolicy(OBS_SPACE, ACT_SPACE, worker_config()),
+                             explore=False).start()
+    try:
+        url = env.server.url
+        body = b"{\"command\": \"start_episode\", \"p\": \"" + b"a" * 20_000_000 + b"\"}"
+        request = urllib.request.Request(url + "/", data=body, method="POST", headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+        started = time.monotonic()
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=10)
+        with info.value:
+            assert info.value.code == 413
+            message = json.loads(info.value.read())["error"]
+        assert f"{len(body)} bytes" in message and f"limit of {1 << 20} bytes" in message
+        assert time.monotonic() - started < 10
+        # PolicyClient raises its error with the status and the server's message
+        client = PolicyClient(url, token=TOKEN, timeout_s=10)
+        eid = client.start_episode()
+        with pytest.raises(PolicyClientError, match="exceeds the server's limit") as error:
+            client.log_returns(eid, 1.0, info={"blob": "a" * 20_000_000})
+        assert error.value.status == 413 and error.value.command == "log_returns"
+        # valid requests are served, on the same client and on a fresh connection
+        assert client.get_action(eid, np.zeros(3, np.float32)) in (0, 1)
+        client.end_episode(eid, np.zeros(3, np.float32))
+        assert _cmd(env.server.port, {"command": "start_episode"})[0] == 200
+    finally:
+        env.close()
+        loop.stop()
 
 
 # -- (4) local inference mode ------------------------------------------------------------------

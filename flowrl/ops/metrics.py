@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 
 from flowrl.callbacks import summarize_custom_metrics
-from flowrl.flow import LocalIterator, Metrics, NotReady
+from flowrl.flow import LocalIterator, Metrics, NotReady, Plan
 from flowrl.ops.counters import LEARNER_INFO, NUM_STEPS_SAMPLED, NUM_STEPS_TRAINED
 from flowrl.workers.worker_set import WorkerSet
 
@@ -130,12 +130,15 @@ def _scalar_stats(learner_info: dict) -> dict:
 def StandardMetricsReporting(train_op: LocalIterator, workers: WorkerSet, config: dict,
                              metrics: Metrics, selected_workers: list | Callable[[], list] | None = None,
                              extra_stats: Callable[[], dict] | None = None
-                             ) -> LocalIterator:
-    """One item = one training iteration's result dict.
+                             ) -> Plan:
+    """A Plan whose results are one training iteration's result dict each.
 
         train_op = rollouts.combine(ConcatBatches(4000)).for_each(TrainOneStep(...))
         plan = StandardMetricsReporting(train_op, workers, config, metrics)
         result = next(plan)
+        return plan.owning(learner_thread)    # in an execution plan
+
+    The Plan's state holds ``"reporting"`` (episode totals), so checkpoints keep them.
 
     Pulls ``train_op`` until at least ``timesteps_per_iteration`` new steps were sampled
     and ``min_iter_time_s`` passed (with neither set: until one item arrived), then
@@ -173,5 +176,4 @@ def StandardMetricsReporting(train_op: LocalIterator, workers: WorkerSet, config
 
     reporter = LocalIterator(reports, metrics,
                              name=f"{train_op.name} -> StandardMetricsReporting")
-    reporter.collect_metrics = collect  # the Agent saves/restores its totals
-    return reporter
+    return Plan(reporter, state={"reporting": collect})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from flowrl.agent import Agent
 from flowrl.config import require
-from flowrl.flow import LocalIterator, Metrics
+from flowrl.flow import Metrics, Plan
 from flowrl.ops import (ApplyGradients, AverageGradients, BroadcastWeights, ComputeGradients,
                         ConcatBatches, ParallelRollouts, StandardMetricsReporting,
                         TrainOneStep)
@@ -36,7 +36,7 @@ DEFAULT_CONFIG: dict = {
 }
 
 
-def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:
+def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> Plan:
     rollouts = ParallelRollouts(workers, metrics, mode="bulk_sync")
     if config["microbatch_size"]:
         num_microbatches = max(1, config["train_batch_size"] // config["microbatch_size"])

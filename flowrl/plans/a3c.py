@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from flowrl.agent import Agent
 from flowrl.config import merge_config, require
-from flowrl.flow import LocalIterator, Metrics
+from flowrl.flow import Metrics, Plan
 from flowrl.ops import ApplyGradients, AsyncGradients, StandardMetricsReporting
 from flowrl.plans.a2c import DEFAULT_CONFIG as A2C_CONFIG
 from flowrl.policies.a2c import A2CTorchPolicy
@@ -27,7 +27,7 @@ DEFAULT_CONFIG: dict = merge_config(A2C_CONFIG, {
 })
 
 
-def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:
+def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> Plan:
     train_op = AsyncGradients(workers, metrics).for_each(
         ApplyGradients(workers, metrics, update_all=False))
     return StandardMetricsReporting(train_op, workers, config, metrics)

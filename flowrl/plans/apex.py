@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from flowrl.agent import Agent
 from flowrl.config import merge_config, require
-from flowrl.flow import LocalIterator, Metrics
+from flowrl.flow import Metrics, Plan
 from flowrl.ops import (Concurrently, CountTrainedSteps, Dequeue, Enqueue, LearnerThread,
                         ParallelRollouts, Replay, StandardMetricsReporting, StoreToReplay,
                         UpdatePriorities, UpdateTargetNetwork, UpdateWorkerWeights)
@@ -21,6 +21,7 @@ from flowrl.plans.dqn import DEFAULT_CONFIG as DQN_CONFIG
 from flowrl.plans.dqn import validate_dqn_config
 from flowrl.policies.dqn import DQNTorchPolicy
 from flowrl.replay.actor import ReplayShards
+from flowrl.replay.checkpoint import ReplayCheckpoint
 from flowrl.workers.worker_set import WorkerSet
 
 DEFAULT_CONFIG: dict = merge_config(DQN_CONFIG, {
@@ -51,7 +52,7 @@ DEFAULT_CONFIG: dict = merge_config(DQN_CONFIG, {
 })
 
 
-def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:
+def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> Plan:
     shards = ReplayShards(config, config["num_replay_buffer_shards"])  # dead ones replaced
     learner = LearnerThread(workers.local_worker(), metrics, config["learner_queue_size"],
                             config["learner_stall_warning_s"])
@@ -84,14 +85,8 @@ def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalI
     plan = StandardMetricsReporting(merged, workers, config, metrics,
                                     selected_workers=least_exploring,
                                     extra_stats=lambda: {"replay": shards.stats()})
-
-    def cleanup() -> None:
-        learner.stop()
-        shards.stop()
-
-    plan.cleanup = cleanup
-    plan.replay_shards = shards.actors
-    return plan
+    return plan.owning(shards, learner).saving(  # stopped in reverse: learner first
+        replay=ReplayCheckpoint(shards.actors, enabled=config["checkpoint_replay_buffer"]))
 
 
 class ApexAgent(Agent):

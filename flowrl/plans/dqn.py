@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from flowrl.agent import Agent
 from flowrl.config import require
-from flowrl.flow import LocalIterator, Metrics
+from flowrl.flow import Metrics, Plan
 from flowrl.ops import (BroadcastWeights, Concurrently, ParallelRollouts, Replay,
                         StandardMetricsReporting, StoreToReplay, TrainOneStep,
                         UpdatePriorities, UpdateTargetNetwork)
 from flowrl.policies.dqn import DQNTorchPolicy
 from flowrl.replay.actor import ReplayActor
+from flowrl.replay.checkpoint import ReplayCheckpoint
 from flowrl.workers.worker_set import WorkerSet
 
 DEFAULT_CONFIG: dict = {
@@ -62,7 +63,7 @@ def round_robin_weights(config: dict) -> list[float]:
     return [1, replays_per_round] if replays_per_round >= 1 else [1 / replays_per_round, 1]
 
 
-def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:
+def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> Plan:
     replay_buffer = ReplayActor(config, shard_index=0, num_shards=1)
     # (1) sample and store; workers get new weights and the timestep (epsilon) each round
     store_op = (ParallelRollouts(workers, metrics, mode="bulk_sync")
@@ -76,10 +77,10 @@ def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalI
                                                config["target_network_update_freq"])))
     train_op = Concurrently([store_op, replay_op], mode="round_robin", output_indexes=[1],
                             round_robin_weights=round_robin_weights(config))
-    plan = StandardMetricsReporting(train_op, workers, config, metrics,
-                                    extra_stats=lambda: {"replay": replay_buffer.stats()})
-    plan.replay_shards = [replay_buffer]
-    return plan
+    return StandardMetricsReporting(
+        train_op, workers, config, metrics,
+        extra_stats=lambda: {"replay": replay_buffer.stats()}).saving(
+        replay=ReplayCheckpoint([replay_buffer], enabled=config["checkpoint_replay_buffer"]))
 
 
 def validate_dqn_config(config: dict) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from flowrl.agent import Agent
 from flowrl.config import require
-from flowrl.flow import LocalIterator, Metrics
+from flowrl.flow import Metrics, Plan
 from flowrl.ops import (ConcatBatches, Concurrently, CountTrainedSteps, Dequeue, Enqueue,
                         LearnerThread, MixInReplay, ParallelRollouts,
                         StandardMetricsReporting, UpdateWorkerWeights)
@@ -46,7 +46,7 @@ DEFAULT_CONFIG: dict = {
 }
 
 
-def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:
+def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> Plan:
     learner = LearnerThread(workers.local_worker(), metrics, config["learner_queue_size"],
                             config["learner_stall_warning_s"])
     learner.start()
@@ -55,7 +55,7 @@ def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalI
                                    num_async=config["max_sample_requests_in_flight_per_worker"])
                   .for_each(UpdateWorkerWeights(learner, workers, metrics, 0,
                                                 min_learner_updates=config["broadcast_interval"]))
-                  .for_each(lambda worker_and_batch: worker_and_batch[1], name="DropSource")
+                  .for_each(lambda sourced: sourced.item, name="DropSource")
                   .combine(MixInReplay(config["replay_buffer_num_slots"],
                                        config["replay_proportion"], seed=config["seed"]))
                   .combine(ConcatBatches(config["train_batch_size"], metrics))
@@ -67,8 +67,7 @@ def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalI
     plan = StandardMetricsReporting(merged, workers, config, metrics, extra_stats=lambda: {
         "learner_queue": {"size": learner.inqueue.qsize(),
                           "capacity": learner.inqueue.maxsize}})
-    plan.cleanup = learner.stop
-    return plan
+    return plan.owning(learner)
 
 
 class ImpalaAgent(Agent):

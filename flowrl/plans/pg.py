@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from flowrl.agent import Agent
-from flowrl.flow import LocalIterator, Metrics
+from flowrl.flow import Metrics, Plan
 from flowrl.ops import (BroadcastWeights, ConcatBatches, ParallelRollouts,
                         StandardMetricsReporting, TrainOneStep)
 from flowrl.policies.pg import PGTorchPolicy
@@ -24,7 +24,7 @@ DEFAULT_CONFIG: dict = {
 }
 
 
-def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:
+def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> Plan:
     rollouts = ParallelRollouts(workers, metrics, mode="bulk_sync")
     train_op = (rollouts
                 .combine(ConcatBatches(config["train_batch_size"], metrics))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from flowrl.agent import Agent
 from flowrl.config import require
-from flowrl.flow import LocalIterator, Metrics
+from flowrl.data.items import TrainedBatch, expect_item
+from flowrl.flow import Metrics, Plan
 from flowrl.ops import (BroadcastWeights, ConcatBatches, ParallelRollouts, SelectExperiences,
                         StandardMetricsReporting, StandardizeFields, TrainOneStep)
 from flowrl.policies.ppo import PPOTorchPolicy
@@ -42,14 +43,15 @@ class UpdateKL:
 
         ... .for_each(TrainOneStep(...)).for_each(UpdateKL(workers))
 
-    Reads the ``kl`` learner stat emitted by TrainOneStep. No counters.
+    Reads the ``kl`` learner stat of TrainOneStep's ``TrainedBatch``; passes it through.
+    No counters.
     """
 
     def __init__(self, workers: WorkerSet):
         self.workers = workers
 
-    def __call__(self, item):
-        batch, info = item
+    def __call__(self, item: TrainedBatch) -> TrainedBatch:
+        info = expect_item("UpdateKL", item, TrainedBatch).info
         for pid, stats in info.items():
             if "kl" in stats:
                 self.workers.local_worker().get_policy(pid).update_kl(stats["kl"])
@@ -59,7 +61,7 @@ class UpdateKL:
         return "UpdateKL"
 
 
-def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> LocalIterator:
+def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> Plan:
     rollouts = ParallelRollouts(workers, metrics, mode="bulk_sync")
     train_op = (rollouts
                 .for_each(SelectExperiences(workers.policies_to_train()))

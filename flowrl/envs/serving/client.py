@@ -122,10 +122,20 @@ class _Transport:
     def _post(self, conn: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes]:
         try:
             conn.request("POST", "/", body=body, headers=self.headers)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError) as send_error:
             # The server may have refused the request (e.g. 413) and stopped reading:
             # its reply is still worth reading.
-            pass
+            try:
+                return self._read_reply(conn)
+            except (ConnectionResetError, BrokenPipeError):  # RemoteDisconnected too
+                # Still a ConnectionResetError: a stale keep-alive connection is retried.
+                raise ConnectionResetError(
+                    f"the server closed the connection while the {len(body)}-byte request "
+                    f"was being sent and left no readable reply ({send_error!r})") from None
+        return self._read_reply(conn)
+
+    @staticmethod
+    def _read_reply(conn: http.client.HTTPConnection) -> tuple[int, bytes]:
         response = conn.getresponse()
         length = response.getheader("Content-Length")
         if length is None or not length.isdigit() or int(length) > MAX_REPLY_BYTES:

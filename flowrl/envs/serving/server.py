@@ -12,7 +12,9 @@ with a 4xx status (5xx only for failures of the server itself). See docs/serving
 for the commands and their fields.
 
 Safety: bodies are parsed with ``json`` only (never pickle); a body larger than
-``max_body_bytes`` is refused from its Content-Length before it is read; tokens are
+``max_body_bytes`` is refused from its Content-Length before it is parsed (the refused
+body is drained, up to ``MAX_DRAIN_BYTES`` and ``LINGER_TIMEOUT_S``, so that the client
+reads the 413 instead of a connection reset); tokens are
 compared in constant time; every field is type-checked and observations and actions are
 checked against the env's spaces before they reach the sampler. A bad request costs
 its sender an error reply and nothing else: the server keeps serving.
@@ -39,6 +41,12 @@ from flowrl.envs.serving.wire import (decode_value, encode_array, encode_value, 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+#: A refused request's unread body is discarded up to this many bytes, so the client,
+#: which reads the reply only after sending its body, sees the error reply; beyond it
+#: the connection is closed (and the client sees a reset).
+MAX_DRAIN_BYTES = 64 << 20
+#: Discarding a refused body stops after this long: a slow client cannot hold a thread.
+LINGER_TIMEOUT_S = 5.0
 
 
 class _Fields:
@@ -234,32 +242,44 @@ class _RequestHandler(BaseHTTPRequestHandler):
         except ServingError as error:
             self._reply(error.status, {"error": str(error)}, close=not body_read)
             if not body_read:
-                self._linger()
+                self._linger(self._declared_body_length())
             return
         except Exception:  # a bug: log it, keep the details off the wire
             logger.exception("policy server request failed")
             self._reply(500, {"error": "internal server error (see the server's log)"},
                         close=not body_read)
+            if not body_read:
+                self._linger(self._declared_body_length())
             return
         self._reply(200, reply)
 
-    def _linger(self) -> None:
-        """Discards what the client still sends (bounded in bytes and time) before the
-        socket closes: closing with unread input makes the kernel reset the connection,
-        which can destroy the error reply before the client reads it."""
+    def _linger(self, body_length: int | None = None) -> None:
+        """Sends the reply and discards the unread body before the socket closes.
+
+        Closing with unread input makes the kernel reset the connection, which destroys
+        the error reply before a client that is still sending its body reads it. Reads
+        ``body_length`` bytes (until the client's EOF when None), at most
+        ``MAX_DRAIN_BYTES`` and for at most ``LINGER_TIMEOUT_S``.
+        """
         try:
             self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(1.0)
-            budget = 4 * self.server.max_body_bytes + (1 << 16)
-            deadline = time.monotonic() + 2.0
-            while budget > 0 and time.monotonic() < deadline:
-                chunk = self.connection.recv(min(budget, 1 << 16))
+            self.connection.shutdown(socket.SHUT_WR)  # the reply is complete: send it now
+            if body_length is not None and body_length > MAX_DRAIN_BYTES:
+                return  # not worth reading: the client gets a reset either way
+            remaining = MAX_DRAIN_BYTES if body_length is None else body_length
+            deadline = time.monotonic() + LINGER_TIMEOUT_S
+            while remaining > 0:
+                time_left = deadline - time.monotonic()
+                if time_left <= 0:
+                    return
+                self.connection.settimeout(time_left)
+                # rfile, not the socket: its buffer may hold the body's first bytes
+                chunk = self.rfile.read1(min(remaining, 1 << 16))
                 if not chunk:
-                    break
-                budget -= len(chunk)
+                    return
+                remaining -= len(chunk)
         except OSError:
-            pass  # the client went away: nothing left to drain
+            pass  # the client went away or stalled: nothing more to drain
 
     def _check_token(self) -> None:
         token = self.server.token
@@ -272,19 +292,28 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if not hmac.compare_digest(got.encode("latin-1", "replace"), expected):
             raise UnauthorizedError("wrong token")
 
+    def _declared_body_length(self) -> int | None:
+        """The body size the headers state unambiguously: one well-formed
+        Content-Length and no Transfer-Encoding; None otherwise."""
+        lengths = self.headers.get_all("Content-Length") or []
+        if self.headers.get("Transfer-Encoding") is not None or len(lengths) != 1:
+            return None
+        length = lengths[0].strip()
+        return int(length) if length.isascii() and length.isdigit() else None
+
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding") is not None:
             raise ProtocolError(411, "chunked bodies are not accepted: send a Content-Length")
-        lengths = self.headers.get_all("Content-Length") or []
-        if not lengths:
+        if self.headers.get("Content-Length") is None:
             raise ProtocolError(411, "missing Content-Length")
-        if len(lengths) > 1 or not lengths[0].strip().isdigit() or \
-                not lengths[0].strip().isascii():
+        length = self._declared_body_length()
+        if length is None:
             raise BadRequestError("malformed Content-Length")
-        length = int(lengths[0])
-        if length > self.server.max_body_bytes:
-            raise PayloadTooLargeError(f"body of {length} bytes exceeds the server's limit of "
-                                       f"{self.server.max_body_bytes}")
+        limit = self.server.max_body_bytes
+        if length > limit:
+            raise PayloadTooLargeError(f"request body of {length} bytes (Content-Length) "
+                                       f"exceeds the server's limit of {limit} bytes "
+                                       "(max_body_bytes)")
         content_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
         if content_type != "application/json":
             raise ProtocolError(415, "Content-Type must be application/json, got "
@@ -346,7 +375,7 @@ class PolicyServer:
         port: TCP port; 0 picks a free one (read it from :attr:`port`).
         token: shared secret clients send as ``Authorization: Bearer <token>``;
             None accepts every request (only sensible on loopback).
-        max_body_bytes: larger requests are refused (413) before their body is read.
+        max_body_bytes: larger requests are refused (413) before their body is parsed.
         request_timeout_s: a connection idle or stalled this long is closed.
     """
 
