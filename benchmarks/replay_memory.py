@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from flowrl.replay import FrameStackStorage, PrioritizedReplayBuffer, ReplayBuffer
-from flowrl.sample_batch import SampleBatch
+from flowrl.data.sample_batch import SampleBatch
 
 H = W = 84
 K = 4

@@ -23,7 +23,7 @@ from flowrl.ops import (BroadcastWeights, ConcatBatches, ParallelRollouts,
                         StandardizeFields, StandardMetricsReporting, TrainOneStep)
 from flowrl.plans.ppo import DEFAULT_CONFIG, UpdateKL
 from flowrl.policies.ppo import PPOTorchPolicy
-from flowrl.sample_batch import SampleBatch
+from flowrl.data import SampleBatch
 from flowrl.workers.worker_set import WorkerSet
 
 logger = logging.getLogger("ppo_with_logging")

@@ -14,25 +14,26 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from flowrl.version import __version__
 
 # Public names, imported on first use: Ray worker processes import this package when
 # they unpickle a RolloutWorker, and must not pay for Tune and every plan each time.
 _LAZY = {
-    "Agent": "flowrl.agent",
-    "build_agent": "flowrl.builder",
-    "DefaultCallbacks": "flowrl.callbacks",
+    "Agent": "flowrl.algorithms.agent",
+    "build_agent": "flowrl.algorithms.builder",
+    "DefaultCallbacks": "flowrl.workers.callbacks",
     "MultiAgentEnv": "flowrl.envs",
     "EnvContext": "flowrl.envs",
     "register_env": "flowrl.envs",
     "register_custom_model": "flowrl.policies.models",
-    "ALGORITHMS": "flowrl.registry",
-    "get_agent_class": "flowrl.registry",
-    "DEFAULT_POLICY_ID": "flowrl.sample_batch",
-    "MultiAgentBatch": "flowrl.sample_batch",
-    "SampleBatch": "flowrl.sample_batch",
-    "get_trainable_class": "flowrl.trainable",
-    "register_trainables": "flowrl.trainable",
+    "ALGORITHMS": "flowrl.algorithms.registry",
+    "get_agent_class": "flowrl.algorithms.registry",
+    "DEFAULT_POLICY_ID": "flowrl.data.sample_batch",
+    "MultiAgentBatch": "flowrl.data.sample_batch",
+    "SampleBatch": "flowrl.data.sample_batch",
+    "get_trainable_class": "flowrl.algorithms.trainable",
+    "register_trainables": "flowrl.algorithms.trainable",
+    "Plan": "flowrl.flow",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -56,6 +57,6 @@ def _inside_ray_worker() -> bool:
 
 
 if not _inside_ray_worker():
-    from flowrl.trainable import register_trainables as _register
+    from flowrl.algorithms.trainable import register_trainables as _register
 
     _register()

@@ -172,9 +172,9 @@ def _absolute_import_paths(config: dict) -> None:
 
 def _normalize_spec(name: str, spec: dict, args: argparse.Namespace) -> dict:
     """Fills CLI defaults and validates algorithm, env and config before Tune starts."""
-    from flowrl.builder import load_algorithm
+    from flowrl.algorithms.builder import load_algorithm
     from flowrl.envs.registry import make_env_creator
-    from flowrl.registry import get_agent_class
+    from flowrl.algorithms.registry import get_agent_class
 
     spec = dict(spec)
     config = dict(spec.get("config", {}))
@@ -219,8 +219,8 @@ def _normalize_spec(name: str, spec: dict, args: argparse.Namespace) -> dict:
 def _resolve_auto(spec: dict) -> None:
     """Writes the cluster-resolved values of "auto" resource keys into the trial config,
     so they are printed and recorded in params.json."""
-    from flowrl.config import AUTO_KEYS, COMMON_CONFIG
-    from flowrl.registry import get_agent_class
+    from flowrl.algorithms.config import AUTO_KEYS, COMMON_CONFIG
+    from flowrl.algorithms.registry import get_agent_class
 
     agent_cls = get_agent_class(spec["run"])
     config = spec["config"]
@@ -265,7 +265,7 @@ def train_main(argv: list[str] | None = None) -> int:
         ray.init(**init_args)
     for spec in experiments.values():
         _resolve_auto(spec)
-    from flowrl.trainable import tune_callbacks
+    from flowrl.algorithms.trainable import tune_callbacks
 
     # Our callbacks write result.json, progress.csv and TensorBoard scalars under plain
     # names; Tune's automatic loggers would write a second, "ray/tune/"-prefixed copy.
@@ -289,7 +289,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def _stop_reached(stop: dict, result: dict) -> bool:
-    from flowrl.result_logger import flatten_result
+    from flowrl.algorithms.result_logger import flatten_result
     flat = flatten_result(result)
     return any(key in flat and flat[key] is not None and flat[key] >= value
                for key, value in stop.items())
@@ -304,8 +304,8 @@ def _run_local(experiments: dict, args: argparse.Namespace) -> int:
     """
     import datetime
 
-    from flowrl.registry import get_agent_class
-    from flowrl.result_logger import progress_line
+    from flowrl.algorithms.registry import get_agent_class
+    from flowrl.algorithms.result_logger import progress_line
 
     for name, spec in experiments.items():
         config = spec["config"]

@@ -101,7 +101,7 @@ def _parse_overrides(text: str) -> dict:
 def resolve_checkpoint(path: str) -> str:
     """The checkpoint directory for ``path``: a checkpoint, its manifest, or a trial
     directory (its highest-numbered ``checkpoint_<n>``)."""
-    from flowrl.checkpoint import MANIFEST_FILE, find_checkpoint_dir
+    from flowrl.algorithms.checkpoint import MANIFEST_FILE, find_checkpoint_dir
     full = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(full) and not os.path.isfile(os.path.join(full, MANIFEST_FILE)):
         found = []
@@ -116,7 +116,7 @@ def resolve_checkpoint(path: str) -> str:
 
 def find_params(checkpoint_dir: str) -> str:
     """``params.json`` in the checkpoint, next to it, or one folder up (Tune trials)."""
-    from flowrl.checkpoint import PARAMS_FILE
+    from flowrl.algorithms.checkpoint import PARAMS_FILE
     parent = os.path.dirname(checkpoint_dir)
     for folder in (checkpoint_dir, parent, os.path.dirname(parent)):
         candidate = os.path.join(folder, PARAMS_FILE)
@@ -178,8 +178,8 @@ def _make_env(creator: Any, env_config: dict, render_mode: str | None) -> tuple[
 def _load_policy(agent_cls: type, config: dict, env: Any, checkpoint: str,
                  manifest: dict) -> Any:
     """The algorithm's policy for ``env``'s spaces with the checkpoint's state."""
-    from flowrl.checkpoint import read_policy_states
-    from flowrl.sample_batch import DEFAULT_POLICY_ID
+    from flowrl.algorithms.checkpoint import read_policy_states
+    from flowrl.data.sample_batch import DEFAULT_POLICY_ID
 
     # As RolloutWorker builds the local worker's policy: index 0.
     policy_config = {**config, "worker_index": 0, "num_workers": 0}
@@ -206,11 +206,11 @@ def load_rollout(checkpoint: str, run: str | None = None, env: str | None = None
     Raises :class:`RolloutError` (or ``ValueError`` / ``FileNotFoundError``) with a
     message fit for one error line when the input is wrong.
     """
-    from flowrl.checkpoint import read_manifest
-    from flowrl.config import COMMON_CONFIG, merge_config
+    from flowrl.algorithms.checkpoint import read_manifest
+    from flowrl.algorithms.config import COMMON_CONFIG, merge_config
     from flowrl.envs.atari import AtariCreator
     from flowrl.envs.registry import make_env_creator
-    from flowrl.registry import get_agent_class
+    from flowrl.algorithms.registry import get_agent_class
 
     checkpoint = resolve_checkpoint(checkpoint)
     manifest = read_manifest(checkpoint)
@@ -354,7 +354,7 @@ def run_rollout(setup: RolloutSetup, steps: int | None = None, episodes: int | N
     :class:`~flowrl.envs.video.EpisodeVideoRecorder`; close ``setup.env`` afterwards.
     Returns the episodes (their steps only with ``keep_steps``).
     """
-    import gymnasium as gym
+    from flowrl.envs.episodes import EpisodeRunner, EpisodeStep
 
     if steps is None and episodes is None:
         episodes = 10
@@ -363,9 +363,8 @@ def run_rollout(setup: RolloutSetup, steps: int | None = None, episodes: int | N
         # Replaces setup.env: closing it finishes a video whose episode was cut.
         setup.env = EpisodeVideoRecorder(setup.env, video_dir, episode_trigger=lambda i: True,
                                          name_prefix="episode", fps=_video_fps(setup.env))
-    env, policy = setup.env, setup.policy
-    space = env.action_space
-    clip = isinstance(space, gym.spaces.Box) and setup.config.get("clip_actions", True)
+    policy = setup.policy
+    runner = EpisodeRunner(setup.env, clip_actions=setup.config.get("clip_actions", True))
     done_episodes: list[Episode] = []
     total_steps = 0
 
@@ -375,24 +374,20 @@ def run_rollout(setup: RolloutSetup, steps: int | None = None, episodes: int | N
 
     while not limit_reached():
         episode = Episode()
-        obs, _ = env.reset()
-        while True:
-            action = policy.compute_single_action(obs, explore=explore)
-            env_action = np.clip(action, space.low, space.high) if clip else action
-            new_obs, reward, terminated, truncated, _ = env.step(env_action)
-            total_steps += 1
+
+        def record(step: EpisodeStep, episode: Episode = episode) -> None:
             if keep_steps:
-                episode.obs.append(np.array(obs, copy=True))
-                episode.actions.append(np.asarray(env_action))
-                episode.terminateds.append(bool(terminated))
-                episode.truncateds.append(bool(truncated))
-            episode.rewards.append(float(reward))
-            obs = new_obs
-            if terminated or truncated:
-                episode.finished = True
-                break
-            if steps is not None and total_steps >= steps:
-                break
+                episode.obs.append(np.array(step.obs, copy=True))
+                episode.actions.append(np.asarray(step.env_action))
+                episode.terminateds.append(step.terminated)
+                episode.truncateds.append(step.truncated)
+            episode.rewards.append(step.reward)
+
+        result = runner.run(lambda obs: policy.compute_single_action(obs, explore=explore),
+                            max_steps=None if steps is None else steps - total_steps,
+                            on_step=record)
+        total_steps += result.num_steps
+        episode.finished = result.finished
         done_episodes.append(episode)
         number = len(done_episodes)
         cut = "" if episode.finished else " (cut by --steps)"

@@ -26,6 +26,7 @@ def ray_session():
 @pytest.fixture
 def results_dir(tmp_path, monkeypatch):
     """Points ~/ray_results of Agents used outside Tune to a temporary directory."""
-    import flowrl.agent
-    monkeypatch.setattr(flowrl.agent, "DEFAULT_RESULTS_DIR", str(tmp_path / "ray_results"))
+    import flowrl.algorithms.agent
+    monkeypatch.setattr(flowrl.algorithms.agent, "DEFAULT_RESULTS_DIR",
+                        str(tmp_path / "ray_results"))
     return tmp_path / "ray_results"

@@ -9,7 +9,7 @@ import torch
 
 import flowrl
 from flowrl import Agent, get_agent_class
-from flowrl.checkpoint import MANIFEST_FILE
+from flowrl.algorithms.checkpoint import MANIFEST_FILE
 from flowrl.plans.a2c import A2CAgent
 from flowrl.plans.pg import PGAgent
 from flowrl.plans.ppo import DEFAULT_CONFIG, PPOAgent

@@ -11,14 +11,14 @@ import gymnasium as gym
 import pytest
 import ray
 
-from flowrl.callbacks import DefaultCallbacks, resolve_callbacks
-from flowrl.checkpoint import PARAMS_FILE
+from flowrl.workers.callbacks import DefaultCallbacks, resolve_callbacks
+from flowrl.algorithms.checkpoint import PARAMS_FILE
 from flowrl.envs.registry import EnvContext, make_env_creator
 from flowrl.envs.video import (EpisodeVideoRecorder, capped_cubic_video_schedule,
                                make_recordable_env)
 from flowrl.plans.pg import PGAgent
 from flowrl.plans.ppo import PPOAgent
-from flowrl.result_logger import flatten_result
+from flowrl.algorithms.result_logger import flatten_result
 from flowrl.workers.sampler import EpisodeStats
 
 # Remote workers unpickle the callbacks classes of this module by value.
@@ -160,10 +160,10 @@ def test_checkpoint_with_unimportable_callbacks_restores_with_defaults(results_d
 
 @pytest.mark.parametrize("value, match", [
     ("no_such_module_xyz:Callbacks", r"no_such_module_xyz:Callbacks"),
-    ("flowrl.callbacks:NoSuchCallbacks", r"has no 'NoSuchCallbacks'"),
+    ("flowrl.workers.callbacks:NoSuchCallbacks", r"has no 'NoSuchCallbacks'"),
     ("NoDots", r"not an import path"),
-    (dict, r"not a subclass of flowrl.callbacks.DefaultCallbacks"),
-    ("flowrl.callbacks.Episode", r"not a subclass"),
+    (dict, r"not a subclass of flowrl.workers.callbacks.DefaultCallbacks"),
+    ("flowrl.workers.callbacks.Episode", r"not a subclass"),
     (CountingCallbacks(), r"pass the class CountingCallbacks, not an instance"),
     (42, r"'callbacks' has value 42"),
 ])

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from flowrl import Agent, get_agent_class
-from flowrl.checkpoint import MANIFEST_FILE, read_manifest
+from flowrl.algorithms.checkpoint import MANIFEST_FILE, read_manifest
 
 DQN_SMALL = {"learning_starts": 100, "timesteps_per_iteration": 200, "seed": 3,
              "checkpoint_replay_buffer": True, "buffer_size": 50000}

@@ -21,7 +21,7 @@ from flowrl.policies.ddpg import (
     ou_stationary_variance,
 )
 from flowrl.policies.dqn import GAMMAS, TD_ERROR, adjust_nstep
-from flowrl.sample_batch import SampleBatch
+from flowrl.data.sample_batch import SampleBatch
 from flowrl.workers.sampler import VectorSampler
 
 PENDULUM = gym.make("Pendulum-v1")

@@ -21,7 +21,7 @@ from flowrl.policies.dqn import (
     adjust_nstep,
     per_worker_epsilon,
 )
-from flowrl.sample_batch import SampleBatch
+from flowrl.data.sample_batch import SampleBatch, minibatch_bounds
 from flowrl.workers.sampler import VectorSampler
 
 CARTPOLE = gym.make("CartPole-v1")
@@ -299,6 +299,38 @@ def test_minibatch_sgd_returns_td_error_in_batch_order():
     expected = policy.compute_td_error(batch)
     stats = policy.learn_on_batch(batch, num_sgd_iter=2, sgd_minibatch_size=16)
     np.testing.assert_allclose(stats[TD_ERROR], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_shuffled_minibatch_td_errors_equal_a_per_row_recomputation_in_batch_order():
+    """Row i's ``td_error`` is its |TD error| under the nets right before the last-epoch
+    update that used it, and sits at position i (the shuffle undone)."""
+    policy, twin = (make_policy(n_step=3, gamma=0.9, lr=1e-2) for _ in range(2))
+    perturb_target(policy)
+    perturb_target(twin)  # same seeds: the twin starts identical, RNG included
+    batch = train_batch(policy)
+    before = policy.compute_td_error(batch)
+    num_sgd_iter, minibatch_size = 3, 16
+    stats = policy.learn_on_batch(batch, num_sgd_iter=num_sgd_iter,
+                                  sgd_minibatch_size=minibatch_size)
+
+    # Replay the same updates on the twin, one minibatch per call (a single-minibatch
+    # call draws no shuffle), recomputing the last epoch's errors row by row first.
+    expected = np.full(batch.count, np.nan)
+    bounds = minibatch_bounds(batch.count, minibatch_size)
+    assert len(bounds) >= 3
+    for epoch in range(num_sgd_iter):
+        perm = twin._rng.permutation(batch.count)  # the policy's shuffle, same draws
+        for start, end in bounds:
+            rows = perm[start:end]
+            minibatch = SampleBatch({k: np.asarray(v)[rows] for k, v in batch.items()})
+            if epoch == num_sgd_iter - 1:
+                expected[rows] = np.abs(td_reference(twin, minibatch, double_q=True))
+            twin.learn_on_batch(minibatch)
+    assert not np.isnan(expected).any()
+    for key, value in twin.get_weights().items():  # the replay took the same steps
+        np.testing.assert_allclose(value, policy.get_weights()[key], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats[TD_ERROR], expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(stats[TD_ERROR], before, rtol=1e-3)  # the updates mattered
 
 
 def test_compute_and_apply_gradients_match_learn_on_batch():

@@ -98,19 +98,20 @@ def test_worker_pairs_evaluate_theta_plus_and_minus_sigma_eps():
     stats.push(np.random.default_rng(0).normal(size=(100, 4)))
     result = worker.do_rollouts({"weights": theta, "filter": stats.to_dict()},
                                 min_episodes=6, min_timesteps=0, num_eval=2)
-    assert len(result["eval_returns"]) == 2
-    assert result["returns"].shape == (3, 2) and result["lengths"].shape == (3, 2)
+    assert len(result.eval_returns) == 2
+    assert result.returns.shape == (3, 2) and result.lengths.shape == (3, 2)
     n, sigma = policy.num_params, config["noise_stdev"]
-    for k, idx in enumerate(result["noise_indices"]):
+    for k, idx in enumerate(result.noise_indices):
         eps = noise[idx:idx + n]
         for member, sign in enumerate((1, -1)):
             policy.set_flat_weights(theta + sign * sigma * eps)
-            ret, length = worker.rollout(add_noise=True, env_seed=int(result["env_seeds"][k]))
-            assert ret == result["returns"][k, member]
-            assert length == result["lengths"][k, member]
+            ret, length = worker.rollout(add_noise=True, env_seed=int(result.env_seeds[k]))
+            assert ret == result.returns[k, member]
+            assert length == result.lengths[k, member]
     # The filter stayed frozen during the call; its buffer saw every perturbed step.
     assert policy.filter.stats.count == 100
-    assert result["filter_buffer"]["count"] == result["lengths"].sum()
+    (buffer,) = result.filter_buffers
+    assert buffer["count"] == result.lengths.sum()
     worker.stop()
 
 
@@ -159,15 +160,17 @@ def test_noise_table_is_put_once_and_shared_by_all_actors(ray_session, results_d
     agent = ESAgent(config=SMALL, env="CartPole-v1", log_to_disk=False)
     try:
         assert agent.workers.remote_workers() == []  # no RolloutWorker actors for ES
+        actors = agent.es_actors()
+        assert agent.es_workers() == []  # nothing starts before the first iteration
         first = agent.train()
-        ref = agent._noise_ref
+        ref = actors.noise_ref
         second = agent.train()
-        assert agent._noise_ref is ref  # no new table per iteration
+        assert actors.noise_ref is ref  # no new table per iteration
         infos = ray.get([w.noise_table_info.remote() for w in agent.es_workers()])
         assert len(infos) == 2
         for info in infos:
             assert info == {"ref": ref.hex(), "size": SMALL["noise_size"], "writeable": False}
-        assert not agent._noise.flags.writeable  # the driver reads the store copy too
+        assert not actors.noise_table().flags.writeable  # the driver reads the store copy
         for result in (first, second):
             assert result["info"]["num_pairs"] >= SMALL["episodes_per_batch"] // 2
             assert result["timesteps_this_iter"] >= SMALL["train_batch_size"]
@@ -187,7 +190,8 @@ def test_stop_kills_actors_and_dead_workers_are_replaced(ray_session, results_di
     victim = agent.es_workers()[0]
     ray.kill(victim)
     result = agent.train()  # the dead actor's share is rerun by its replacement
-    assert result["info"]["num_worker_restarts"] == 1
+    assert result["info"]["num_es_actor_restarts"] == 1
+    assert result["info"]["num_worker_restarts"] == 1  # ES's workers are its actors
     assert result["num_healthy_workers"] == 2
     assert result["info"]["num_pairs"] >= SMALL["episodes_per_batch"] // 2
     actors = agent.es_workers()
@@ -222,7 +226,7 @@ def test_save_restore_gives_identical_actions(ray_session, results_dir, monkeypa
     assert result["timesteps_total"] == steps + result["timesteps_this_iter"]
     fresh.stop()
 
-    from flowrl.registry import ALGORITHMS
+    from flowrl.algorithms.registry import ALGORITHMS
     monkeypatch.setitem(ALGORITHMS, "ES", "flowrl.plans.es:ESAgent")
     rebuilt = Agent.from_checkpoint(path, config_overrides={"num_workers": 0},
                                     log_to_disk=False)

@@ -70,14 +70,14 @@ def test_apex_survives_kill_of_a_worker_and_a_replay_shard(ray_session):
     try:
         before = train_until(agent, lambda r: r["info"].get("num_steps_trained", 0) > 0, 30)
         sigkill(agent.workers.remote_workers()[1])
-        shard = agent._plan.replay_shards[0]
+        shard = agent.plan.state["replay"].buffers[0]
         sigkill(shard)
         final = train_until(
             agent, lambda r: r["episode_reward_mean"] >= 100 and r["num_healthy_workers"] == 2
             and r["replay"]["num_healthy_shards"] == 2, 80)
         assert final["info"]["num_worker_restarts"] == 1
         assert final["replay"]["num_shard_restarts"] == 1
-        assert shard not in agent._plan.replay_shards
+        assert shard not in agent.plan.state["replay"].buffers
         assert final["info"]["num_steps_trained"] > before["info"]["num_steps_trained"]
         assert final["timesteps_total"] > before["timesteps_total"]
     finally:

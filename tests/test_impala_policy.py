@@ -21,7 +21,7 @@ from flowrl.policies.impala import (
     vtrace,
 )
 from flowrl.policies.postprocessing import compute_advantages
-from flowrl.sample_batch import SampleBatch
+from flowrl.data.sample_batch import SampleBatch
 from flowrl.workers import RolloutWorker
 
 IMPALA_KEYS = {

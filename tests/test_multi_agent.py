@@ -12,7 +12,7 @@ import ray
 from flowrl import Agent, MultiAgentBatch, get_agent_class, register_env
 from flowrl.envs.multi_agent import ALL, MultiCartPole, ParallelEnvAdapter
 from flowrl.ops import ConcatBatches, SelectExperiences, StandardizeFields
-from flowrl.sample_batch import SampleBatch
+from flowrl.data.sample_batch import SampleBatch
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,7 +16,7 @@ from flowrl.plans.a2c import A2CAgent
 from flowrl.plans.ppo import PPOAgent
 from flowrl.policies.a2c import A2CTorchPolicy
 from flowrl.policies.ppo import PPOTorchPolicy
-from flowrl.sample_batch import MultiAgentBatch, SampleBatch
+from flowrl.data.sample_batch import MultiAgentBatch, SampleBatch
 from flowrl.workers import WorkerSet
 
 
@@ -204,5 +204,5 @@ def test_a2c_microbatch_plan_trains():
                      env="CartPole-v1", log_to_disk=False)
     result = agent.train()
     assert result["info"]["num_steps_trained"] >= 160
-    assert "ComputeGradients -> batch(4) -> AverageGradients" in repr(agent._plan)
+    assert "ComputeGradients -> batch(4) -> AverageGradients" in repr(agent.plan)
     agent.stop()

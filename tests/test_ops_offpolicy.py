@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from flowrl.config import resolve_auto_resources
+from flowrl.algorithms.config import resolve_auto_resources
 from flowrl.envs import make_env_creator
 from flowrl.flow import Metrics, NotReady, from_items
 from flowrl.ops import (Concurrently, Dequeue, Enqueue, LearnerThread, TrainOneStep,

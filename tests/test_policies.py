@@ -25,7 +25,7 @@ from flowrl.policies import (
     register_custom_model,
 )
 from flowrl.policies.models import FullyConnectedNetwork, VisionNetwork
-from flowrl.sample_batch import SampleBatch
+from flowrl.data.sample_batch import SampleBatch
 
 CARTPOLE = gym.make("CartPole-v1")
 PENDULUM = gym.make("Pendulum-v1")

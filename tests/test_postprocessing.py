@@ -7,7 +7,7 @@ import torch
 
 from flowrl.policies import A2CTorchPolicy, PGTorchPolicy, PPOTorchPolicy
 from flowrl.policies.postprocessing import compute_advantages, discount_cumsum
-from flowrl.sample_batch import SampleBatch
+from flowrl.data.sample_batch import SampleBatch
 
 GAMMA = 0.97
 LAMBDA = 0.9

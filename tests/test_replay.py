@@ -22,7 +22,7 @@ from flowrl.replay import (
     SumSegmentTree,
     linear_schedule,
 )
-from flowrl.sample_batch import MultiAgentBatch, SampleBatch
+from flowrl.data.sample_batch import MultiAgentBatch, SampleBatch
 
 
 # ----------------------------------------------------------------- helpers

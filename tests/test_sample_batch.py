@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from flowrl.sample_batch import DEFAULT_POLICY_ID, MultiAgentBatch, SampleBatch, minibatch_bounds
+from flowrl.data.sample_batch import DEFAULT_POLICY_ID, MultiAgentBatch, SampleBatch, minibatch_bounds
 
 
 def make_batch(n: int = 10, offset: int = 0) -> SampleBatch:

@@ -32,7 +32,7 @@ from flowrl.envs.serving.wire import encode_array
 from flowrl.plans.dqn import DQNAgent
 from flowrl.plans.ppo import PPOAgent
 from flowrl.policies.ppo import PPOTorchPolicy
-from flowrl.sample_batch import SampleBatch
+from flowrl.data.sample_batch import SampleBatch
 from flowrl.workers import RolloutWorker
 from flowrl.workers.external_sampler import ExternalEnvSampler
 
@@ -546,7 +546,9 @@ def test_local_inference_mode_end_to_end(algo, results_dir):
     url = agent.workers.local_worker().env.server.url
     client = PolicyClient(url, inference_mode="local", update_interval_s=0.05)
     spec = client.get_policy_spec()
-    assert spec["algorithm"] == algo and spec["config"]["gamma"] == agent.config["gamma"]
+    policy_cls = type(agent.get_policy())
+    assert spec["policy_class"] == f"{policy_cls.__module__}:{policy_cls.__qualname__}"
+    assert spec["config"]["gamma"] == agent.config["gamma"]
     assert "env_config" not in spec["config"]  # the env's settings may hold secrets
     initial = {k: v.copy() for k, v in client.policy.get_weights().items()}
     assert client.num_weight_updates == 1
@@ -753,3 +755,13 @@ def test_serve_checkpoint_for_inference_only(tmp_path, results_dir):
     finally:
         server.shutdown()
         agent.stop()
+
+
+def test_local_mode_builds_only_flowrl_policy_classes():
+    from flowrl.envs.serving.client import flowrl_policy_class
+    from flowrl.policies.ppo import PPOTorchPolicy
+    assert flowrl_policy_class("flowrl.policies.ppo:PPOTorchPolicy") is PPOTorchPolicy
+    for named in ("os:system", "flowrl.policiesx.evil:Policy", "flowrl.policies.ppo:",
+                  None, "flowrl.policies.ppo:NoSuchPolicy"):
+        with pytest.raises(PolicyClientError, match="inference_mode='remote'|does not exist"):
+            flowrl_policy_class(named)

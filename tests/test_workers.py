@@ -12,7 +12,7 @@ from flowrl.plans.ppo import DEFAULT_CONFIG as PPO_CONFIG
 from flowrl.plans.ppo import PPOAgent
 from flowrl.policies.pg import PGTorchPolicy
 from flowrl.policies.ppo import PPOTorchPolicy
-from flowrl.sample_batch import SampleBatch
+from flowrl.data.sample_batch import SampleBatch
 from flowrl.workers import RolloutWorker, WorkerSet
 
 

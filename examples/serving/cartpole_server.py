@@ -21,7 +21,7 @@ import gymnasium as gym
 
 from flowrl.envs import EnvContext, register_env
 from flowrl.envs.serving import ExternalEnv, PolicyServer
-from flowrl.registry import get_agent_class
+from flowrl import get_agent_class
 
 # Settings that learn CartPole quickly in one process (DQN as in
 # flowrl/tuned_examples/cartpole-dqn.yaml, with a shorter exploration phase).

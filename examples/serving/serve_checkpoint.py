@@ -18,7 +18,7 @@ import time
 
 import gymnasium as gym
 
-from flowrl.envs.serving import serve_checkpoint
+from flowrl.serving import serve_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

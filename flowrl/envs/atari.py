@@ -42,7 +42,7 @@ import gymnasium as gym
 import numpy as np
 
 if TYPE_CHECKING:
-    from flowrl.envs.registry import EnvContext
+    from flowrl.envs.context import EnvContext
 
 try:  # optional dependency: importing ale_py registers the ALE ids with gymnasium
     import ale_py

@@ -16,39 +16,14 @@ from typing import Any, Callable
 
 import gymnasium as gym
 
-from flowrl.envs import atari as _atari  # noqa: F401  (registers ALE ids with gymnasium)
+from flowrl.envs.atari import resolve_short_name  # importing it registers the ALE ids
+from flowrl.envs.context import EnvContext
 from flowrl.envs.compat import ensure_gymnasium_env
 from flowrl.imports import is_import_string, load_object
 
 EnvCreator = Callable[["EnvContext"], Any]
 
 _ENV_CREATORS: dict[str, EnvCreator] = {}
-
-
-class EnvContext(dict):
-    """The ``env_config`` dict, plus where the env lives.
-
-    Attributes:
-        worker_index: 0 for the local worker, 1..N for remote workers.
-        vector_index: index of this env among the worker's ``num_envs_per_worker``.
-        num_workers: number of remote workers.
-    """
-
-    def __init__(self, env_config: dict | None = None, worker_index: int = 0,
-                 vector_index: int = 0, num_workers: int = 0):
-        super().__init__(env_config or {})
-        self.worker_index = worker_index
-        self.vector_index = vector_index
-        self.num_workers = num_workers
-
-    def copy_with_overrides(self, worker_index: int | None = None,
-                            vector_index: int | None = None) -> "EnvContext":
-        return EnvContext(
-            dict(self),
-            self.worker_index if worker_index is None else worker_index,
-            self.vector_index if vector_index is None else vector_index,
-            self.num_workers,
-        )
 
 
 def register_env(name: str, env_creator: EnvCreator) -> None:
@@ -131,7 +106,7 @@ def _from_tune_registry(name: str) -> EnvCreator | None:
 
 def _resolve_extra_names(name: str) -> EnvCreator | None:
     """Short names (Atari games: "Breakout" -> DeepMind-preprocessed ALE); None if unknown."""
-    return _atari.resolve_short_name(name)
+    return resolve_short_name(name)
 
 
 class _GymnasiumCreator:

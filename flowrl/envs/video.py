@@ -10,7 +10,7 @@
 ``<logdir>/videos`` with the :func:`capped_cubic_video_schedule`.
 
 Atari training envs end their "episodes" at each lost life but report whole games
-in ``info["episode"]`` (see :func:`flowrl.workers.sampler.env_reports_episodes`).
+in ``info["episode"]`` (see :func:`flowrl.envs.episodes.env_reports_episodes`).
 On such envs the recorder, wrapped outermost, keeps recording across lost lives and
 ends a video only when the game is over (or truncated).
 
@@ -29,6 +29,7 @@ import gymnasium as gym
 import numpy as np
 
 from flowrl.envs.atari import AtariCreator
+from flowrl.envs.episodes import env_reports_episodes
 from flowrl.envs.registry import EnvContext, _CompatCreator, _GymnasiumCreator
 
 logger = logging.getLogger(__name__)
@@ -44,12 +45,6 @@ def capped_cubic_video_schedule(episode_index: int) -> bool:
 def _env_name(env: gym.Env) -> str:
     spec = getattr(env, "spec", None) or getattr(env.unwrapped, "spec", None)
     return spec.id if spec is not None else type(env.unwrapped).__name__
-
-
-def _reports_episodes(env: gym.Env) -> bool:
-    # Imported here: flowrl.workers imports flowrl.envs, not the other way round.
-    from flowrl.workers.sampler import env_reports_episodes
-    return env_reports_episodes(env)
 
 
 class EpisodeVideoRecorder(gym.Wrapper):
@@ -91,7 +86,7 @@ class EpisodeVideoRecorder(gym.Wrapper):
         self.episode_trigger = episode_trigger or capped_cubic_video_schedule
         self.name_prefix = name_prefix
         self.fps = float(fps or env.metadata.get("render_fps") or 30)
-        self.real_episodes = _reports_episodes(env) if real_episodes is None \
+        self.real_episodes = env_reports_episodes(env) if real_episodes is None \
             else bool(real_episodes)
         self.videos: list[str] = []
         self.episode_index = -1

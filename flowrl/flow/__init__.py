@@ -11,13 +11,14 @@ No RL lives here; ``flowrl.ops`` builds RL operators on top of it::
     next(report)
 """
 
-from flowrl.flow.iterators import LocalIterator, NotReady, concurrently, from_items
+from flowrl.flow.iterators import LocalIterator, NotReady, SourcedItem, concurrently, from_items
 from flowrl.flow.metrics import Metrics, TimerStat
 from flowrl.flow.parallel import ParallelIterator, ParallelIteratorWorker, from_actors
 from flowrl.flow.plan import Plan, Saveable, Stoppable, as_plan
 
 __all__ = [
     "NotReady",
+    "SourcedItem",
     "Metrics",
     "TimerStat",
     "LocalIterator",

@@ -29,11 +29,11 @@ import threading
 import time
 import types
 from collections import deque
-from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, NamedTuple, TypeVar
 
 from flowrl.flow.metrics import Metrics
 
-__all__ = ["NotReady", "LocalIterator", "from_items", "concurrently"]
+__all__ = ["NotReady", "SourcedItem", "LocalIterator", "from_items", "concurrently"]
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -67,6 +67,25 @@ class _NotReadyType:
 #: "Nothing yet": yielded by non-blocking sources and passed through by every
 #: operator. Test with ``item is NotReady``.
 NotReady = _NotReadyType()
+
+
+class SourcedItem(NamedTuple, Generic[T]):
+    """An item together with the shard actor that produced it.
+
+    What ``gather_async(..., with_source=True)``, ``gather_sync`` +
+    ``zip_with_source_actor()`` yield, so an operator can answer the very actor an
+    item came from (send it new weights, send priorities back to a replay shard)::
+
+        for sourced in par.gather_async(num_async=2, with_source=True):
+            sourced.actor.set_weights.remote(...)   # sourced.item is the shard's item
+
+    Operators test ``isinstance(item, SourcedItem)``, never the tuple length. It is a
+    NamedTuple, so ``for actor, item in ...`` unpacking works too. ``NotReady`` is
+    never wrapped.
+    """
+
+    actor: Any
+    item: T
 
 
 # --------------------------------------------------------------------------
@@ -275,7 +294,7 @@ class LocalIterator(Generic[T]):
         # User-supplied sources get their errors annotated; derived operators
         # annotate their own function calls instead.
         self._guard = True
-        # Set only on fresh gathers: builds the (actor, item) variant.
+        # Set only on fresh gathers: builds the SourcedItem(actor, item) variant.
         self._source_factory: Callable[[], LocalIterator[Any]] | None = None
 
     # -- iteration ----------------------------------------------------------
@@ -383,11 +402,11 @@ class LocalIterator(Generic[T]):
             out.append(item)
         return out
 
-    def zip_with_source_actor(self) -> "LocalIterator[tuple[Any, T]]":
-        """Yield ``(actor, item)`` pairs from a fresh gather::
+    def zip_with_source_actor(self) -> "LocalIterator[SourcedItem[T]]":
+        """Yield :class:`SourcedItem` ``(actor, item)`` pairs from a fresh gather::
 
             replay = from_actors(replay_actors, "Replay").gather_async(num_async=4)
-            for actor, batch in replay.zip_with_source_actor(): ...
+            for sourced in replay.zip_with_source_actor(): ...   # .actor, .item
 
         Same as ``gather_async(..., with_source=True)``. Only valid directly on
         the iterator returned by ``gather_async()``/``gather_sync()`` before any
@@ -398,7 +417,7 @@ class LocalIterator(Generic[T]):
                 f"zip_with_source_actor() is only valid directly on the iterator returned "
                 f"by ParallelIterator.gather_async()/gather_sync(), before any transform is "
                 f"added; got '{self.name}'. Use gather_async(..., with_source=True) and "
-                f"transform the (actor, item) pairs instead.")
+                f"transform the SourcedItem(actor, item) pairs instead.")
         if self._it is not None:
             raise ValueError(f"zip_with_source_actor() must be called before pulling from "
                              f"'{self.name}'")

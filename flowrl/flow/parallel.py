@@ -8,7 +8,7 @@ turns it into a driver-side :class:`~flowrl.flow.iterators.LocalIterator`::
     shards = from_actors(workers, "Rollouts", metrics=metrics,
                          on_actor_failure=worker_set.recreate)
     grads = shards.for_each(lambda batch: compute_grads(batch))  # runs in the actors
-    for actor, g in grads.gather_async(num_async=2, with_source=True):
+    for actor, g in grads.gather_async(num_async=2, with_source=True):  # SourcedItems
         ...
 
 Ray is imported lazily so that ``ParallelIteratorWorker`` (also used as a
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Iterator, Ty
 from flowrl.flow.iterators import (
     LocalIterator,
     NotReady,
+    SourcedItem,
     _add_note_once,
     _batch_gen,
     _combine_gen,
@@ -397,7 +398,8 @@ class ParallelIterator(Generic[T]):
             for actor, g in grads.gather_async(num_async=2, with_source=True):
                 apply_and_send_weights(actor, g)
 
-        ``with_source=True`` yields ``(actor, item)`` pairs. Inside an async
+        ``with_source=True`` yields :class:`~flowrl.flow.iterators.SourcedItem`
+        ``(actor, item)`` pairs (``NotReady`` stays bare). Inside an async
         union the gather never blocks (it yields ``NotReady``).
         ``name`` replaces the default ``"<chain> -> gather_async(num_async=k)"``.
         """
@@ -492,8 +494,8 @@ def _gather_sync_gen(par: ParallelIterator[Any], non_blocking: bool, num_async: 
                     g.live.remove(a)
                 else:
                     # NotReady stays bare: every operator downstream passes it through.
-                    round_items.append((a, value) if with_source and value is not NotReady
-                                       else value)
+                    round_items.append(SourcedItem(a, value)
+                                       if with_source and value is not NotReady else value)
             yield from round_items
     finally:
         g.close()
@@ -540,8 +542,8 @@ def _gather_async_gen(par: ParallelIterator[Any], non_blocking: bool, num_async:
                             g.live.remove(actor)
                         continue
                     submit(actor, 1)  # keep the shard busy while we yield
-                    done.append((actor, value) if with_source and value is not NotReady
-                                else value)
+                    done.append(SourcedItem(actor, value)
+                                if with_source and value is not NotReady else value)
                 continue
             yield done.popleft()
     finally:

@@ -3,8 +3,11 @@
     learner = LearnerThread(workers.local_worker(), metrics)
     learner.start()
     replay_op = Replay(metrics, actors=shards).for_each(Enqueue(learner.inqueue))
-    update_op = Dequeue(learner.outqueue, learner.check_alive, metrics)
+    update_op = Dequeue(learner.outqueue, learner.check_alive, metrics)   # TrainedBatch
     merged = Concurrently([replay_op, update_op], mode="async", output_indexes=[1])
+
+Into the learner go batches or ``SourcedItem(shard, batch)``; out come
+``TrainedBatch(batch, info, source)`` items (:mod:`flowrl.data.items`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from flowrl.flow import LocalIterator, Metrics, NotReady, concurrently
+from flowrl.data.items import TrainedBatch, batch_of, expect_item, source_and_batch
+from flowrl.flow import LocalIterator, Metrics, NotReady, SourcedItem, concurrently
 from flowrl.ops.counters import LEARN_TIMER, LEARNER_INFO, NUM_STEPS_SAMPLED, NUM_STEPS_TRAINED
 from flowrl.workers.rollout_worker import RolloutWorker
 from flowrl.workers.worker_set import WorkerSet
@@ -46,8 +50,10 @@ class Enqueue:
 
         Replay(...).for_each(Enqueue(learner.inqueue))
 
-    When the queue is full it returns NotReady, so the same item is offered again on
-    a later pull (the for_each retry rule). No counters.
+    Any item goes (a LearnerThread's inqueue takes batches or
+    ``SourcedItem(shard, batch)``) and passes through. When the queue is full it
+    returns NotReady, so the same item is offered again on a later pull (the
+    for_each retry rule). No counters.
     """
 
     def __init__(self, output_queue: queue.Queue):
@@ -70,8 +76,9 @@ def Dequeue(input_queue: queue.Queue, check: Callable[[], None] = lambda: None,
 
         Dequeue(learner.outqueue, check=learner.check_alive, metrics=metrics)
 
-    ``check()`` runs before every poll: a dead learner thread raises its own error
-    here. No counters.
+    Yields the queue's items as they are (a LearnerThread's outqueue holds
+    ``TrainedBatch`` items). ``check()`` runs before every poll: a dead learner
+    thread raises its own error here. No counters.
     """
 
     def items(_non_blocking: bool):
@@ -86,10 +93,12 @@ def Dequeue(input_queue: queue.Queue, check: Callable[[], None] = lambda: None,
 
 
 class LearnerThread(threading.Thread):
-    """Trains the local worker on ``(shard, batch)`` or plain ``batch`` items from
+    """Trains the local worker on batches or ``SourcedItem(shard, batch)`` items from
     ``inqueue``.
 
-    Results go to ``outqueue`` as ``(shard, batch, learner_info)``. ``weights_version``
+    Results go to ``outqueue`` as ``TrainedBatch(batch, info, source)`` (``source``:
+    the shard, or None for a bare batch); anything else in ``inqueue`` is a TypeError
+    that stops the thread. ``weights_version``
     increases with every update (read by UpdateWorkerWeights). An exception stops the
     thread and is re-raised on the driver by ``check_alive()`` with its own traceback.
     A learner that has work queued but finishes no update for ``stall_warning_s`` is
@@ -119,7 +128,7 @@ class LearnerThread(threading.Thread):
                 except queue.Empty:
                     continue
                 # Replayed items carry their shard; on-policy batches (IMPALA) don't.
-                shard, batch = item if isinstance(item, tuple) else (None, item)
+                shard, batch = source_and_batch("LearnerThread", item)
                 timer = self.metrics.timer(LEARN_TIMER)
                 with timer:
                     info = self.local_worker.learn_on_batch(batch)
@@ -130,7 +139,7 @@ class LearnerThread(threading.Thread):
                 self.metrics.set(LEARNER_QUEUE_SIZE, self.inqueue.qsize())
                 while not self._stop_event.is_set():
                     try:
-                        self.outqueue.put((shard, batch, info), timeout=0.1)
+                        self.outqueue.put(TrainedBatch(batch, info, shard), timeout=0.1)
                         break
                     except queue.Full:
                         continue
@@ -156,12 +165,19 @@ class LearnerThread(threading.Thread):
                 self.inqueue.maxsize, self.outqueue.qsize(), self.outqueue.maxsize,
                 self.weights_version)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Asks the thread to finish and waits for it (its current update completes)."""
         self._stop_event.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout_s)
+            if self.is_alive():
+                logger.warning("The learner thread did not finish within %.0f s of stop()",
+                               timeout_s)
 
 
 class CountTrainedSteps:
-    """``dequeue.for_each(CountTrainedSteps(metrics))`` on ``(shard, batch, info)`` items.
+    """``dequeue.for_each(CountTrainedSteps(metrics))`` on ``TrainedBatch`` items;
+    passes them through.
 
     Counters: num_steps_trained.
     """
@@ -169,8 +185,9 @@ class CountTrainedSteps:
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
 
-    def __call__(self, item: Any) -> Any:
-        self.metrics.inc(NUM_STEPS_TRAINED, item[1].count)
+    def __call__(self, item: TrainedBatch) -> TrainedBatch:
+        trained = expect_item("CountTrainedSteps", item, TrainedBatch)
+        self.metrics.inc(NUM_STEPS_TRAINED, trained.batch.count)
         return item
 
     def __repr__(self) -> str:
@@ -187,7 +204,8 @@ class UpdateWorkerWeights:
         IMPALA: rollouts(async, with_source).for_each(UpdateWorkerWeights(
                     learner, workers, metrics, 0, min_learner_updates=broadcast_interval))
 
-    Input ``(worker, batch)``; one ``ray.put`` per weights version.
+    Input ``SourcedItem(worker, batch)``, passed through; one ``ray.put`` per weights
+    version.
     Counters: num_weight_syncs (reads num_steps_sampled for the global timestep).
     """
 
@@ -203,8 +221,9 @@ class UpdateWorkerWeights:
         self._ref = None
         self._ref_version = -1
 
-    def __call__(self, item: tuple) -> tuple:
-        worker, batch = item
+    def __call__(self, item: SourcedItem) -> SourcedItem:
+        worker = expect_item("UpdateWorkerWeights", item, SourcedItem).actor
+        batch = batch_of("UpdateWorkerWeights", item)
         steps = self.steps_since_sync.get(worker, 0) + batch.count
         version = self.learner.weights_version
         # Version 0 is the initial weights, which every worker got when it started.

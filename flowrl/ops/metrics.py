@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from flowrl.callbacks import summarize_custom_metrics
+from flowrl.workers.callbacks import summarize_custom_metrics
 from flowrl.flow import LocalIterator, Metrics, NotReady, Plan
 from flowrl.ops.counters import LEARNER_INFO, NUM_STEPS_SAMPLED, NUM_STEPS_TRAINED
 from flowrl.workers.worker_set import WorkerSet
@@ -24,7 +24,10 @@ class CollectMetrics:
 
     Episode stats come from ``selected_workers`` (default: all remote workers, or the
     local worker when there are none; a callable returning the list follows worker
-    replacements); means are over the last ``smoothing_episodes``.
+    replacements), or from ``episodes()`` when given (``[(return, length)]`` finished
+    since its last call, e.g. ES evaluation episodes kept on the driver); means are
+    over the last ``smoothing_episodes``. ``extra_stats()`` adds keys to the result;
+    its ``"info"`` dict is merged into ``result["info"]``.
     Custom metrics that callbacks set on episodes (``EpisodeStats.custom_metrics``) are
     summarized over the same window as ``result["custom_metrics"]["<name>_mean"]``
     (and ``_min``, ``_max``).
@@ -33,11 +36,13 @@ class CollectMetrics:
 
     def __init__(self, workers: WorkerSet, metrics: Metrics, smoothing_episodes: int = 100,
                  selected_workers: list | Callable[[], list] | None = None,
-                 extra_stats: Callable[[], dict] | None = None):
+                 extra_stats: Callable[[], dict] | None = None,
+                 episodes: Callable[[], list] | None = None):
         self.workers = workers
         self.metrics = metrics
         self.selected_workers = selected_workers
         self.extra_stats = extra_stats
+        self.episode_source = episodes
         self.episodes: collections.deque = collections.deque(maxlen=smoothing_episodes)
         self.episodes_total = 0
         self.last_steps = 0
@@ -45,6 +50,8 @@ class CollectMetrics:
         self.last_time = time.perf_counter()
 
     def _fetch_episodes(self) -> list[tuple[float, int]]:
+        if self.episode_source is not None:
+            return list(self.episode_source())
         remote = self.selected_workers if self.selected_workers is not None \
             else self.workers.remote_workers()
         if callable(remote):
@@ -95,7 +102,9 @@ class CollectMetrics:
         }
         result.update(_policy_reward_stats(self.episodes))
         if self.extra_stats is not None:
-            result.update(self.extra_stats())
+            extra = dict(self.extra_stats())
+            result["info"].update(extra.pop("info", {}))
+            result.update(extra)
         self.last_steps, self.last_trained, self.last_time = steps, trained, now
         return result
 
@@ -129,8 +138,8 @@ def _scalar_stats(learner_info: dict) -> dict:
 
 def StandardMetricsReporting(train_op: LocalIterator, workers: WorkerSet, config: dict,
                              metrics: Metrics, selected_workers: list | Callable[[], list] | None = None,
-                             extra_stats: Callable[[], dict] | None = None
-                             ) -> Plan:
+                             extra_stats: Callable[[], dict] | None = None,
+                             episodes: Callable[[], list] | None = None) -> Plan:
     """A Plan whose results are one training iteration's result dict each.
 
         train_op = rollouts.combine(ConcatBatches(4000)).for_each(TrainOneStep(...))
@@ -144,11 +153,13 @@ def StandardMetricsReporting(train_op: LocalIterator, workers: WorkerSet, config
     and ``min_iter_time_s`` passed (with neither set: until one item arrived), then
     reports.
     NotReady items are waited out here with a short back-off, so results are never
-    NotReady. ``extra_stats()`` adds plan-specific keys (e.g. replay buffer stats).
+    NotReady. ``extra_stats()`` adds plan-specific keys (e.g. replay buffer stats; an
+    ``"info"`` dict is merged into ``info``); ``episodes()`` replaces the workers as
+    the episode source (see :class:`CollectMetrics`).
     Reads counters: num_steps_sampled, num_steps_trained.
     """
     collect = CollectMetrics(workers, metrics, config.get("metrics_smoothing_episodes", 100),
-                             selected_workers, extra_stats)
+                             selected_workers, extra_stats, episodes)
     min_steps = config.get("timesteps_per_iteration", 0)
     min_time = config.get("min_iter_time_s", 0)
 

@@ -1,9 +1,9 @@
 """Replay operators: store experience, replay it, send priorities back to its shard.
 
-Items that carry provenance are explicit tuples: ``Replay`` yields ``(shard, batch)``,
-``TrainOneStep`` turns that into ``(shard, batch, info)``, and ``UpdatePriorities``
-sends the TD errors to exactly that shard. A shard is either a local replay object
-(a ``ReplayActor`` used in-process) or a Ray actor handle of one.
+Provenance is typed: ``Replay`` yields ``SourcedItem(shard, batch)``,
+``TrainOneStep`` turns that into ``TrainedBatch(batch, info, source=shard)``, and
+``UpdatePriorities`` sends the TD errors to exactly that shard. A shard is either a
+local replay object (a ``ReplayActor`` used in-process) or a Ray actor handle of one.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from flowrl.flow import LocalIterator, Metrics, NotReady, from_actors
-from flowrl.sample_batch import DEFAULT_POLICY_ID, MultiAgentBatch, SampleBatch
+from flowrl.data.items import AnyBatch, TrainedBatch, batch_of, expect_item
+from flowrl.flow import LocalIterator, Metrics, NotReady, SourcedItem, from_actors
+from flowrl.data.sample_batch import DEFAULT_POLICY_ID, MultiAgentBatch, SampleBatch
 
 NUM_STEPS_REPLAYED = "num_steps_replayed"
 NUM_PRIORITY_UPDATES = "num_priority_updates"
@@ -25,18 +26,13 @@ def _is_actor(obj: Any) -> bool:
     return isinstance(obj, ray.actor.ActorHandle)
 
 
-def batch_of(item: Any) -> SampleBatch | MultiAgentBatch:
-    """The batch inside an item that may carry provenance: ``batch`` or ``(source, batch)``."""
-    return item[1] if isinstance(item, tuple) else item
-
-
 class StoreToReplay:
     """Adds each batch to a local replay buffer or to a random replay shard actor.
 
         rollouts.for_each(StoreToReplay(local_buffer=buffer))
         rollouts.for_each(StoreToReplay(actors=replay_actors))   # random shard per batch
 
-    Accepts ``batch`` or ``(source_worker, batch)`` and passes the item through.
+    Accepts a batch or a ``SourcedItem(worker, batch)`` and passes the item through.
     No counters (the shards keep their own add stats).
     """
 
@@ -49,8 +45,8 @@ class StoreToReplay:
         self.actors = actors if actors is not None else []
         self.rng = random.Random(seed)
 
-    def __call__(self, item: Any) -> Any:
-        batch = batch_of(item)
+    def __call__(self, item: AnyBatch | SourcedItem) -> AnyBatch | SourcedItem:
+        batch = batch_of("StoreToReplay", item)
         if self.local_buffer is not None:
             self.local_buffer.add_batch(batch)
         else:
@@ -64,28 +60,29 @@ class StoreToReplay:
 def Replay(metrics: Metrics, local_buffer: Any = None, actors: list | None = None,
            num_async: int = 4,
            on_actor_failure: Callable[[Any, Exception], Any] | None = None) -> LocalIterator:
-    """Replayed batches as ``(shard, batch)``; NotReady until ``learning_starts``.
+    """Replayed batches as ``SourcedItem(shard, batch)``; NotReady until ``learning_starts``.
 
         Replay(metrics, local_buffer=buffer).for_each(TrainOneStep(workers, metrics))
         Replay(metrics, actors=replay_actors, num_async=4).for_each(Enqueue(learner.inqueue))
 
-    ``on_actor_failure(shard, error)`` returns a replacement for a dead shard
-    (e.g. :meth:`flowrl.replay.actor.ReplayShards.handle_failure`); without it a
-    dead shard's error is raised.
+    The local buffer is the ``shard`` of its items. ``on_actor_failure(shard, error)``
+    returns a replacement for a dead shard (e.g.
+    :meth:`flowrl.replay.actor.ReplayShards.handle_failure`); without it a dead
+    shard's error is raised.
     Counters: num_steps_replayed.
     """
     if (local_buffer is None) == (not actors):
         raise ValueError("Replay needs exactly one of local_buffer= or actors=")
 
-    def count(item):
-        metrics.inc(NUM_STEPS_REPLAYED, item[1].count)
+    def count(item: SourcedItem) -> SourcedItem:
+        metrics.inc(NUM_STEPS_REPLAYED, batch_of("CountReplayed", item).count)
         return item
 
     if local_buffer is not None:
         def replays(_non_blocking: bool):
             while True:
                 batch = local_buffer.replay()
-                yield NotReady if batch is None else (local_buffer, batch)
+                yield NotReady if batch is None else SourcedItem(local_buffer, batch)
         return LocalIterator(replays, metrics, name="Replay(local)").for_each(
             count, name="CountReplayed")
     return (from_actors(actors, name="Replay", metrics=metrics,
@@ -100,8 +97,10 @@ class UpdatePriorities:
 
         replay.for_each(TrainOneStep(...)).for_each(UpdatePriorities(metrics))
 
-    Input ``(shard, batch, info)`` where ``info[policy_id]["td_error"]`` holds one
-    value per row; shards without prioritized replay ignore the update.
+    Input ``TrainedBatch`` whose ``source`` is the shard and whose
+    ``info[policy_id]["td_error"]`` holds one value per row; passes it through.
+    Shards without prioritized replay ignore the update; a batch without a source
+    (not replayed) is an error.
     Counters: num_priority_updates.
     """
 
@@ -109,8 +108,12 @@ class UpdatePriorities:
         self.metrics = metrics
         self.policy_id = policy_id
 
-    def __call__(self, item: tuple) -> tuple:
-        shard, batch, info = item
+    def __call__(self, item: TrainedBatch) -> TrainedBatch:
+        trained = expect_item("UpdatePriorities", item, TrainedBatch)
+        if trained.source is None:
+            raise ValueError("UpdatePriorities got a TrainedBatch without a source shard: "
+                             "its batch did not come from Replay")
+        shard, batch, info = trained.source, trained.batch, trained.info
         # Replayed rows of one policy may arrive wrapped as {policy_id: rows}.
         if isinstance(batch, MultiAgentBatch):
             if len(batch.policy_batches) != 1:

@@ -7,22 +7,23 @@ from typing import Iterable
 
 import numpy as np
 
-from flowrl.flow import LocalIterator, Metrics, ParallelIterator, from_actors
+from flowrl.data.items import AnyBatch, batch_of, expect_item
+from flowrl.flow import LocalIterator, Metrics, ParallelIterator, SourcedItem, from_actors
 from flowrl.ops.counters import NUM_STEPS_SAMPLED, SAMPLE_TIMER
-from flowrl.sample_batch import MultiAgentBatch, SampleBatch
+from flowrl.data.sample_batch import MultiAgentBatch, SampleBatch
 from flowrl.workers.worker_set import WorkerSet
 
 
 class CountSampledSteps:
-    """``rollouts.for_each(CountSampledSteps(metrics))`` on ``batch`` or
-    ``(worker, batch)`` items. Counters: num_steps_sampled."""
+    """``rollouts.for_each(CountSampledSteps(metrics))`` on batches or
+    ``SourcedItem(worker, batch)`` items; passes them through.
+    Counters: num_steps_sampled."""
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
 
-    def __call__(self, item):
-        batch = item[1] if isinstance(item, tuple) else item
-        self.metrics.inc(NUM_STEPS_SAMPLED, batch.count)
+    def __call__(self, item: AnyBatch | SourcedItem) -> AnyBatch | SourcedItem:
+        self.metrics.inc(NUM_STEPS_SAMPLED, batch_of("CountSampledSteps", item).count)
         return item
 
     def __repr__(self) -> str:
@@ -43,8 +44,8 @@ def ParallelRollouts(workers: WorkerSet, metrics: Metrics, mode: str = "bulk_syn
 
     Modes: ``bulk_sync`` yields one concatenated batch per round with one fragment from
     every worker (a barrier); ``async`` yields fragments as they finish, with
-    ``num_async`` requests in flight per worker (as ``(worker, batch)`` pairs with
-    ``with_source``); ``raw`` returns the ParallelIterator.
+    ``num_async`` requests in flight per worker (as ``SourcedItem(worker, batch)``
+    with ``with_source``); ``raw`` returns the ParallelIterator.
     With no remote workers, the local worker samples in this process.
     Current weights are sent to the workers first.
     Counters: num_steps_sampled (not in ``raw`` mode).
@@ -100,7 +101,8 @@ class ConcatBatches:
         self.count = 0
         self.last_emit = time.perf_counter()
 
-    def __call__(self, batch) -> list:
+    def __call__(self, batch: AnyBatch) -> list[AnyBatch]:
+        expect_item("ConcatBatches", batch, AnyBatch)
         self.buffer.append(batch)
         if self.count_steps_by == "agent_steps" and isinstance(batch, MultiAgentBatch):
             self.count += batch.agent_steps()
@@ -133,8 +135,8 @@ class SelectExperiences:
     def __init__(self, policy_ids: Iterable[str]):
         self.policy_ids = list(policy_ids)
 
-    def __call__(self, batch):
-        if not isinstance(batch, MultiAgentBatch):
+    def __call__(self, batch: AnyBatch) -> AnyBatch:
+        if not isinstance(expect_item("SelectExperiences", batch, AnyBatch), MultiAgentBatch):
             return batch
         return MultiAgentBatch({pid: b for pid, b in batch.policy_batches.items()
                                 if pid in self.policy_ids}, batch.env_steps)
@@ -163,8 +165,8 @@ class StandardizeFields:
             batch[field] = _standardize(batch[field])
         return batch
 
-    def __call__(self, batch):
-        if isinstance(batch, MultiAgentBatch):
+    def __call__(self, batch: AnyBatch) -> AnyBatch:
+        if isinstance(expect_item("StandardizeFields", batch, AnyBatch), MultiAgentBatch):
             for b in batch.policy_batches.values():
                 self._apply(b)
             return batch

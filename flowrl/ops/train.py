@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
-from flowrl.flow import Metrics, from_actors
+from flowrl.data.items import (AnyBatch, Gradients, TrainedBatch, expect_item,
+                               source_and_batch)
+from flowrl.flow import Metrics, SourcedItem, from_actors
 from flowrl.ops.counters import (APPLY_GRADS_TIMER, GRAD_TIMER, LAST_TARGET_UPDATE_TS,
                                  LEARN_TIMER, LEARNER_INFO, NUM_STEPS_SAMPLED,
                                  NUM_STEPS_TRAINED, NUM_TARGET_UPDATES, NUM_WEIGHT_BROADCASTS,
@@ -21,9 +24,11 @@ class TrainOneStep:
                                                                     num_sgd_iter=10,
                                                                     sgd_minibatch_size=128))
 
-    Emits ``(batch, learner_info)``; ``num_sgd_iter`` epochs of shuffled minibatches of
-    ``sgd_minibatch_size`` (0 = one step on the whole batch). Replayed items keep their
-    provenance: ``(shard, batch)`` becomes ``(shard, batch, learner_info)``.
+    Input: a batch, or a ``SourcedItem(shard, batch)`` from Replay. Emits
+    ``TrainedBatch(batch, info, source)`` with the learner stats per policy and the
+    shard (None for a bare batch), so UpdatePriorities can answer that shard.
+    ``num_sgd_iter`` epochs of shuffled minibatches of ``sgd_minibatch_size``
+    (0 = one step on the whole batch).
     Counters: num_steps_trained. Timers: learn. Info: learner (stats per policy).
     """
 
@@ -34,13 +39,8 @@ class TrainOneStep:
         self.num_sgd_iter = num_sgd_iter
         self.sgd_minibatch_size = sgd_minibatch_size
 
-    def __call__(self, item) -> tuple:
-        if isinstance(item, tuple):
-            source, batch = item
-            return (source, *self._train(batch))
-        return self._train(item)
-
-    def _train(self, batch) -> tuple[Any, dict]:
+    def __call__(self, item: AnyBatch | SourcedItem) -> TrainedBatch:
+        source, batch = source_and_batch("TrainOneStep", item)
         timer = self.metrics.timer(LEARN_TIMER)
         with timer:
             info = self.workers.local_worker().learn_on_batch(
@@ -48,7 +48,7 @@ class TrainOneStep:
         timer.push_units_processed(batch.count)
         self.metrics.inc(NUM_STEPS_TRAINED, batch.count)
         self.metrics.update_info(LEARNER_INFO, info)
-        return batch, info
+        return TrainedBatch(batch, info, source)
 
     def __repr__(self) -> str:
         if self.num_sgd_iter == 1 and not self.sgd_minibatch_size:
@@ -84,38 +84,45 @@ class ComputeGradients:
 
         rollouts.combine(ConcatBatches(mb)).for_each(ComputeGradients(workers, metrics))
 
-    Emits ``(grads, count)``. Timers: grad. Info: learner.
+    Input: a batch. Emits ``Gradients(grads, count, info)``. Timers: grad. Info: learner.
     """
 
     def __init__(self, workers: WorkerSet, metrics: Metrics):
         self.workers = workers
         self.metrics = metrics
 
-    def __call__(self, batch) -> tuple[dict, int]:
+    def __call__(self, batch: AnyBatch) -> Gradients:
+        expect_item("ComputeGradients", batch, AnyBatch)
         with self.metrics.timer(GRAD_TIMER):
             grads, info = self.workers.local_worker().compute_gradients(batch)
         self.metrics.update_info(LEARNER_INFO, info)
-        return grads, batch.count
+        return Gradients(grads, batch.count, info)
 
     def __repr__(self) -> str:
         return "ComputeGradients"
 
 
 class AverageGradients:
-    """Averages a list of ``(grads, count)`` into one ``(grads, total_count)``.
+    """Averages a list of ``Gradients`` into one ``Gradients(grads, total_count)``.
 
         ... .for_each(ComputeGradients(...)).batch(k).for_each(AverageGradients())
 
+    The plain mean per parameter (not weighted by count); ``info`` is left empty.
     No counters.
     """
 
-    def __call__(self, items: list[tuple[dict, int]]) -> tuple[dict, int]:
-        total = sum(count for _, count in items)
+    def __call__(self, items: list[Gradients]) -> Gradients:
+        if not isinstance(items, list) or not items:
+            raise TypeError("AverageGradients expects a non-empty list of Gradients "
+                            f"(e.g. after .batch(k)), got {type(items).__name__}")
+        for item in items:
+            expect_item("AverageGradients", item, Gradients)
+        total = sum(item.count for item in items)
         averaged = {}
-        for pid in items[0][0]:
-            per_item = [grads[pid] for grads, _ in items]
+        for pid in items[0].grads:
+            per_item = [item.grads[pid] for item in items]
             averaged[pid] = [np.mean(np.stack(parts), axis=0) for parts in zip(*per_item)]
-        return averaged, total
+        return Gradients(averaged, total)
 
     def __repr__(self) -> str:
         return "AverageGradients"
@@ -128,8 +135,9 @@ class ApplyGradients:
         A3C: AsyncGradients(workers, metrics).for_each(
                  ApplyGradients(workers, metrics, update_all=False))
 
-    Input ``(grads, count)``, or ``(actor, grads, count)`` from AsyncGradients. With
-    ``update_all`` every worker gets the new weights; otherwise only the source actor.
+    Input ``Gradients``; passes it through. With ``update_all`` every worker gets the
+    new weights; otherwise only ``Gradients.source``, the worker that computed them
+    (AsyncGradients sets it; without a source every worker is updated).
     Counters: num_steps_trained. Timers: apply_grad.
     """
 
@@ -138,18 +146,18 @@ class ApplyGradients:
         self.metrics = metrics
         self.update_all = update_all
 
-    def __call__(self, item: tuple) -> tuple:
-        actor, (grads, count) = (item[0], item[1:]) if len(item) == 3 else (None, item)
+    def __call__(self, item: Gradients) -> Gradients:
+        expect_item("ApplyGradients", item, Gradients)
         local = self.workers.local_worker()
         with self.metrics.timer(APPLY_GRADS_TIMER):
-            local.apply_gradients(grads)
-        self.metrics.inc(NUM_STEPS_TRAINED, count)
+            local.apply_gradients(item.grads)
+        self.metrics.inc(NUM_STEPS_TRAINED, item.count)
         global_vars = {"timestep": self.metrics.get(NUM_STEPS_SAMPLED)}
-        if self.update_all or actor is None:
+        if self.update_all or item.source is None:
             self.workers.sync_weights(global_vars)
         else:
             local.set_global_vars(global_vars)
-            actor.set_weights.remote(local.get_weights(), global_vars)
+            item.source.set_weights.remote(local.get_weights(), global_vars)
         return item
 
     def __repr__(self) -> str:
@@ -191,30 +199,32 @@ class UpdateTargetNetwork:
         return f"UpdateTargetNetwork({self.target_update_freq} {unit})"
 
 
-def _sample_and_compute_gradients(worker: Any, batch: Any) -> tuple[dict, dict, int]:
+def _sample_and_compute_gradients(worker: Any, batch: AnyBatch) -> Gradients:
     """Runs inside a rollout worker: gradients of its own freshly sampled batch."""
     grads, info = worker.compute_gradients(batch)
-    return grads, info, batch.count
+    return Gradients(grads, batch.count, info)
 
 
 def AsyncGradients(workers: WorkerSet, metrics: Metrics, num_async: int = 1):
-    """Workers sample and compute gradients remotely; yields ``(worker, grads, count)``.
+    """Workers sample and compute gradients remotely; yields ``Gradients`` whose
+    ``source`` is the worker that computed them.
 
         AsyncGradients(workers, metrics).for_each(
             ApplyGradients(workers, metrics, update_all=False))        # A3C
 
-    Gradients arrive as they finish, each with the worker that computed it.
+    Gradients arrive as they finish.
     Counters: num_steps_sampled. Info: learner (the sending worker's stats).
     """
     if not workers.remote_workers():
         raise ValueError("AsyncGradients needs remote workers (num_workers >= 1)")
     workers.sync_weights()
 
-    def record(item: tuple) -> tuple:
-        worker, (grads, info, count) = item
-        metrics.inc(NUM_STEPS_SAMPLED, count)
-        metrics.update_info(LEARNER_INFO, info)
-        return worker, grads, count
+    def record(item: SourcedItem[Gradients]) -> Gradients:
+        sourced = expect_item("AsyncGradients", item, SourcedItem)
+        grads = expect_item("AsyncGradients", sourced.item, Gradients)
+        metrics.inc(NUM_STEPS_SAMPLED, grads.count)
+        metrics.update_info(LEARNER_INFO, grads.info)
+        return dataclasses.replace(grads, source=sourced.actor)
 
     return (from_actors(workers.remote_workers(), name="AsyncGradients", metrics=metrics,
                         on_actor_failure=workers.handle_actor_failure)

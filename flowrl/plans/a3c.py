@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
-from flowrl.agent import Agent
-from flowrl.config import merge_config, require
+from flowrl.algorithms.agent import Agent
+from flowrl.algorithms.config import merge_config, require
 from flowrl.flow import Metrics, Plan
 from flowrl.ops import ApplyGradients, AsyncGradients, StandardMetricsReporting
 from flowrl.plans.a2c import DEFAULT_CONFIG as A2C_CONFIG

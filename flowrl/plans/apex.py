@@ -11,8 +11,8 @@ one learner thread.
 
 from __future__ import annotations
 
-from flowrl.agent import Agent
-from flowrl.config import merge_config, require
+from flowrl.algorithms.agent import Agent
+from flowrl.algorithms.config import merge_config, require
 from flowrl.flow import Metrics, Plan
 from flowrl.ops import (Concurrently, CountTrainedSteps, Dequeue, Enqueue, LearnerThread,
                         ParallelRollouts, Replay, StandardMetricsReporting, StoreToReplay,

@@ -4,8 +4,8 @@ per-worker exploration noise scales ``0.4 ** (1 + 7 i / (N - 1))``.
 
 from __future__ import annotations
 
-from flowrl.agent import Agent
-from flowrl.config import require
+from flowrl.algorithms.agent import Agent
+from flowrl.algorithms.config import require
 from flowrl.plans import apex, ddpg
 
 DEFAULT_CONFIG: dict = {

@@ -12,8 +12,8 @@ TD3's options (twin Q, target policy smoothing, delayed actor updates) are on by
 
 from __future__ import annotations
 
-from flowrl.agent import Agent
-from flowrl.config import require
+from flowrl.algorithms.agent import Agent
+from flowrl.algorithms.config import require
 from flowrl.plans import dqn
 from flowrl.policies.ddpg import DDPGTorchPolicy
 

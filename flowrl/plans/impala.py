@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-from flowrl.agent import Agent
-from flowrl.config import require
+from flowrl.algorithms.agent import Agent
+from flowrl.algorithms.config import require
 from flowrl.flow import Metrics, Plan
 from flowrl.ops import (ConcatBatches, Concurrently, CountTrainedSteps, Dequeue, Enqueue,
                         LearnerThread, MixInReplay, ParallelRollouts,

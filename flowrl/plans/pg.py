@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from flowrl.agent import Agent
+from flowrl.algorithms.agent import Agent
 from flowrl.flow import Metrics, Plan
 from flowrl.ops import (BroadcastWeights, ConcatBatches, ParallelRollouts,
                         StandardMetricsReporting, TrainOneStep)

@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
-from flowrl.agent import Agent
-from flowrl.config import require
+from flowrl.algorithms.agent import Agent
+from flowrl.algorithms.config import require
 from flowrl.data.items import TrainedBatch, expect_item
 from flowrl.flow import Metrics, Plan
 from flowrl.ops import (BroadcastWeights, ConcatBatches, ParallelRollouts, SelectExperiences,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from flowrl.policies.policy import Policy, TensorDict
-from flowrl.sample_batch import SampleBatch
+from flowrl.data.sample_batch import SampleBatch
 
 __all__ = ["a2c_loss", "A2CTorchPolicy"]
 

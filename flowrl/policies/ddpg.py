@@ -57,7 +57,7 @@ from torch import nn
 from flowrl.policies.dqn import GAMMAS, TD_ERROR, adjust_nstep, huber_loss, per_worker_epsilon
 from flowrl.policies.models import FlatObs, _activation, _activation_fn, _linear, _mlp
 from flowrl.policies.policy import Policy, TensorDict, _to_cpu_copy, _writable
-from flowrl.sample_batch import SampleBatch, minibatch_bounds
+from flowrl.data.sample_batch import SampleBatch
 
 __all__ = [
     "DDPGTorchPolicy",
@@ -342,6 +342,19 @@ class DDPGTorchPolicy(Policy):
     * ``model``: no keys are read (observations are flattened, or one-hot for
       ``Discrete``); a ``custom_model`` is rejected rather than silently ignored.
 
+    Learning uses the base class's SGD loop (:meth:`Policy.learn_on_batch`) with
+    :meth:`sgd_step`: every minibatch is one critic update; the actor is updated
+    after every ``policy_delay``-th critic update, with the just-updated critic.
+    Stats (averaged over the last epoch's minibatches): ``critic_loss``,
+    ``mean_q`` / ``max_q`` / ``min_q`` (of ``Q_1(s, a)`` for the batch's actions),
+    ``mean_td_error``, ``critic_grad_gnorm`` (before clipping); ``actor_loss`` /
+    ``actor_grad_gnorm`` of the most recent actor update (NaN before the first);
+    ``cur_lr`` (critic) and ``cur_actor_lr``; ``num_critic_updates`` /
+    ``num_actor_updates`` (totals); and ``td_error`` (a :attr:`per_row_stats`
+    entry, ``np.ndarray [B]``): ``|td_1|`` of every row, in batch order, from the
+    last epoch -- for the replay buffer's priority update. Target nets are not
+    updated by learning; the plan calls :meth:`update_target`.
+
     :meth:`get_weights` / :meth:`set_weights` carry the online actor and critic(s);
     :meth:`get_state` adds target nets, both optimizers and the counters.
     ``self.optimizer`` is the critic's Adam (``self.critic_optimizer``), the
@@ -384,6 +397,8 @@ class DDPGTorchPolicy(Policy):
         SampleBatch.TERMINATEDS,
     )
     optional_loss_columns: tuple[str, ...] = (GAMMAS, SampleBatch.WEIGHTS)
+    #: ``|td_1|`` of every row, returned by learn_on_batch for priority updates.
+    per_row_stats: tuple[str, ...] = (TD_ERROR,)
 
     def __init__(
         self, observation_space: gym.Space, action_space: gym.Space, config: dict[str, Any]
@@ -451,7 +466,6 @@ class DDPGTorchPolicy(Policy):
         self.num_actor_updates = 0
         self._last_actor_loss = torch.tensor(float("nan"), device=self.device)
         self._last_actor_gnorm = torch.tensor(float("nan"), device=self.device)
-        self._last_td_error: torch.Tensor | None = None
 
     # ------------------------------------------------------------ construction
     def make_model(self) -> nn.Module:
@@ -618,10 +632,8 @@ class DDPGTorchPolicy(Policy):
             return ddpg_td_target(rewards, tensors[SampleBatch.TERMINATEDS], gammas, q_next)
 
     def loss(self, train_batch: TensorDict) -> tuple[torch.Tensor, TensorDict]:
-        """Critic loss on one minibatch (weighted, summed over critics) and its stats.
-
-        Keeps ``|td_error|`` of the first critic in ``self._last_td_error``.
-        """
+        """Critic loss on one minibatch (weighted, summed over critics) and its stats,
+        ``|td_error|`` of the first critic per row included (:attr:`per_row_stats`)."""
         target = self._td_target(train_batch)
         q = self.model.critic(train_batch[SampleBatch.OBS], train_batch[SampleBatch.ACTIONS])
         td = q - target  # [K, B]
@@ -632,7 +644,6 @@ class DDPGTorchPolicy(Policy):
         weights = train_batch.get(SampleBatch.WEIGHTS)
         loss = (per_row * weights).mean() if weights is not None else per_row.mean()
         abs_td = td[0].detach().abs()
-        self._last_td_error = abs_td
         q1 = q[0].detach()
         stats: TensorDict = {
             "critic_loss": loss.detach(),
@@ -640,6 +651,7 @@ class DDPGTorchPolicy(Policy):
             "max_q": q1.max(),
             "min_q": q1.min(),
             "mean_td_error": abs_td.mean(),
+            TD_ERROR: abs_td,  # per row: see per_row_stats
         }
         return loss, stats
 
@@ -674,8 +686,11 @@ class DDPGTorchPolicy(Policy):
         self._last_actor_gnorm = self._clip_grads(self._actor_params).detach()
         self._last_actor_loss = loss.detach()
 
-    def _update(self, minibatch: TensorDict) -> TensorDict:
-        """One critic step; one actor step every ``policy_delay`` critic steps (TD3 order)."""
+    def sgd_step(self, minibatch: TensorDict) -> TensorDict:
+        """One critic step; one actor step every ``policy_delay`` critic steps (TD3 order).
+
+        The actor step uses the just-updated critic. This is the update of the base
+        class's SGD loop (:meth:`Policy.learn_on_batch`)."""
         stats = self._critic_backward(minibatch)
         self.critic_optimizer.step()
         self.num_critic_updates += 1
@@ -685,68 +700,16 @@ class DDPGTorchPolicy(Policy):
             self.num_actor_updates += 1
         return stats
 
-    def learn_on_batch(
-        self, batch: SampleBatch, num_sgd_iter: int = 1, sgd_minibatch_size: int = 0
-    ) -> dict[str, Any]:
-        """SGD on the critic (and, delayed, the actor); float stats plus ``td_error``.
+    def _latest_learn_stats(self) -> TensorDict:
+        """The most recent actor update's loss and grad norm (NaN before the first)."""
+        return {"actor_loss": self._last_actor_loss, "actor_grad_gnorm": self._last_actor_gnorm}
 
-        Every minibatch is one critic update; the actor is updated after every
-        ``policy_delay``-th critic update, with the just-updated critic. Stats
-        (averaged over the last epoch's minibatches): ``critic_loss``,
-        ``mean_q`` / ``max_q`` / ``min_q`` (of ``Q_1(s, a)`` for the batch's
-        actions), ``mean_td_error``, ``critic_grad_gnorm`` (before clipping);
-        ``actor_loss`` / ``actor_grad_gnorm`` of the most recent actor update
-        (NaN before the first); ``cur_lr`` (critic) and ``cur_actor_lr``;
-        ``num_critic_updates`` / ``num_actor_updates`` (totals). ``td_error``
-        is ``np.ndarray [B]``: ``|td_1|`` of every row, in batch order, from the
-        last epoch -- for the replay buffer's priority update. Target nets are
-        not updated here; the plan calls :meth:`update_target`.
-        """
-        count = batch.count
-        if count == 0:
-            raise ValueError("learn_on_batch got an empty batch")
-        tensors = self._batch_to_tensors(batch)
-        bounds = minibatch_bounds(count, sgd_minibatch_size)
-        td_out = torch.empty(count, device=self.device)
-        last_epoch: list[TensorDict] = []
-        for _ in range(max(1, int(num_sgd_iter))):
-            last_epoch = []
-            perm = None
-            epoch_data = tensors
-            if len(bounds) > 1:
-                perm = torch.from_numpy(self._rng.permutation(count)).to(self.device)
-                epoch_data = {k: v.index_select(0, perm) for k, v in tensors.items()}
-            for start, end in bounds:
-                minibatch = {k: v[start:end] for k, v in epoch_data.items()}
-                last_epoch.append(self._update(minibatch))
-                assert self._last_td_error is not None
-                if perm is None:
-                    td_out[start:end] = self._last_td_error
-                else:
-                    td_out[perm[start:end]] = self._last_td_error
-        return self._summary(last_epoch, td_out)
-
-    def _summary(self, stats_list: list[TensorDict], td_error: torch.Tensor) -> dict[str, Any]:
-        keys = list(stats_list[0].keys())
-        if len(stats_list) == 1:
-            means = torch.stack([stats_list[0][k].float() for k in keys])
-        else:
-            means = torch.stack(
-                [torch.stack([s[k].float() for s in stats_list]).mean() for k in keys]
-            )
-        extra = torch.stack([self._last_actor_loss.float(), self._last_actor_gnorm.float()])
-        host = torch.cat([means, extra, td_error.float()]).cpu().numpy()  # one device sync
-        n = len(keys)
-        summary: dict[str, Any] = {k: float(v) for k, v in zip(keys, host[:n])}
-        summary["actor_loss"] = float(host[n])
-        summary["actor_grad_gnorm"] = float(host[n + 1])
-        summary["cur_lr"] = float(self.critic_optimizer.param_groups[0]["lr"])
-        summary["cur_actor_lr"] = float(self.actor_optimizer.param_groups[0]["lr"])
-        summary["num_critic_updates"] = self.num_critic_updates
-        summary["num_actor_updates"] = self.num_actor_updates
-        summary[TD_ERROR] = host[n + 2 :].astype(np.float32)
-        self._last_td_error = None
-        return summary
+    def _extra_learn_stats(self) -> dict[str, Any]:
+        return {
+            "cur_actor_lr": float(self.actor_optimizer.param_groups[0]["lr"]),
+            "num_critic_updates": self.num_critic_updates,
+            "num_actor_updates": self.num_actor_updates,
+        }
 
     def evaluate_loss(self, batch: SampleBatch) -> dict[str, float]:
         """Critic and actor loss stats on the whole ``batch`` without updating anything."""
@@ -754,8 +717,7 @@ class DDPGTorchPolicy(Policy):
         with torch.no_grad():
             _, stats = self.loss(tensors)
             stats["actor_loss"] = self.actor_loss(tensors[SampleBatch.OBS])
-        self._last_td_error = None
-        return {k: float(v) for k, v in stats.items()}
+        return {k: float(v) for k, v in stats.items() if k not in self.per_row_stats}
 
     def compute_gradients(self, batch: SampleBatch) -> tuple[list[np.ndarray], dict[str, Any]]:
         """Critic and actor gradients on the whole ``batch`` (after ``grad_clip``), as numpy.
@@ -768,14 +730,14 @@ class DDPGTorchPolicy(Policy):
         tensors = self._batch_to_tensors(batch)
         stats = self._critic_backward(tensors)
         self._actor_backward(tensors[SampleBatch.OBS])
+        per_row = self._whole_batch_per_row(stats, batch.count)
         grads = [
             p.grad.detach().cpu().numpy().copy()
             if p.grad is not None
             else np.zeros(tuple(p.shape), dtype=np.float32)
             for p in self._online_params
         ]
-        assert self._last_td_error is not None
-        return grads, self._summary([stats], self._last_td_error)
+        return grads, self._summarize([stats], per_row)
 
     def apply_gradients(self, grads: list[np.ndarray]) -> None:
         """Apply :meth:`compute_gradients` output: a critic step, and an actor step

@@ -44,7 +44,7 @@ from flowrl.policies.models import (
     _mlp,
 )
 from flowrl.policies.policy import Policy, TensorDict, _writable
-from flowrl.sample_batch import SampleBatch, minibatch_bounds
+from flowrl.data.sample_batch import SampleBatch
 
 __all__ = [
     "GAMMAS",
@@ -328,6 +328,17 @@ class DQNTorchPolicy(Policy):
     the rollout worker's ``worker_index`` / ``num_workers`` (Ape-X epsilons,
     per-worker exploration seed ``seed + 1000 * worker_index``).
 
+    Learning uses the base class's SGD loop (:meth:`Policy.learn_on_batch`). Its
+    stats (averaged over the last epoch's minibatches): ``loss``, ``total_loss``
+    (same value), ``mean_q`` / ``min_q`` / ``max_q`` (of ``Q(s, a)`` for the batch's
+    actions), ``mean_td_error`` (mean absolute TD error), ``grad_gnorm`` (before
+    clipping), ``cur_lr``; and ``td_error`` (a :attr:`per_row_stats` entry,
+    ``np.ndarray [B]``): the absolute TD error of every row, in batch order,
+    computed right before the update that used the row (last epoch) -- feed it to
+    the replay buffer's priority update (which adds ``prioritized_replay_eps``).
+    :meth:`compute_gradients` reports the same stats. The target net is not
+    updated by learning; call :meth:`update_target`.
+
     Weights: :meth:`get_weights` / :meth:`set_weights` carry the online net only
     (what rollout workers act with); :meth:`get_state` adds the target net, the
     optimizer and the timestep of the epsilon schedule. The exported
@@ -359,6 +370,8 @@ class DQNTorchPolicy(Policy):
         SampleBatch.TERMINATEDS,
     )
     optional_loss_columns: tuple[str, ...] = (GAMMAS, SampleBatch.WEIGHTS)
+    #: ``|TD error|`` of every row, returned by learn_on_batch for priority updates.
+    per_row_stats: tuple[str, ...] = (TD_ERROR,)
 
     def __init__(
         self, observation_space: gym.Space, action_space: gym.Space, config: dict[str, Any]
@@ -390,7 +403,6 @@ class DQNTorchPolicy(Policy):
         self.target_model: nn.Module = copy.deepcopy(self.model)
         self.target_model.requires_grad_(False)
         self.target_model.eval()
-        self._last_td_error: torch.Tensor | None = None
 
     # ------------------------------------------------------------ construction
     def make_model(self) -> nn.Module:
@@ -518,13 +530,12 @@ class DQNTorchPolicy(Policy):
         return q_selected, q_selected - target
 
     def loss(self, train_batch: TensorDict) -> tuple[torch.Tensor, TensorDict]:
-        """Importance-weighted Huber TD loss; ``|td_error|`` is kept for :meth:`learn_on_batch`."""
+        """Importance-weighted Huber TD loss; stats include ``|td_error|`` per row."""
         q_selected, td_error = self._td_error(train_batch)
         per_row = huber_loss(td_error)
         weights = train_batch.get(SampleBatch.WEIGHTS)
         loss = (per_row * weights).mean() if weights is not None else per_row.mean()
         abs_td = td_error.detach().abs()
-        self._last_td_error = abs_td
         q_detached = q_selected.detach()
         stats: TensorDict = {
             "loss": loss.detach(),
@@ -532,74 +543,9 @@ class DQNTorchPolicy(Policy):
             "min_q": q_detached.min(),
             "max_q": q_detached.max(),
             "mean_td_error": abs_td.mean(),
+            TD_ERROR: abs_td,  # per row: see per_row_stats
         }
         return loss, stats
-
-    def learn_on_batch(
-        self, batch: SampleBatch, num_sgd_iter: int = 1, sgd_minibatch_size: int = 0
-    ) -> dict[str, Any]:
-        """SGD on the TD loss; returns float stats plus ``td_error`` (``np.ndarray [B]``).
-
-        Stats (averaged over the last epoch's minibatches): ``loss``,
-        ``total_loss`` (same value), ``mean_q`` / ``min_q`` / ``max_q`` (of
-        ``Q(s, a)`` for the batch's actions), ``mean_td_error`` (mean absolute
-        TD error), ``grad_gnorm`` (before clipping), ``cur_lr``. ``td_error`` is
-        the one non-scalar entry: the absolute TD error of every row, in batch
-        order, computed right before the update that used the row (last
-        epoch) -- feed it to the replay buffer's priority update (which adds
-        ``prioritized_replay_eps``). The target net is not updated here; call
-        :meth:`update_target`.
-        """
-        count = batch.count
-        if count == 0:
-            raise ValueError("learn_on_batch got an empty batch")
-        tensors = self._batch_to_tensors(batch)
-        bounds = minibatch_bounds(count, sgd_minibatch_size)
-        td_out = torch.empty(count, device=self.device)
-        if not self.model.training:  # Module.train() walks every submodule: ~0.1 ms
-            self.model.train()
-        last_epoch: list[TensorDict] = []
-        for _ in range(max(1, int(num_sgd_iter))):
-            last_epoch = []
-            perm = None
-            epoch_data = tensors
-            if len(bounds) > 1:
-                perm = torch.from_numpy(self._rng.permutation(count)).to(self.device)
-                epoch_data = {k: v.index_select(0, perm) for k, v in tensors.items()}
-            for start, end in bounds:
-                minibatch = {k: v[start:end] for k, v in epoch_data.items()}
-                stats = self._backward(minibatch)
-                self.optimizer.step()
-                assert self._last_td_error is not None
-                if perm is None:
-                    td_out[start:end] = self._last_td_error
-                else:
-                    td_out[perm[start:end]] = self._last_td_error
-                last_epoch.append(stats)
-        keys = list(last_epoch[0].keys())
-        if len(last_epoch) == 1:  # the usual DQN step: skip 7 tiny mean() ops
-            means = torch.stack([last_epoch[0][k].float() for k in keys])
-        else:
-            means = torch.stack(
-                [torch.stack([s[k].float() for s in last_epoch]).mean() for k in keys]
-            )
-        host = torch.cat([means, td_out.float()]).cpu().numpy()  # one device sync
-        summary: dict[str, Any] = {k: float(v) for k, v in zip(keys, host[: len(keys)])}
-        summary["cur_lr"] = float(self.optimizer.param_groups[0]["lr"])
-        summary[TD_ERROR] = host[len(keys) :].astype(np.float32)
-        self._last_td_error = None
-        return summary
-
-    def compute_gradients(self, batch: SampleBatch) -> tuple[list[np.ndarray], dict[str, Any]]:
-        """Gradients of the TD loss on ``batch`` as numpy (see the base class).
-
-        Stats as in :meth:`learn_on_batch`, ``td_error`` included.
-        """
-        grads, stats = super().compute_gradients(batch)
-        assert self._last_td_error is not None
-        stats[TD_ERROR] = self._last_td_error.float().cpu().numpy()
-        self._last_td_error = None
-        return grads, stats
 
     def compute_td_error(self, batch: SampleBatch) -> np.ndarray:
         """Absolute TD errors ``[B]`` (float32) of ``batch`` under the current nets; no update."""
@@ -653,5 +599,5 @@ class DQNTorchPolicy(Policy):
         A copy of the online Q network (dueling or plain): the greedy action of
         ``compute_actions(obs, explore=False)``.
         """
-        from flowrl.export import ArgmaxHead
+        from flowrl.policies.export import ArgmaxHead
         return ArgmaxHead(copy.deepcopy(self.model).cpu().eval())

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from flowrl.policies.models import get_model, merge_model_config
-from flowrl.sample_batch import SampleBatch
+from flowrl.data.sample_batch import SampleBatch
 
 __all__ = ["RunningStat", "MeanStdFilter", "NoFilter", "make_filter", "FlatAdam",
            "ESModel", "ESPolicy"]

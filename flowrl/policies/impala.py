@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from flowrl.policies.policy import Policy, TensorDict, _writable
-from flowrl.sample_batch import SampleBatch, minibatch_bounds
+from flowrl.data.sample_batch import SampleBatch, minibatch_bounds
 
 __all__ = ["BOOTSTRAP_VALUE", "split_pieces", "piece_layout", "vtrace", "VTraceTorchPolicy"]
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from flowrl.policies.policy import Policy, TensorDict
-from flowrl.sample_batch import SampleBatch
+from flowrl.data.sample_batch import SampleBatch
 
 __all__ = ["pg_loss", "PGTorchPolicy"]
 

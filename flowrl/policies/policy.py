@@ -1,9 +1,19 @@
 """The torch :class:`Policy` base class: model + action distribution + optimizer + loss.
 
-Subclasses (PG, A2C, PPO, ...) set :attr:`Policy.loss_columns`, implement
-:meth:`Policy.loss` and, where needed, extra state (``kl_coeff``). Everything
-else -- acting, GAE postprocessing, minibatch SGD, gradients as numpy, weights,
-checkpoints and TorchScript export -- lives here.
+Subclasses (PG, A2C, PPO, DQN, DDPG, ...) set :attr:`Policy.loss_columns`,
+implement :meth:`Policy.loss` and, where needed, extra state (``kl_coeff``).
+Everything else -- acting, GAE postprocessing, the one minibatch SGD loop,
+gradients as numpy, weights, checkpoints and TorchScript export -- lives here.
+
+The SGD loop (:meth:`Policy.learn_on_batch`) has three hooks:
+
+* :meth:`Policy.sgd_step` -- one update on one minibatch (default: loss, backward,
+  clip, one optimizer step; DDPG: a critic step plus the delayed actor step);
+* :attr:`Policy.per_row_stats` -- names of loss stats that hold one value per row
+  (DQN's and DDPG's ``td_error``); the loop puts each minibatch's values back at
+  the rows' positions in the batch, undoing the epoch's shuffle;
+* :meth:`Policy._latest_learn_stats` / :meth:`Policy._extra_learn_stats` -- stats
+  reported as they are at the end of the call, not averaged over minibatches.
 
 Hot-path notes: ``compute_actions`` runs one batched forward pass under
 ``torch.inference_mode``; ``learn_on_batch`` converts the train batch to
@@ -27,11 +37,15 @@ from torch import nn
 from flowrl.policies.distributions import get_dist_class
 from flowrl.policies.models import get_model, merge_model_config
 from flowrl.policies.postprocessing import compute_advantages
-from flowrl.sample_batch import SampleBatch, minibatch_bounds
+from flowrl.data.sample_batch import SampleBatch, minibatch_bounds
 
 __all__ = ["Policy"]
 
 TensorDict = dict[str, torch.Tensor]
+
+#: Where a minibatch's rows sit in the whole batch: a contiguous slice, or the
+#: shuffle permutation's entries for that minibatch.
+RowPositions = slice | torch.Tensor
 
 
 def _to_cpu_copy(value: Any) -> Any:
@@ -45,6 +59,39 @@ def _to_cpu_copy(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_to_cpu_copy(v) for v in value)
     return value
+
+
+class _PerRowStats:
+    """Collects per-row loss outputs of one learning call in the batch's row order.
+
+    Each minibatch's ``[rows, ...]`` values are written at the batch positions of its
+    rows, so after a shuffled epoch every row holds the value computed for it.
+    """
+
+    def __init__(self, policy_name: str, names: tuple[str, ...], count: int) -> None:
+        self.policy_name = policy_name
+        self.names = names
+        self.count = count
+        self.values: TensorDict = {}
+
+    def take(self, stats: TensorDict, positions: RowPositions) -> None:
+        """Moves the per-row entries of one minibatch's ``stats`` to ``positions``."""
+        for name in self.names:
+            if name not in stats:
+                raise KeyError(f"{self.policy_name}.loss() returned no {name!r} stat, "
+                               f"which per_row_stats lists")
+            rows = stats.pop(name)
+            expected = (positions.stop - positions.start if isinstance(positions, slice)
+                        else positions.shape[0])
+            if rows.dim() == 0 or rows.shape[0] != expected:
+                raise ValueError(f"{self.policy_name}.loss() stat {name!r} has shape "
+                                 f"{tuple(rows.shape)}; per_row_stats need one value per "
+                                 f"minibatch row ({expected})")
+            out = self.values.get(name)
+            if out is None:
+                out = rows.new_empty((self.count, *rows.shape[1:]))
+                self.values[name] = out
+            out[positions] = rows
 
 
 def _writable(arr: np.ndarray) -> np.ndarray:
@@ -80,6 +127,15 @@ class Policy:
 
     #: Train-batch columns the loss reads; only these are converted to tensors.
     loss_columns: tuple[str, ...] = (SampleBatch.OBS, SampleBatch.ACTIONS, SampleBatch.ADVANTAGES)
+
+    #: Names of :meth:`loss` stats that hold one value per minibatch row (a
+    #: ``[rows, ...]`` tensor) instead of a scalar, e.g. DQN's ``td_error``. The SGD
+    #: loop writes each minibatch's values back to the rows' positions in the whole
+    #: batch (undoing the shuffle), and :meth:`learn_on_batch` /
+    #: :meth:`compute_gradients` return each as a float32 ``np.ndarray [B, ...]`` in
+    #: batch order: the values of the last epoch, computed right before the update
+    #: that used the row.
+    per_row_stats: tuple[str, ...] = ()
 
     def __init__(
         self, observation_space: gym.Space, action_space: gym.Space, config: dict[str, Any]
@@ -229,7 +285,11 @@ class Policy:
 
     # ---------------------------------------------------------------- learning
     def loss(self, train_batch: TensorDict) -> tuple[torch.Tensor, TensorDict]:
-        """Scalar loss and detached scalar stats for one minibatch of tensors."""
+        """Scalar loss and detached stats for one minibatch of tensors.
+
+        Stats are scalars, plus one ``[rows, ...]`` tensor per name in
+        :attr:`per_row_stats`.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement loss()")
 
     def _batch_to_tensors(self, batch: SampleBatch) -> TensorDict:
@@ -269,75 +329,127 @@ class Policy:
         stats["grad_gnorm"] = self._grad_norm_and_clip().detach()
         return stats
 
+    def sgd_step(self, minibatch: TensorDict) -> TensorDict:
+        """One update on one minibatch; returns its stats (scalars and per-row tensors).
+
+        The default: loss, backward, grad clipping, one optimizer step. Override
+        for other update schemes (DDPG: a critic step plus a delayed actor step).
+        """
+        stats = self._backward(minibatch)
+        self.optimizer.step()
+        return stats
+
     def learn_on_batch(
         self, batch: SampleBatch, num_sgd_iter: int = 1, sgd_minibatch_size: int = 0
-    ) -> dict[str, float]:
+    ) -> dict[str, Any]:
         """Run ``num_sgd_iter`` epochs of minibatch SGD on ``batch``.
 
-        Each epoch shuffles the rows and steps once per minibatch of
-        ``sgd_minibatch_size`` rows (0 = the whole batch in one step; the last
-        minibatch follows :func:`flowrl.sample_batch.minibatch_bounds`).
-        Advantages are used as given (standardize them beforehand). Returns
-        float stats averaged over the last epoch's minibatches, plus ``cur_lr``.
+        Each epoch shuffles the rows (one permutation from the policy's RNG; no
+        shuffle when one minibatch holds the whole batch) and calls
+        :meth:`sgd_step` once per minibatch of ``sgd_minibatch_size`` rows (0 =
+        the whole batch in one step; the last minibatch follows
+        :func:`flowrl.data.sample_batch.minibatch_bounds`). Advantages are used as
+        given (standardize them beforehand). Returns float stats averaged over the
+        last epoch's minibatches, :meth:`_latest_learn_stats`, ``cur_lr``,
+        :meth:`_extra_learn_stats`, and one ``np.ndarray [B, ...]`` per name in
+        :attr:`per_row_stats`, in batch order. An empty batch is a ValueError.
         """
-        tensors = self._batch_to_tensors(batch)
         count = batch.count
+        if count == 0:
+            raise ValueError(f"{type(self).__name__}.learn_on_batch got an empty batch")
+        tensors = self._batch_to_tensors(batch)
         bounds = minibatch_bounds(count, sgd_minibatch_size)
-        self.model.train()
+        if not self.model.training:  # Module.train() walks every submodule: ~0.1 ms
+            self.model.train()
+        per_row = _PerRowStats(type(self).__name__, self.per_row_stats, count)
         last_epoch: list[TensorDict] = []
         for _ in range(max(1, int(num_sgd_iter))):
             last_epoch = []
-            if len(bounds) == 1:
-                epoch_data = tensors  # one full-batch step: order doesn't matter
-            else:
+            perm = None  # one full-batch step: order doesn't matter
+            epoch_data = tensors
+            if len(bounds) > 1:
                 perm = torch.from_numpy(self._rng.permutation(count)).to(self.device)
                 epoch_data = {k: v.index_select(0, perm) for k, v in tensors.items()}
             for start, end in bounds:
                 minibatch = {k: v[start:end] for k, v in epoch_data.items()}
-                stats = self._backward(minibatch)
-                self.optimizer.step()
+                stats = self.sgd_step(minibatch)
+                # Later epochs overwrite earlier ones: the last epoch's values remain.
+                per_row.take(stats, slice(start, end) if perm is None else perm[start:end])
                 last_epoch.append(stats)
-        return self._summarize(last_epoch)
+        return self._summarize(last_epoch, per_row.values)
 
-    def _summarize(self, stats_list: list[TensorDict]) -> dict[str, float]:
-        summary: dict[str, float] = {}
-        if stats_list:
-            keys = stats_list[0].keys()
-            means = torch.stack(
-                [torch.stack([s[k].float() for s in stats_list]).mean() for k in keys]
-            ).cpu().tolist()  # one device sync for all stats
-            summary = dict(zip(keys, means))
+    def _summarize(
+        self, stats_list: list[TensorDict], per_row: TensorDict | None = None
+    ) -> dict[str, Any]:
+        """Means of the minibatch stats, then the latest stats, ``cur_lr``, the extra
+        stats and the per-row arrays; every tensor reaches the host in one transfer
+        (one device sync per call)."""
+        keys = list(stats_list[0].keys()) if stats_list else []
+        latest = self._latest_learn_stats()
+        per_row = per_row or {}
+        parts: list[torch.Tensor] = []
+        if len(stats_list) == 1:  # the usual off-policy step: nothing to average
+            parts += [stats_list[0][k].float().reshape(1) for k in keys]
+        elif stats_list:
+            parts += [torch.stack([s[k].float() for s in stats_list]).mean().reshape(1)
+                      for k in keys]
+        parts += [value.float().reshape(1) for value in latest.values()]
+        parts += [rows.float().reshape(-1) for rows in per_row.values()]
+        host = torch.cat(parts).cpu().numpy() if parts else np.zeros(0, np.float32)
+
+        num_scalars = len(keys) + len(latest)
+        summary: dict[str, Any] = dict(zip([*keys, *latest], host[:num_scalars].tolist()))
         summary["cur_lr"] = float(self.optimizer.param_groups[0]["lr"])
         summary.update(self._extra_learn_stats())
+        offset = num_scalars
+        for name, rows in per_row.items():
+            size = rows.numel()
+            summary[name] = host[offset : offset + size].reshape(tuple(rows.shape)).copy()
+            offset += size
         return summary
 
-    def _extra_learn_stats(self) -> dict[str, float]:
-        """Scalars appended to every learn_on_batch / compute_gradients result."""
+    def _whole_batch_per_row(self, stats: TensorDict, count: int) -> TensorDict:
+        """Moves the :attr:`per_row_stats` of one whole-batch (unshuffled) step out of
+        ``stats``; for :meth:`_summarize`."""
+        per_row = _PerRowStats(type(self).__name__, self.per_row_stats, count)
+        per_row.take(stats, slice(0, count))
+        return per_row.values
+
+    def _latest_learn_stats(self) -> TensorDict:
+        """Scalar tensors reported as they are at the end of the call, not averaged
+        (e.g. DDPG's most recent actor loss); they share the summary's device sync."""
+        return {}
+
+    def _extra_learn_stats(self) -> dict[str, Any]:
+        """Python scalars appended to every learn_on_batch / compute_gradients result."""
         return {}
 
     def evaluate_loss(self, batch: SampleBatch) -> dict[str, float]:
-        """Loss stats on the whole ``batch`` without updating anything."""
+        """Scalar loss stats on the whole ``batch`` without updating anything
+        (:attr:`per_row_stats` are left out)."""
         tensors = self._batch_to_tensors(batch)
         with torch.no_grad():
             loss, stats = self.loss(tensors)
         stats["total_loss"] = loss
-        return {k: float(v) for k, v in stats.items()}
+        return {k: float(v) for k, v in stats.items() if k not in self.per_row_stats}
 
     def compute_gradients(self, batch: SampleBatch) -> tuple[list[np.ndarray], dict[str, float]]:
         """Gradients of the loss on the whole ``batch`` (after ``grad_clip``), as numpy.
 
         The list is ordered like ``model.parameters()``; parameters the loss
-        does not touch get zeros. Nothing is updated.
+        does not touch get zeros. Nothing is updated. Stats as in
+        :meth:`learn_on_batch` (:attr:`per_row_stats` included).
         """
         self.model.train()
         stats = self._backward(self._batch_to_tensors(batch))
+        per_row = self._whole_batch_per_row(stats, batch.count)
         grads = [
             p.grad.detach().cpu().numpy().copy()
             if p.grad is not None
             else np.zeros(tuple(p.shape), dtype=np.float32)
             for p in self._params
         ]
-        return grads, self._summarize([stats])
+        return grads, self._summarize([stats], per_row)
 
     def _set_grads(self, params: list[torch.Tensor], grads: list[np.ndarray]) -> None:
         """Writes numpy ``grads`` into ``params[i].grad``, checking count and shapes."""
@@ -423,7 +535,7 @@ class Policy:
         (as the sampler does before stepping the env), ``[B, *action_shape]``. This is
         what ``Agent.export_policy`` converts to TorchScript.
         """
-        from flowrl.export import DistInputsGreedy
+        from flowrl.policies.export import DistInputsGreedy
         model = copy.deepcopy(self.model).cpu().eval()
         return DistInputsGreedy(model, self.action_space, self.dist_class.__name__,
                                 bool(self.config.get("clip_actions", True)))

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from flowrl.sample_batch import SampleBatch
+from flowrl.data.sample_batch import SampleBatch
 
 __all__ = ["discount_cumsum", "compute_advantages"]
 

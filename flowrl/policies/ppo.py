@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from flowrl.policies.policy import Policy, TensorDict
-from flowrl.sample_batch import SampleBatch
+from flowrl.data.sample_batch import SampleBatch
 
 __all__ = ["ppo_surrogate_loss", "ppo_value_loss", "ppo_total_loss", "PPOTorchPolicy"]
 

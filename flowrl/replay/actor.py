@@ -29,8 +29,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from flowrl.flow import NotReady, ParallelIteratorWorker
+from flowrl.flow.restart import ActorRestarter
 from flowrl.replay.buffers import PrioritizedReplayBuffer, ReplayBuffer, linear_schedule
-from flowrl.sample_batch import DEFAULT_POLICY_ID, MultiAgentBatch, SampleBatch
+from flowrl.data.sample_batch import DEFAULT_POLICY_ID, MultiAgentBatch, SampleBatch
 
 __all__ = ["ReplayActor", "ReplayShards"]
 
@@ -226,8 +227,10 @@ class ReplayShards:
     a replacement. A replaced shard's contents are lost (the other shards keep
     theirs); it refills from new rollouts before it replays (``learning_starts``).
     With ``recreate_failed_workers`` off, or after ``max_worker_restarts``
-    replacements, the failure is raised instead, naming the shard.
-    Counters: ``num_restarts`` (reported as ``replay/num_shard_restarts``).
+    replacements, the failure is raised instead, naming the shard (see
+    :class:`~flowrl.flow.restart.ActorRestarter`).
+    Counters: ``num_replay_shard_restarts``, reported in :meth:`stats` (also under its
+    earlier name ``num_shard_restarts``).
     """
 
     def __init__(self, config: dict[str, Any], num_shards: int, **ray_options: Any):
@@ -237,29 +240,29 @@ class ReplayShards:
         self.config = config
         self.num_shards = num_shards
         self._cls = ray.remote(ReplayActor).options(**ray_options)
-        self.actors: list = [self._start(i) for i in range(num_shards)]
-        self.num_restarts = 0
+        self.restarter = ActorRestarter.from_config("replay_shard", "Replay shard",
+                                                    self._start, config)
+        self.actors: list = [self.restarter.start(i) for i in range(num_shards)]
         self._lock = threading.Lock()
 
     def _start(self, index: int) -> Any:
         return self._cls.remote(self.config, index, self.num_shards)
 
+    @property
+    def num_restarts(self) -> int:
+        """Shards replaced so far."""
+        return self.restarter.num_restarts
+
     def handle_failure(self, actor: Any, error: Exception) -> Any:
-        """Replaces the dead ``actor`` (called by the Replay gather)."""
+        """Replaces the dead ``actor`` by an empty shard (called by the Replay gather)."""
         with self._lock:
             if actor not in self.actors:
                 return None
             index = self.actors.index(actor)
-            if not self.config.get("recreate_failed_workers", True) or \
-                    self.num_restarts >= self.config.get("max_worker_restarts", 100):
-                raise RuntimeError(f"Replay shard {index} died and is not replaced "
-                                   "(recreate_failed_workers / max_worker_restarts)") \
-                    from error
-            logger.warning("Replay shard %d died (%s); starting an empty replacement.",
-                           index, type(error).__name__)
-            self.num_restarts += 1
-            self.actors[index] = self._start(index)
-            return self.actors[index]
+            new_actor = self.restarter.replace(actor, error)
+            if new_actor is not None:
+                self.actors[index] = new_actor
+            return new_actor
 
     def stats(self) -> dict:
         """Replay stats summed over the live shards (sizes and rates)."""
@@ -277,7 +280,7 @@ class ReplayShards:
                   if per_shard and all(key in s for s in per_shard)}
         return {**summed, "num_shards": len(self.actors),
                 "num_healthy_shards": len(per_shard),
-                "num_shard_restarts": self.num_restarts}
+                "num_shard_restarts": self.num_restarts, **self.restarter.counters()}
 
     def stop(self) -> None:
         import ray

@@ -1,6 +1,6 @@
 """Replay buffers: uniform :class:`ReplayBuffer` and :class:`PrioritizedReplayBuffer`.
 
-Both store transitions (rows of :class:`~flowrl.sample_batch.SampleBatch`) in
+Both store transitions (rows of :class:`~flowrl.data.sample_batch.SampleBatch`) in
 preallocated numpy columns with FIFO eviction, and return sampled rows as a new
 SampleBatch. A DQN-style plan uses one in the driver process::
 
@@ -34,7 +34,7 @@ Storage
   reused, so :meth:`PrioritizedReplayBuffer.update_priorities` can tell
   (and skip) rows that were evicted after they were sampled.
 * A batch is also accepted as a one-policy
-  :class:`~flowrl.sample_batch.MultiAgentBatch` (unwrapped); use one buffer
+  :class:`~flowrl.data.sample_batch.MultiAgentBatch` (unwrapped); use one buffer
   per policy for several policies. Buffers are not thread-safe: use them from
   one thread (or one actor).
 """
@@ -50,7 +50,7 @@ import numpy as np
 
 from flowrl.replay.frame_storage import FrameStackStorage, _ring_runs, looks_like_frame_stacks
 from flowrl.replay.segment_tree import MinSegmentTree, SumSegmentTree
-from flowrl.sample_batch import MultiAgentBatch, SampleBatch
+from flowrl.data.sample_batch import MultiAgentBatch, SampleBatch
 
 __all__ = ["ReplayBuffer", "PrioritizedReplayBuffer", "linear_schedule"]
 

@@ -34,7 +34,7 @@ import torch
 
 from flowrl.envs.serving.external_env import ExternalEnv, Step
 from flowrl.envs.serving.policy_service import PolicyService
-from flowrl.sample_batch import SampleBatch
+from flowrl.data.sample_batch import SampleBatch
 from flowrl.workers.sampler import EpisodeStats
 
 # How long one wait for new requests or steps lasts before the sampler checks the env.

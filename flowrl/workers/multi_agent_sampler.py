@@ -19,9 +19,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from flowrl.callbacks import Episode
+from flowrl.workers.callbacks import Episode
 from flowrl.envs.multi_agent import ALL
-from flowrl.sample_batch import MultiAgentBatch, SampleBatch
+from flowrl.data.sample_batch import MultiAgentBatch, SampleBatch
 from flowrl.workers.sampler import EpisodeStats
 
 _ROW_KEYS = (SampleBatch.OBS, SampleBatch.ACTIONS, SampleBatch.REWARDS,

@@ -16,12 +16,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from flowrl.callbacks import resolve_callbacks
+from flowrl.workers.callbacks import resolve_callbacks
 from flowrl.envs.compat import ensure_gymnasium_env
 from flowrl.envs.multi_agent import MultiAgentEnv
 from flowrl.envs.registry import EnvContext
 from flowrl.flow import ParallelIteratorWorker
-from flowrl.sample_batch import DEFAULT_POLICY_ID, MultiAgentBatch, SampleBatch
+from flowrl.data.sample_batch import DEFAULT_POLICY_ID, MultiAgentBatch, SampleBatch
 from flowrl.workers.external_sampler import ExternalEnv, ExternalEnvSampler
 from flowrl.workers.multi_agent_sampler import MultiAgentSampler, build_policy_map
 from flowrl.workers.sampler import EpisodeStats, VectorSampler

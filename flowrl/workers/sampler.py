@@ -3,7 +3,7 @@
 Rollouts are written time-major into preallocated ``[T, N]`` arrays, then cut into
 per-episode pieces that the policy postprocesses (GAE, n-step, ...).
 
-Episode callbacks (:mod:`flowrl.callbacks`) run per env step only when the callbacks
+Episode callbacks (:mod:`flowrl.workers.callbacks`) run per env step only when the callbacks
 class overrides an episode hook; otherwise the loop does no per-episode bookkeeping.
 """
 
@@ -14,25 +14,11 @@ from typing import Any, Sequence
 import gymnasium as gym
 import numpy as np
 
-from flowrl.callbacks import DefaultCallbacks, Episode, overrides_episode_hooks
-from flowrl.sample_batch import SampleBatch
+from flowrl.workers.callbacks import DefaultCallbacks, Episode, overrides_episode_hooks
+from flowrl.envs.episodes import env_reports_episodes  # also imported from here
+from flowrl.data.sample_batch import SampleBatch
 
 _STEP_COLUMNS = (SampleBatch.REWARDS, SampleBatch.TERMINATEDS, SampleBatch.TRUNCATEDS)
-
-
-def env_reports_episodes(env: gym.Env) -> bool:
-    """True if a wrapper reports whole-episode stats in ``info["episode"]``.
-
-    Atari training envs clip rewards and end "episodes" at each life loss; their
-    ``RecordEpisodeStatistics`` layer (or any wrapper with ``reports_episode_stats =
-    True``) reports the real game's unclipped return, which is what users want to see.
-    """
-    while env is not None:
-        if isinstance(env, gym.wrappers.RecordEpisodeStatistics) or \
-                getattr(env, "reports_episode_stats", False) is True:
-            return True
-        env = getattr(env, "env", None)
-    return False
 
 
 class EpisodeStats(tuple):
@@ -121,9 +107,9 @@ class VectorSampler:
     ``complete_episodes``: each call returns only whole episodes, at least
     ``fragment_length * len(envs)`` steps; unfinished episodes carry over to the next call.
 
-    ``callbacks``: a :class:`~flowrl.callbacks.DefaultCallbacks` instance whose episode
+    ``callbacks``: a :class:`~flowrl.workers.callbacks.DefaultCallbacks` instance whose episode
     hooks receive ``worker``; they run only if the class overrides one of them.
-    An :class:`~flowrl.callbacks.Episode` spans what the results count as an episode
+    An :class:`~flowrl.workers.callbacks.Episode` spans what the results count as an episode
     (a whole Atari game across lost lives, see :func:`env_reports_episodes`).
     """
 

@@ -14,6 +14,7 @@ import threading
 from typing import Any, Callable
 
 from flowrl.envs.registry import EnvContext
+from flowrl.flow.restart import ActorRestarter
 from flowrl.workers.rollout_worker import RolloutWorker
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ class WorkerSet:
     ``monitor_dir``: the video directory handed to the workers (used when
     ``config["monitor"]`` is on; see RolloutWorker).
 
-    Counters: ``num_worker_restarts`` (read by the Agent's reports).
+    Counters: ``num_worker_restarts`` (read by the Agent's reports; see
+    :class:`~flowrl.flow.restart.ActorRestarter`).
     """
 
     def __init__(self, env_creator: Callable[[EnvContext], Any], policy_cls: type,
@@ -41,20 +43,20 @@ class WorkerSet:
         self.config = config
         self.num_workers = config.get("num_workers", 0) if num_workers is None else num_workers
         self.monitor_dir = monitor_dir
-        self.num_worker_restarts = 0
         self._lock = threading.Lock()
         self._local = RolloutWorker(env_creator, policy_cls, config, 0, self.num_workers,
                                     monitor_dir)
         self._remote: list = []
-        self._index_of: dict = {}  # actor handle -> worker index
-        self._pid_ref_of: dict = {}  # actor handle -> ref of its process id
+        # Tracks each remote worker's index and replaces dead ones (num_worker_restarts).
+        self.restarter = ActorRestarter.from_config("worker", "Rollout worker",
+                                                    self._start_actor, config)
         if self.num_workers > 0:
             import ray
             self._actor_cls = ray.remote(RolloutWorker).options(
                 num_cpus=config.get("num_cpus_per_worker", 1),
                 num_gpus=config.get("num_gpus_per_worker", 0),
             )
-            self._remote = [self._start_actor(i) for i in range(1, self.num_workers + 1)]
+            self._remote = [self.restarter.start(i) for i in range(1, self.num_workers + 1)]
             self._wait_until_started()
             self.sync_weights()
 
@@ -83,20 +85,13 @@ class WorkerSet:
         ray.get(list(pings))  # raises a worker's construction error with its traceback
 
     def _start_actor(self, index: int):
-        actor = self._actor_cls.remote(self.env_creator, self.policy_cls, self.config,
-                                       index, self.num_workers, self.monitor_dir)
-        self._index_of[actor] = index
-        # Asked now so that an error about the worker's death can name its process.
-        self._pid_ref_of[actor] = actor.get_pid.remote()
-        return actor
+        return self._actor_cls.remote(self.env_creator, self.policy_cls, self.config,
+                                      index, self.num_workers, self.monitor_dir)
 
-    def _describe(self, actor, index: int) -> str:
-        import ray
-        try:
-            pid = ray.get(self._pid_ref_of.pop(actor), timeout=0.5)
-        except Exception:  # it died before answering
-            pid = "?"
-        return f"Rollout worker {index} (pid {pid})"
+    @property
+    def num_worker_restarts(self) -> int:
+        """Remote workers replaced so far (the restarter's ``num_worker_restarts``)."""
+        return self.restarter.num_restarts
 
     def local_worker(self) -> RolloutWorker:
         return self._local
@@ -106,7 +101,7 @@ class WorkerSet:
 
     def worker_index(self, actor) -> int:
         """The worker index (1..N) of a remote worker handle."""
-        return self._index_of[actor]
+        return self.restarter.index_of(actor)
 
     def policies_to_train(self) -> list[str]:
         """The policy ids the learner trains (``multiagent.policies_to_train``, else all)."""
@@ -129,7 +124,8 @@ class WorkerSet:
         results = [fn(self._local, 0)]
         if self._remote:
             import ray
-            results += ray.get([w.apply.remote(fn, self._index_of[w]) for w in self._remote])
+            results += ray.get([w.apply.remote(fn, self.restarter.index_of(w))
+                                for w in self._remote])
         return results
 
     def sync_weights(self, global_vars: dict | None = None) -> None:
@@ -146,32 +142,21 @@ class WorkerSet:
     def handle_actor_failure(self, actor, error: Exception):
         """Called by gathers when ``actor`` died: returns a replacement or None.
 
-        Replaces the worker (same index, current weights) when
-        ``recreate_failed_workers`` is on and fewer than ``max_worker_restarts``
-        restarts happened; otherwise raises an error naming the worker, chained to
-        the original one.
+        Replaces the worker (same index, current weights) through :attr:`restarter`:
+        when ``recreate_failed_workers`` is on and fewer than ``max_worker_restarts``
+        restarts happened; otherwise raises
+        :class:`~flowrl.flow.restart.ActorRestartError` naming the worker, chained to
+        the original error.
         """
         with self._lock:
-            if actor not in self._index_of:
+            if not self.restarter.is_tracked(actor):
                 return None
-            index = self._index_of.pop(actor)
             self._remote = [w for w in self._remote if w is not actor]
-            allowed = self.config.get("max_worker_restarts", 100)
-            who = self._describe(actor, index)
-            if not self.config.get("recreate_failed_workers", True):
-                raise RuntimeError(f"{who} died and recreate_failed_workers is off: "
-                                   f"{error}") from error
-            if self.num_worker_restarts >= allowed:
-                raise RuntimeError(f"{who} died after max_worker_restarts={allowed} "
-                                   f"replacements: {error}") from error
-            logger.warning("%s died (%s); starting a replacement with the current "
-                           "weights.", who, type(error).__name__)
-            self.num_worker_restarts += 1
-            new_actor = self._start_actor(index)
+            new_actor = self.restarter.replace(actor, error)
             import ray
             new_actor.set_weights.remote(ray.put(self._local.get_weights()))
             self._remote.append(new_actor)
-            self._remote.sort(key=lambda w: self._index_of[w])
+            self._remote.sort(key=self.restarter.index_of)
             return new_actor
 
     def stop(self) -> None:

@@ -5,7 +5,8 @@
   samples it with :class:`flowrl.workers.external_sampler.ExternalEnvSampler`.
 * :class:`PolicyServer` / :class:`PolicyClient`: the same API over JSON-over-HTTP
   (never pickle), validated request by request.
-* :func:`serve_checkpoint`: a trained checkpoint behind a PolicyServer, inference only.
+* :func:`flowrl.serving.serve_checkpoint` (a layer up): a trained checkpoint behind a
+  PolicyServer, inference only.
 
 See docs/serving.md.
 """
@@ -15,11 +16,10 @@ from flowrl.envs.serving.errors import (BadRequestError, EpisodeStateError, Poli
                                         ServingError, UnauthorizedError, UnavailableError,
                                         UnknownEpisodeError)
 from flowrl.envs.serving.external_env import ExperiencePiece, ExternalEnv
-from flowrl.envs.serving.inference import InferenceServer, load_policy, serve_checkpoint
 from flowrl.envs.serving.policy_service import PolicyService, PolicyServiceLoop
 from flowrl.envs.serving.server import PolicyServer
 
 __all__ = ["BadRequestError", "EpisodeStateError", "ExperiencePiece", "ExternalEnv",
-           "InferenceServer", "PolicyClient", "PolicyClientError", "PolicyServer",
+           "PolicyClient", "PolicyClientError", "PolicyServer",
            "PolicyService", "PolicyServiceLoop", "ServingError", "UnauthorizedError",
-           "UnavailableError", "UnknownEpisodeError", "load_policy", "serve_checkpoint"]
+           "UnavailableError", "UnknownEpisodeError"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import http.client
+import importlib
 import json
 import socket
 import threading
@@ -153,21 +154,43 @@ class _Transport:
             conn.close()
 
 
+#: Local inference builds only flowrl's own policy classes: a server names the class,
+#: and importing whatever it names would let a server run code on the client.
+LOCAL_POLICY_MODULE_PREFIX = "flowrl.policies."
+
+
+def flowrl_policy_class(path: Any) -> type:
+    """The class named ``"flowrl.policies.<module>:<Class>"`` by a server's policy spec."""
+    module_name, _, class_name = str(path).partition(":")
+    if not isinstance(path, str) or not module_name.startswith(LOCAL_POLICY_MODULE_PREFIX) \
+            or not class_name.isidentifier():
+        raise PolicyClientError(
+            f"the server's policy class {path!r} is not one of flowrl's policies "
+            f"({LOCAL_POLICY_MODULE_PREFIX}*): use inference_mode='remote'",
+            command="get_policy_spec")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise PolicyClientError(f"the server's policy class {path!r} does not exist in this "
+                                f"flowrl ({error}); are client and server the same version?",
+                                command="get_policy_spec") from error
+    if not isinstance(cls, type):
+        raise PolicyClientError(f"the server's policy class {path!r} is not a class",
+                                command="get_policy_spec")
+    return cls
+
+
 class _LocalPolicy:
     """The client's copy of the server's policy (local inference mode)."""
 
     def __init__(self, transport: _Transport, update_interval_s: float):
-        from flowrl.registry import get_agent_class
         self.transport = transport
         self.update_interval_s = float(update_interval_s)
         spec = transport.call("get_policy_spec")
         self.observation_space = space_from_json(spec["observation_space"])
         self.action_space = space_from_json(spec["action_space"])
-        if spec.get("algorithm") is None:
-            raise PolicyClientError("the server's policy is not one of flowrl's algorithms: "
-                                    "use inference_mode='remote'", command="get_policy_spec")
         config = {**spec["config"], "num_gpus": 0}
-        policy_cls = get_agent_class(spec["algorithm"]).get_policy_class(config)
+        policy_cls = flowrl_policy_class(spec.get("policy_class"))
         self.policy = policy_cls(self.observation_space, self.action_space, config)
         self.explore = bool(config.get("explore", True))
         self.clip = bool(config.get("clip_actions", True)) and \

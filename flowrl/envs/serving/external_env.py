@@ -110,9 +110,10 @@ class ActionRequest:
 
 @dataclass
 class PolicySpec:
-    """What a client needs to rebuild the serving policy: algorithm name + JSON config."""
+    """What a client needs to rebuild the serving policy: the policy class, named
+    ``"module:QualName"``, and the JSON config."""
 
-    algorithm: str | None
+    policy_class: str
     config: dict
 
 

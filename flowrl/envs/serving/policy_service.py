@@ -5,7 +5,7 @@
 
 :class:`~flowrl.workers.external_sampler.ExternalEnvSampler` calls it inside
 ``sample()``. :class:`PolicyServiceLoop` runs it in a thread for inference-only serving
-(no training loop), e.g. :func:`flowrl.envs.serving.serve_checkpoint`.
+(no training loop), e.g. :func:`flowrl.serving.serve_checkpoint`.
 """
 
 from __future__ import annotations
@@ -27,16 +27,10 @@ PRIVATE_CONFIG_KEYS = frozenset({"env", "env_config", "evaluation_config", "call
                                  "custom_eval_config", "multiagent"})
 
 
-def algorithm_of(policy: Any) -> str | None:
-    """The registered algorithm whose policy class is ``type(policy)`` (first match)."""
-    from flowrl.registry import ALGORITHMS, get_agent_class
-    for name in ALGORITHMS:
-        try:
-            if get_agent_class(name).get_policy_class(policy.config) is type(policy):
-                return name
-        except Exception:  # an algorithm whose policy class needs other config keys
-            continue
-    return None
+def policy_class_path(policy: Any) -> str:
+    """``"module:QualName"`` of the policy's class (what a local-mode client builds)."""
+    cls = type(policy)
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 class PolicyService:
@@ -58,12 +52,12 @@ class PolicyService:
         env.attach_policy(self.spec, eps_id_base=eps_id_base, clip_actions=clip_actions)
 
     def spec(self) -> PolicySpec:
-        """Algorithm name and JSON config of the policy (computed once, on request)."""
+        """Policy class path and JSON config of the policy (computed once, on request)."""
         with self._spec_lock:
             if self._spec is None:
                 config = {k: v for k, v in self.policy.config.items()
                           if k not in PRIVATE_CONFIG_KEYS}
-                self._spec = PolicySpec(algorithm_of(self.policy), config_to_json(config))
+                self._spec = PolicySpec(policy_class_path(self.policy), config_to_json(config))
             return self._spec
 
     def publish_weights(self) -> None:

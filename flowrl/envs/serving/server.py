@@ -182,7 +182,7 @@ class CommandDispatcher:
         spec = self.env.policy_spec()
         return {"observation_space": space_to_json(self.env.observation_space),
                 "action_space": space_to_json(self.env.action_space),
-                "algorithm": spec.algorithm, "config": spec.config}
+                "policy_class": spec.policy_class, "config": spec.config}
 
     def get_weights(self, request: dict) -> dict:
         _Fields(request, "get_weights", set())

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowrl.version import __version__
+
 __all__ = [
     "EXPORT_FILE", "METADATA_FILE", "ArgmaxHead", "DistInputsGreedy", "BoxActionHead",
     "describe_space", "to_torchscript", "write_export",
@@ -234,7 +236,6 @@ def write_export(export_dir: str, module: nn.Module, observation_space: gym.Spac
     export_dir = os.path.abspath(os.path.expanduser(str(export_dir)))
     os.makedirs(export_dir, exist_ok=True)
     exported = to_torchscript(module, observation_space)
-    import flowrl
     obs_desc = describe_space(observation_space)
     act_desc = describe_space(action_space)
     info = {
@@ -249,7 +250,7 @@ def write_export(export_dir: str, module: nn.Module, observation_space: gym.Spac
                    f"deterministic actions, shape {_batch_shape(act_desc)}, dtype "
                    f"{act_desc.get('dtype')}"),
         "usage": f"torch.jit.load('{EXPORT_FILE}')(torch.as_tensor(obs_batch))",
-        "flowrl_version": flowrl.__version__,
+        "flowrl_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
     }

@@ -14,7 +14,7 @@
     agent = MyPPO(env="CartPole-v1")            # or: get_agent_class("MyPPO")
     # scripts/train.py --run path/to/my_plan.py:MyPPO --env CartPole-v1
 
-The returned class is a plain :class:`~flowrl.agent.Agent` subclass: ``train()``,
+The returned class is a plain :class:`~flowrl.algorithms.agent.Agent` subclass: ``train()``,
 ``save()``/``restore()``, ``compute_action()``, evaluation, callbacks and the Tune
 Trainable all come with it.
 """
@@ -25,14 +25,15 @@ import re
 import sys
 from typing import Any, Callable
 
-from flowrl.agent import Agent
+from ray import tune
+
+from flowrl.algorithms.agent import Agent
+from flowrl.algorithms.registry import add_user_algorithm, user_algorithms
+from flowrl.algorithms.trainable import make_trainable
 from flowrl.flow import Metrics, Plan
 from flowrl.workers.worker_set import WorkerSet
 
 ExecutionPlan = Callable[[WorkerSet, dict, Metrics], Plan]
-
-# Algorithms defined by users in this process: name -> Agent class.
-_USER_ALGORITHMS: dict[str, type] = {}
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
@@ -93,20 +94,8 @@ def build_agent(name: str, default_config: dict, policy: type | Callable[[dict],
 def register_agent(agent_cls: type) -> None:
     """Makes an Agent subclass known by its ``_name`` to get_agent_class, the CLI and
     Tune (also for hand-written subclasses)."""
-    from flowrl.registry import ALGORITHMS
-    name = agent_cls._name
-    if name in ALGORITHMS:
-        raise ValueError(f"{name!r} is a built-in algorithm; choose another name")
-    _USER_ALGORITHMS[name] = agent_cls
-    from ray import tune
-
-    from flowrl.trainable import make_trainable
-    tune.register_trainable(name, make_trainable(agent_cls))
-
-
-def user_algorithms() -> dict[str, type]:
-    """Algorithms registered in this process with :func:`build_agent`."""
-    return dict(_USER_ALGORITHMS)
+    add_user_algorithm(agent_cls._name, agent_cls)
+    tune.register_trainable(agent_cls._name, make_trainable(agent_cls))
 
 
 def load_algorithm(spec: str) -> str:
@@ -118,12 +107,12 @@ def load_algorithm(spec: str) -> str:
         return spec
     where, name = spec.split(":")
     module = load_module(where, f"--run {spec}")
-    if name in _USER_ALGORITHMS:
+    if name in user_algorithms():
         return name
     value = getattr(module, name, None)
     if isinstance(value, type) and issubclass(value, Agent):
-        if value._name not in _USER_ALGORITHMS:
+        if value._name not in user_algorithms():
             register_agent(value)
         return value._name
     raise ValueError(f"--run {spec!r}: {where} registered no algorithm named {name!r} "
-                     f"(known there: {', '.join(sorted(_USER_ALGORITHMS)) or 'none'})")
+                     f"(known there: {', '.join(sorted(user_algorithms())) or 'none'})")

@@ -13,7 +13,7 @@ import copy
 import difflib
 from typing import Any
 
-from flowrl.callbacks import DefaultCallbacks, resolve_callbacks
+from flowrl.workers.callbacks import DefaultCallbacks, resolve_callbacks
 from flowrl.policies.models import MODEL_DEFAULTS
 
 # Keys whose values are free-form dicts owned by the user (not validated inside).

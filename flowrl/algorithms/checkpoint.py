@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-import flowrl
+from flowrl.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def write_checkpoint(path: str, manifest: dict, params: dict,
             extra_files[name] = rel
         full_manifest = {
             "format_version": FORMAT_VERSION,
-            "flowrl_version": flowrl.__version__,
+            "flowrl_version": __version__,
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
             "policies": files,
@@ -207,7 +207,7 @@ def read_manifest(path: str) -> dict:
         raise ValueError(
             f"Checkpoint {path!r} has format version {version!r} (written by flowrl "
             f"{manifest.get('flowrl_version', '?')}), but this flowrl "
-            f"{flowrl.__version__} reads format version {FORMAT_VERSION}.")
+            f"{__version__} reads format version {FORMAT_VERSION}.")
     return manifest
 
 

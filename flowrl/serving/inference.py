@@ -73,10 +73,10 @@ def load_policy(checkpoint_path: str, observation_space: gym.Space | None = None
     them for envs this process cannot build (e.g. an ExternalEnv registered only in the
     training script).
     """
-    from flowrl.checkpoint import read_manifest, read_params, read_policy_states
+    from flowrl.algorithms.checkpoint import read_manifest, read_params, read_policy_states
     from flowrl.envs.registry import EnvContext, make_env_creator
-    from flowrl.registry import get_agent_class
-    from flowrl.sample_batch import DEFAULT_POLICY_ID
+    from flowrl.algorithms.registry import get_agent_class
+    from flowrl.data.sample_batch import DEFAULT_POLICY_ID
     manifest = read_manifest(checkpoint_path)
     params = {k: v for k, v in read_params(checkpoint_path).items() if k != "callbacks"}
     if observation_space is None or action_space is None:

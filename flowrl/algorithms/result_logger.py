@@ -14,7 +14,7 @@ import math
 import numbers
 import os
 
-from flowrl.checkpoint import json_default
+from flowrl.algorithms.checkpoint import json_default
 
 
 def flatten_result(result: dict, prefix: str = "") -> dict:

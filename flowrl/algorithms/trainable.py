@@ -19,9 +19,9 @@ from ray import tune
 from ray.tune import PlacementGroupFactory, Trainable
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, LoggerCallback
 
-from flowrl.registry import ALGORITHMS, get_agent_class
-from flowrl.resources import check_cluster_fits
-from flowrl.result_logger import TensorBoardWriter, progress_line
+from flowrl.algorithms.registry import ALGORITHMS, get_agent_class
+from flowrl.algorithms.resources import check_cluster_fits
+from flowrl.algorithms.result_logger import TensorBoardWriter, progress_line
 
 _TRAINABLES: dict[str, type] = {}
 
@@ -112,7 +112,7 @@ class TensorBoardCallback(LoggerCallback):
 
 
 class ProgressLineCallback(LoggerCallback):
-    """Prints one :func:`~flowrl.result_logger.progress_line` per trial result."""
+    """Prints one :func:`~flowrl.algorithms.result_logger.progress_line` per trial result."""
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         print(progress_line(str(trial), result), flush=True)

@@ -1,0 +1,472 @@
+"""The Agent shell: config -> workers -> plan, with train / save / restore / act.
+
+    from flowrl.plans.ppo import PPOAgent, DEFAULT_CONFIG
+    config = DEFAULT_CONFIG.copy()
+    config["num_workers"] = 2
+    agent = PPOAgent(config=config, env="CartPole-v1")
+    for _ in range(10):
+        print(agent.train()["episode_reward_mean"])
+    path = agent.save()
+
+Each algorithm subclasses Agent with a name, a DEFAULT_CONFIG, a policy class and an
+``execution_plan(workers, config, metrics)`` (or an imperative ``training_step``).
+For Tune, :mod:`flowrl.algorithms.trainable` wraps each Agent class in a ``Trainable``
+registered under the algorithm's short name.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import random
+import string
+import time
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from flowrl.workers.callbacks import DefaultCallbacks, resolve_callbacks, summarize_custom_metrics
+from flowrl.algorithms.checkpoint import (read_extra_state, read_manifest, read_params,
+                               read_policy_states, write_checkpoint)
+from flowrl.algorithms.config import (COMMON_CONFIG, merge_config, resolve_auto_resources,
+                           validate_common)
+from flowrl.envs.registry import EnvContext, make_env_creator
+from flowrl.flow import Metrics, Plan, as_plan
+from flowrl.algorithms.resources import check_cluster_fits
+from flowrl.data.sample_batch import DEFAULT_POLICY_ID
+from flowrl.workers.worker_set import WorkerSet
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RESULTS_DIR = os.path.expanduser("~/ray_results")
+
+
+class Agent:
+    """Base class of all algorithms. See the module docstring for usage.
+
+    Args:
+        config: overrides of the algorithm's DEFAULT_CONFIG (deep-merged; unknown keys
+            and wrong types raise ``ValueError`` before any worker starts).
+        env: env name / gymnasium id / env class; same as ``config["env"]``.
+        logdir: trial directory for results and checkpoints (default: a new
+            ``~/ray_results/<Algo>_<env>_<timestamp>`` created on first use).
+        log_to_disk: write params.json / result.json / progress.csv / TensorBoard
+            events on each ``train()`` (Tune turns this off and logs itself).
+    """
+
+    _name: ClassVar[str] = "Agent"
+    _default_config: ClassVar[dict] = {}
+    _policy_class: ClassVar[type | None] = None
+
+    def __init__(self, config: dict | None = None, env: Any = None,
+                 logdir: str | None = None, log_to_disk: bool = True):
+        if config is not None and not isinstance(config, dict):
+            raise TypeError(f"config must be a dict, got {type(config).__name__}")
+        user_config = dict(config or {})
+        if env is not None:
+            user_config["env"] = env
+        self.config = self.merge_config(user_config)
+        self.env_creator = make_env_creator(self.config["env"])
+        self._logdir = logdir
+        self._log_to_disk = log_to_disk
+        self._result_logger = None
+        self._eval_env = None
+        self._eval_callbacks = None
+        # The driver's own instance: on_train_result (workers build theirs).
+        self.callbacks = self.config["callbacks"]()
+        self._ensure_resources()
+        self.metrics = Metrics()
+        self.workers = WorkerSet(self.env_creator, self.get_policy_class(self.config),
+                                 self.config,
+                                 num_workers=self.worker_set_num_workers(self.config),
+                                 monitor_dir=self.video_dir if self.config["monitor"] else None)
+        self.iteration = 0
+        self.time_total_s = 0.0
+        self._seeds_reported = False
+        # What the plan started and holds is declared in the Plan value (owns, state).
+        self.plan: Plan | None = None
+        if type(self).training_step is Agent.training_step:
+            self.plan = as_plan(self.execution_plan(self.workers, self.config, self.metrics),
+                                f"{type(self).__name__}.execution_plan")
+
+    # -- configuration ------------------------------------------------------------------
+    @classmethod
+    def merge_config(cls, user_config: dict | None) -> dict:
+        """COMMON_CONFIG <- DEFAULT_CONFIG <- user config, validated."""
+        base = merge_config(COMMON_CONFIG, cls._default_config)
+        config = merge_config(base, user_config, check_keys=True)
+        resolved = resolve_auto_resources(config)
+        # Values the user asked to be "auto" are worth a warning; defaults only a note.
+        asked = {k for k, v in (user_config or {}).items() if v == "auto"}
+        if resolved:
+            (logger.warning if asked & set(resolved) else logger.info)("%s: resolved 'auto' resources for this cluster: %s",
+                           cls._name, ", ".join(f"{k}={v}" for k, v in resolved.items()))
+        validate_common(config)
+        cls.validate_config(config)
+        return config
+
+    @classmethod
+    def validate_config(cls, config: dict) -> None:
+        """Algorithm-specific checks; raise ``ValueError`` naming the bad value."""
+
+    @classmethod
+    def get_policy_class(cls, config: dict) -> type:
+        return cls._policy_class
+
+    @classmethod
+    def worker_set_num_workers(cls, config: dict) -> int:
+        """Remote RolloutWorkers the WorkerSet starts (default ``num_workers``).
+
+        Algorithms that run their own actors (ES) return 0: the WorkerSet then holds
+        only the local worker, while ``num_workers`` still sizes their actors.
+        """
+        return config["num_workers"]
+
+    @staticmethod
+    def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> Plan:
+        """Returns the :class:`~flowrl.flow.Plan`: its results iterator yields one result
+        dict per iteration; it declares what it owns (stopped by :meth:`stop`) and the
+        state that checkpoints keep."""
+        raise NotImplementedError("Agent subclasses define execution_plan or training_step")
+
+    def training_step(self) -> dict:
+        """Imperative alternative to a plan: one iteration, returning a result dict.
+
+        Subclasses that override this get no plan; ``train()`` calls it instead.
+        """
+        raise NotImplementedError(f"{type(self).__name__} defines neither an execution_plan "
+                                  "nor a training_step")
+
+    def _ensure_resources(self) -> None:
+        """Starts Ray if workers need it; fails fast if they could never be scheduled."""
+        c = self.config
+        if c["num_gpus"] > 0:
+            import torch
+            if not torch.cuda.is_available():
+                logger.warning("num_gpus=%s but no CUDA device is visible: the learner "
+                               "runs on the CPU.", c["num_gpus"])
+        if c["num_workers"] == 0:
+            return
+        import ray
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, ignore_reinit_error=True)
+        if ray.get_runtime_context().get_placement_group_id() is not None:
+            return  # inside a Tune trial: its placement group already holds the workers
+        check_cluster_fits(
+            {"CPU": c["num_workers"] * c["num_cpus_per_worker"],
+             "GPU": c["num_workers"] * c["num_gpus_per_worker"]},
+            f"num_workers={c['num_workers']} with num_cpus_per_worker="
+            f"{c['num_cpus_per_worker']} and num_gpus_per_worker={c['num_gpus_per_worker']}",
+            "Use fewer workers or smaller per-worker resources (fractions are allowed).")
+
+    # -- training -----------------------------------------------------------------------
+    def step(self) -> dict:
+        """One training iteration without bookkeeping fields (what Tune calls).
+
+        Adds ``result["evaluation"]`` every ``evaluation_interval`` iterations, then
+        calls ``callbacks.on_train_result(agent=self, result=result)``.
+        """
+        if self.plan is not None:
+            result = next(self.plan)
+        else:
+            result = self.training_step()
+        self.iteration += 1
+        if not self._seeds_reported:
+            # Recorded once per agent (result.json): which env seeds each worker used.
+            result.setdefault("info", {})["worker_seeds"] = self.worker_seeds()
+            self._seeds_reported = True
+        interval = self.config["evaluation_interval"]
+        if interval and self.iteration % interval == 0:
+            result["evaluation"] = self.evaluate()
+        self.callbacks.on_train_result(agent=self, result=result)
+        return result
+
+    def worker_seeds(self) -> dict[str, list[int]]:
+        """``{worker index: [seed of each of its envs]}`` (empty without ``seed``).
+
+        Worker ``i``'s env ``v`` is seeded ``seed + 1000 * i + v``: distinct per worker
+        and env, and the same in every run with the same ``seed``.
+        """
+        from flowrl.workers.rollout_worker import worker_seed
+        if self.config["seed"] is None:
+            return {}
+        num_envs = self.config["num_envs_per_worker"]
+        return {str(i): [worker_seed(self.config["seed"], i, v) for v in range(num_envs)]
+                for i in range(self.workers.num_workers + 1)}
+
+    def train(self) -> dict:
+        """Runs one iteration and returns its result dict (also logged to the logdir)."""
+        start = time.perf_counter()
+        result = self.step()
+        elapsed = time.perf_counter() - start
+        self.time_total_s += elapsed
+        result.update(training_iteration=self.iteration, time_this_iter_s=elapsed,
+                      time_total_s=self.time_total_s, timestamp=int(time.time()),
+                      date=datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"),
+                      done=False)
+        if self._log_to_disk:
+            if self._result_logger is None:
+                from flowrl.algorithms.result_logger import ResultLogger
+                self._result_logger = ResultLogger(self.logdir, self.config)
+            self._result_logger.log(result)
+        return result
+
+    def evaluation_config(self) -> dict:
+        """The config evaluation runs with: this config with ``evaluation_config``
+        applied (``explore`` False unless set there; ``env_config`` entries update the
+        training ones).
+
+        Evaluation honors ``env``, ``env_config``, ``explore``, ``clip_actions``,
+        ``callbacks`` and ``seed``; other keys are accepted (they are validated like
+        the top level) but have no effect on the driver's evaluation loop.
+        """
+        overrides = self.config["evaluation_config"]
+        config = merge_config(self.config, {"explore": False, **overrides})
+        config["env_config"] = {**self.config["env_config"],
+                                **overrides.get("env_config", {})}
+        return config
+
+    def evaluate(self) -> dict:
+        """Runs ``evaluation_num_episodes`` episodes on a separate env in this process
+        with :meth:`evaluation_config` (default: no exploration).
+
+        Returns ``episode_reward_mean|min|max``, ``episode_len_mean``,
+        ``episodes_this_iter`` and ``custom_metrics`` (from the episode callbacks).
+        Episodes are real ones: on envs that report whole games in ``info["episode"]``
+        (Atari training envs end an "episode" at each lost life) the loop plays on
+        across lost lives and reports the game's unclipped score and length, as the
+        training results do. The env keeps the training preprocessing, so the policy
+        sees what it was trained on.
+        """
+        from flowrl.workers.callbacks import Episode, overrides_episode_hooks
+        from flowrl.envs.episodes import EpisodeRunner, EpisodeStep
+        from flowrl.envs.multi_agent import MultiAgentEnv
+        if isinstance(self.workers.local_worker().env, MultiAgentEnv):
+            raise ValueError("evaluate() / evaluation_interval runs single-agent envs; for "
+                             f"the multi-agent env {self.config['env']!r} read the "
+                             "policy_reward_mean of the training results instead")
+        config = self.evaluation_config()
+        if self._eval_env is None:
+            creator = self.env_creator if config["env"] == self.config["env"] \
+                else make_env_creator(config["env"])
+            self._eval_env = creator(EnvContext(config["env_config"], worker_index=0))
+            self._eval_callbacks = config["callbacks"]()
+        callbacks = self._eval_callbacks
+        hooks = overrides_episode_hooks(callbacks)
+        runner = EpisodeRunner(self._eval_env, clip_actions=config["clip_actions"])
+        explore, seed = config["explore"], config["seed"]
+        episodes: list[Episode] = []  # the callbacks' view of each episode
+
+        def start(obs: Any, info: dict) -> None:
+            episodes.append(Episode(len(episodes), 0, obs, info))
+            if hooks:
+                callbacks.on_episode_start(worker=None, episode=episodes[-1], env_index=0)
+
+        def step(s: EpisodeStep) -> None:
+            episodes[-1].add_step(s.next_obs, s.action, s.reward, s.info)
+            callbacks.on_episode_step(worker=None, episode=episodes[-1], env_index=0)
+
+        returns, lengths = [], []
+        for index in range(config["evaluation_num_episodes"]):
+            result = runner.run(lambda obs: self.compute_action(obs, explore=explore),
+                                seed=None if seed is None else seed + 10_000_000 + index,
+                                on_start=start, on_step=step if hooks else None)
+            if hooks:
+                callbacks.on_episode_end(worker=None, episode=episodes[-1], env_index=0)
+            returns.append(result.episode_return)
+            lengths.append(result.length)
+        customs = [episode.custom_metrics for episode in episodes]
+        return {"episode_reward_mean": float(np.mean(returns)),
+                "episode_reward_min": float(np.min(returns)),
+                "episode_reward_max": float(np.max(returns)),
+                "episode_len_mean": float(np.mean(lengths)),
+                "episodes_this_iter": len(returns),
+                "custom_metrics": summarize_custom_metrics(customs)}
+
+    # -- acting -------------------------------------------------------------------------
+    def get_policy(self, policy_id: str = DEFAULT_POLICY_ID):
+        return self.workers.local_worker().get_policy(policy_id)
+
+    def compute_action(self, obs: Any, explore: bool = False,
+                       policy_id: str = DEFAULT_POLICY_ID) -> Any:
+        """The action of one observation (greedy / mean action unless ``explore``)."""
+        return self.get_policy(policy_id).compute_single_action(obs, explore=explore)
+
+    def export_policy(self, export_dir: str, policy_id: str = DEFAULT_POLICY_ID) -> str:
+        """Writes the policy's greedy actions as TorchScript; returns the module's path.
+
+        ``<export_dir>/policy.pt`` maps a batch of raw observations (as the env returns
+        them) to the actions ``compute_action(obs, explore=False)`` gives (Box actions
+        clipped to the bounds when ``clip_actions`` is on). It loads with torch alone:
+        ``torch.jit.load(path)(torch.as_tensor(obs_batch))``. ``policy.json`` next to
+        it records the algorithm, env, and observation / action spaces.
+        """
+        from flowrl.policies.export import write_export
+        policy = self.get_policy(policy_id)
+        env = self.config["env"]
+        metadata = {"algorithm": self._name, "policy_id": policy_id,
+                    "env": env if isinstance(env, str) else repr(env),
+                    "iteration": self.iteration}
+        return write_export(export_dir, policy.export_module(), policy.observation_space,
+                            policy.action_space, metadata)
+
+    # -- checkpoints --------------------------------------------------------------------
+    @property
+    def logdir(self) -> str:
+        """The trial directory (created on first use)."""
+        if self._logdir is None:
+            env = self.config["env"]
+            env_name = env if isinstance(env, str) else getattr(env, "__name__", "env")
+            env_name = env_name.replace("/", "_").replace(":", "_")
+            stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+            suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=6))
+            self._logdir = os.path.join(DEFAULT_RESULTS_DIR,
+                                        f"{self._name}_{env_name}_{stamp}_{suffix}")
+        os.makedirs(self._logdir, exist_ok=True)
+        return self._logdir
+
+    @property
+    def video_dir(self) -> str:
+        """``<logdir>/videos``: where ``monitor: true`` writes its mp4 files."""
+        return os.path.join(self.logdir, "videos")
+
+    def save(self, checkpoint_dir: str | None = None) -> str:
+        """Writes a checkpoint (atomically) and returns its directory.
+
+        Default location: ``<logdir>/checkpoint_<iteration>``.
+        """
+        path = checkpoint_dir or os.path.join(self.logdir, f"checkpoint_{self.iteration:06d}")
+        env = self.config["env"]
+        manifest = {
+            "algorithm": self._name,
+            "env": env if isinstance(env, str) else repr(env),
+            "iteration": self.iteration,
+            "time_total_s": self.time_total_s,
+            "counters": self.metrics.save(),
+        }
+        plan_state = self.plan.save() if self.plan is not None else {}
+        return write_checkpoint(path, manifest, self.config,
+                                self.workers.local_worker().get_state(),
+                                {**plan_state, "rng": self._rng_state()})
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Loads a checkpoint written by ``save()``: weights, optimizer state, counters.
+
+        Remote workers receive the restored weights; training continues counting from
+        the checkpoint's iteration and timesteps.
+        """
+        manifest = read_manifest(checkpoint_path)
+        if manifest["algorithm"] != self._name:
+            raise ValueError(
+                f"Checkpoint {checkpoint_path!r} was written by {manifest['algorithm']}, "
+                f"not {self._name}: restore it with Agent.from_checkpoint() or the "
+                f"{manifest['algorithm']} agent.")
+        states = read_policy_states(checkpoint_path, manifest)
+        self.workers.local_worker().set_state(states)
+        self.iteration = manifest["iteration"]
+        self.time_total_s = manifest.get("time_total_s", 0.0)
+        self.metrics.restore(manifest.get("counters", {}))
+        if self.plan is not None:
+            self.plan.restore(self._plan_states(checkpoint_path, manifest))
+        rng = read_extra_state(checkpoint_path, manifest, "rng")
+        if rng is not None:
+            self._set_rng_state(rng)
+        self.workers.sync_weights()
+
+    def _rng_state(self) -> dict:
+        """The driver's random streams (python, numpy, torch, each local policy's
+        generator), so that a resumed run continues them instead of reseeding."""
+        policies = {}
+        for pid, policy in self.workers.local_worker().policy_map.items():
+            generator = getattr(policy, "_rng", None)
+            if isinstance(generator, np.random.Generator):
+                # PCG64 states are 128-bit ints: stored as JSON text.
+                policies[pid] = json.dumps(generator.bit_generator.state)
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {"python": json.dumps(random.getstate()),
+                "numpy": {"kind": kind, "keys": keys, "pos": pos, "has_gauss": has_gauss,
+                          "cached": cached},
+                "torch": torch.get_rng_state(), "policies": policies}
+
+    def _set_rng_state(self, state: dict) -> None:
+        version, internal, gauss = json.loads(state["python"])
+        random.setstate((version, tuple(internal), gauss))
+        n = state["numpy"]
+        np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), int(n["pos"]),
+                             int(n["has_gauss"]), float(n["cached"])))
+        torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
+        for pid, text in state.get("policies", {}).items():
+            policy = self.workers.local_worker().policy_map.get(pid)
+            generator = getattr(policy, "_rng", None)
+            if isinstance(generator, np.random.Generator):
+                generator.bit_generator.state = json.loads(text)
+
+    def _plan_states(self, checkpoint_path: str, manifest: dict) -> dict:
+        """The checkpoint's states of the names this plan declares (a name the
+        checkpoint lacks, e.g. replay saved with ``checkpoint_replay_buffer`` off, is
+        left as the plan built it)."""
+        states = {}
+        for name in self.plan.state:
+            state = read_extra_state(checkpoint_path, manifest, name)
+            if state is None and name == "reporting":
+                state = manifest.get("reporting")  # checkpoints before Plan values
+            if state is not None:
+                states[name] = state
+        return states
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_path: str, config_overrides: dict | None = None,
+                        env: Any = None, **kwargs: Any) -> "Agent":
+        """Builds the checkpoint's algorithm with its stored config, then restores it.
+
+            agent = Agent.from_checkpoint(path, config_overrides={"num_workers": 0})
+        """
+        manifest = read_manifest(checkpoint_path)
+        agent_cls = cls
+        if cls is Agent or cls._name != manifest["algorithm"]:
+            from flowrl.algorithms.registry import get_agent_class
+            agent_cls = get_agent_class(manifest["algorithm"])
+        params = read_params(checkpoint_path)
+        overrides = config_overrides or {}
+        if "callbacks" not in overrides and isinstance(params.get("callbacks"), str):
+            # params.json names classes by path; one defined in a function or another
+            # script cannot be imported here, and the checkpoint stays usable without it.
+            try:
+                resolve_callbacks(params["callbacks"])
+            except ValueError as e:
+                logger.warning("%s Using DefaultCallbacks; pass config_overrides="
+                               "{'callbacks': YourCallbacks} to keep yours.", e)
+                params["callbacks"] = DefaultCallbacks
+        config = merge_config(params, overrides)
+        agent = agent_cls(config=config, env=env, **kwargs)
+        agent.restore(checkpoint_path)
+        return agent
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stops the plan's own resources (threads, replay actors), the workers, and
+        closes the result files."""
+        try:
+            if self.plan is not None:
+                self.plan.stop()  # what the plan started (threads, replay actors), newest first
+        finally:
+            self.workers.stop()
+        if self._result_logger is not None:
+            self._result_logger.close()
+            self._result_logger = None
+        if self._eval_env is not None:
+            self._eval_env.close()
+            self._eval_env = None
+
+    def __enter__(self) -> "Agent":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(env={self.config['env']!r}, iteration={self.iteration})"
