@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from flowrl.data.items import Gradients
 from flowrl.envs import make_env_creator
 from flowrl.flow import Metrics
 from flowrl.ops import ApplyGradients, AsyncGradients, MixInReplay
@@ -18,7 +19,9 @@ def test_a3c_plan_updates_only_the_source_worker(ray_session):
         metrics = Metrics()
         train_op = AsyncGradients(workers, metrics).for_each(
             ApplyGradients(workers, metrics, update_all=False))
-        source, _, count = next(train_op)
+        applied = next(train_op)
+        assert isinstance(applied, Gradients) and "default_policy" in applied.info
+        source, count = applied.source, applied.count
         assert count == config["rollout_fragment_length"]
         assert metrics.get("num_steps_sampled") == count
         assert metrics.get("num_steps_trained") == count

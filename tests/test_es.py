@@ -14,6 +14,7 @@ from flowrl.plans.es import (DEFAULT_CONFIG, ESAgent, ESWorker, batched_weighted
                              compute_centered_ranks, create_noise_table, es_gradient,
                              perturb)
 from flowrl.policies.es import ESPolicy, MeanStdFilter, RunningStat
+from flowrl.workers.es_actors import ESActorSet
 
 # Small and quick: a 1M-float noise table, a few pairs per iteration.
 SMALL = {"noise_size": 1_000_000, "episodes_per_batch": 8, "train_batch_size": 200,
@@ -203,6 +204,40 @@ def test_stop_kills_actors_and_dead_workers_are_replaced(ray_session, results_di
             while time.time() < deadline:
                 ray.get(actor.ping.remote(), timeout=30)
                 time.sleep(0.2)
+
+
+def test_es_actor_deaths_beyond_the_budget_name_the_actor(ray_session, results_dir):
+    from flowrl.flow.restart import ActorRestartError
+
+    agent = ESAgent(config={**SMALL, "max_worker_restarts": 0}, env="CartPole-v1",
+                    log_to_disk=False)
+    try:
+        agent.train()
+        ray.kill(agent.es_workers()[0])
+        with pytest.raises(ActorRestartError,
+                           match=r"ES actor 1 \(pid \d+\) died after max_worker_restarts=0"
+                           ) as info:
+            agent.train()
+        assert isinstance(info.value.__cause__, ray.exceptions.RayActorError)
+    finally:
+        agent.stop()
+
+
+def test_plan_is_short_and_owns_the_actor_set():
+    import inspect
+
+    from flowrl.plans import es
+    assert len(inspect.getsource(es.execution_plan).splitlines()) <= 60
+    agent = ESAgent(config={**SMALL, "num_workers": 0}, env="CartPole-v1", log_to_disk=False)
+    try:
+        (actor_set,) = [r for r in agent.plan.owns if isinstance(r, ESActorSet)]
+        assert "reporting" in agent.plan.state
+        assert "ESRollouts" in repr(agent.plan) and "ESGradientStep" in repr(agent.plan)
+        agent.train()
+        assert len(actor_set.actors()) == 1
+    finally:
+        agent.stop()
+    assert actor_set.actors() == []  # Agent.stop() stopped what the plan owns
 
 
 def test_save_restore_gives_identical_actions(ray_session, results_dir, monkeypatch):

@@ -7,8 +7,8 @@ import signal
 import sys
 import time
 import traceback
-import types
 
+import numpy as np
 import pytest
 import ray
 import yaml
@@ -152,6 +152,7 @@ def test_learner_thread_exception_surfaces_with_its_own_traceback_quickly(ray_se
 def test_stalled_learner_is_reported_with_queue_sizes(caplog):
     import queue
 
+    from flowrl.data.sample_batch import SampleBatch
     from flowrl.flow import Metrics
     from flowrl.ops import LearnerThread
 
@@ -165,7 +166,7 @@ def test_stalled_learner_is_reported_with_queue_sizes(caplog):
     try:
         for _ in range(3):
             try:
-                learner.inqueue.put_nowait(types.SimpleNamespace(count=1))
+                learner.inqueue.put_nowait(SampleBatch({"obs": np.zeros((1, 4))}))
             except queue.Full:
                 break
         time.sleep(1.0)
@@ -176,3 +177,70 @@ def test_stalled_learner_is_reported_with_queue_sizes(caplog):
         assert "outqueue 0/2" in caplog.text
     finally:
         learner.stop()
+
+
+# ------------------------------------------------------------ the restart policy
+class Echo:
+    """A minimal actor: its index back, and its pid."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def get_index(self):
+        return self.index
+
+    def get_pid(self):
+        return os.getpid()
+
+
+def test_actor_restarter_replaces_counts_and_names_the_dead_actor(ray_session, caplog):
+    from flowrl.flow.restart import ActorRestarter, ActorRestartError
+
+    echo_cls = ray.remote(num_cpus=0)(Echo)
+    restarter = ActorRestarter("thing", "Thing", lambda i: echo_cls.remote(i),
+                               max_restarts=1)
+    first = restarter.start(7)
+    pid = sigkill(first)
+    with pytest.raises(ray.exceptions.RayActorError) as died:
+        ray.get(first.get_index.remote())
+    with caplog.at_level("WARNING", logger="flowrl.flow.restart"):
+        second = restarter.replace(first, died.value)
+    assert f"Thing 7 (pid {pid}) died" in caplog.text
+    assert ray.get(second.get_index.remote()) == 7 and restarter.index_of(second) == 7
+    assert restarter.counters() == {"num_thing_restarts": 1}
+    assert restarter.replace(first, died.value) is None  # already replaced
+
+    pid = sigkill(second)
+    with pytest.raises(ray.exceptions.RayActorError) as died:
+        ray.get(second.get_index.remote())
+    with pytest.raises(ActorRestartError) as exhausted:
+        restarter.replace(second, died.value)
+    assert f"Thing 7 (pid {pid}) died after max_worker_restarts=1" in str(exhausted.value)
+    assert exhausted.value.__cause__ is died.value  # the original error and traceback
+    assert restarter.num_restarts == 1
+
+    off = ActorRestarter.from_config("thing", "Thing", lambda i: echo_cls.remote(i),
+                                     {"recreate_failed_workers": False})
+    third = off.start(1)
+    with pytest.raises(ActorRestartError, match=r"Thing 1 \(pid \d+\) died and "
+                       "recreate_failed_workers is off"):
+        off.replace(third, RuntimeError("gone"))
+    ray.kill(third)
+
+
+def test_replay_shards_and_workers_count_restarts_by_kind(ray_session):
+    from flowrl.replay.actor import ReplayShards
+
+    shards = ReplayShards({"buffer_size": 100, "learning_starts": 10}, num_shards=2)
+    try:
+        victim = shards.actors[1]
+        sigkill(victim)
+        with pytest.raises(ray.exceptions.RayActorError) as died:
+            ray.get(victim.stats.remote())
+        new = shards.handle_failure(victim, died.value)
+        assert shards.actors[1] is new and ray.get(new.stats.remote())["shard_index"] == 1
+        stats = shards.stats()
+        assert stats["num_replay_shard_restarts"] == stats["num_shard_restarts"] == 1
+        assert stats["num_healthy_shards"] == 2
+    finally:
+        shards.stop()

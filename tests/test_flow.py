@@ -20,6 +20,7 @@ from flowrl.flow import (
     NotReady,
     ParallelIterator,
     ParallelIteratorWorker,
+    SourcedItem,
     TimerStat,
     concurrently,
     from_actors,
@@ -639,7 +640,10 @@ def test_gather_async_yields_from_all_shards(shards):
 def test_gather_async_with_source_gives_the_right_actor(shards):
     pairs = from_actors(shards, "Src").gather_async(with_source=True).take(12)
     tags = ray.get([a.get_tag.remote() for a in shards])
-    for actor, (tag, _) in pairs:
+    assert all(isinstance(pair, SourcedItem) for pair in pairs)
+    for pair in pairs:
+        assert tags[shards.index(pair.actor)] == pair.item[0]
+    for actor, (tag, _) in pairs:  # a NamedTuple: unpacks as (actor, item) too
         assert tags[shards.index(actor)] == tag
     gather = from_actors(shards, "Src").gather_async(num_async=2)
     zipped = gather.zip_with_source_actor()
@@ -648,7 +652,8 @@ def test_gather_async_with_source_gives_the_right_actor(shards):
     with pytest.raises(ValueError, match="zip_with_source_actor"):
         from_actors(shards, "Src").gather_async().for_each(str).zip_with_source_actor()
     sync_pairs = from_actors(shards, "Src").gather_sync().zip_with_source_actor().take(3)
-    assert [a for a, _ in sync_pairs] == shards
+    assert all(isinstance(pair, SourcedItem) for pair in sync_pairs)
+    assert [pair.actor for pair in sync_pairs] == shards
 
 
 def test_gather_async_respects_num_async(cluster):

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import ray.cloudpickle
 
+from flowrl.data.items import Gradients, TrainedBatch
 from flowrl.envs import make_env_creator
-from flowrl.flow import Metrics, ParallelIterator, from_items
+from flowrl.flow import Metrics, ParallelIterator, SourcedItem, from_items
 from flowrl.ops import (ApplyGradients, AverageGradients, BroadcastWeights, ComputeGradients,
-                        ConcatBatches, ParallelRollouts, SelectExperiences,
+                        ConcatBatches, CountSampledSteps, ParallelRollouts, SelectExperiences,
                         StandardizeFields, StandardMetricsReporting, TrainOneStep)
 from flowrl.plans.a2c import A2CAgent
 from flowrl.plans.ppo import PPOAgent
@@ -75,7 +76,9 @@ def test_local_rollouts_train_one_step_counts_and_learns():
     before = workers.local_worker().get_weights()["default_policy"]
     train = rollouts.combine(ConcatBatches(64, metrics)).for_each(
         TrainOneStep(workers, metrics, num_sgd_iter=2, sgd_minibatch_size=32))
-    batch, info = next(train)
+    trained = next(train)
+    assert isinstance(trained, TrainedBatch) and trained.source is None
+    batch, info = trained.batch, trained.info
     assert batch.count == 64
     assert metrics.get("num_steps_sampled") == 64
     assert metrics.get("num_steps_trained") == 64
@@ -129,16 +132,18 @@ def test_gradient_ops_average_and_apply():
     batches = [local.sample() for _ in range(3)]
     compute = ComputeGradients(workers, metrics)
     items = [compute(b) for b in batches]
-    grads, count = AverageGradients()(items)
-    assert count == sum(b.count for b in batches)
-    for i, g in enumerate(grads["default_policy"]):
-        expected = np.mean([item[0]["default_policy"][i] for item in items], axis=0)
+    assert all(isinstance(item, Gradients) and "total_loss" in item.info["default_policy"]
+               for item in items)
+    averaged = AverageGradients()(items)
+    assert averaged.count == sum(b.count for b in batches) and averaged.source is None
+    for i, g in enumerate(averaged.grads["default_policy"]):
+        expected = np.mean([item.grads["default_policy"][i] for item in items], axis=0)
         np.testing.assert_allclose(g, expected, rtol=1e-6)
     before = local.get_weights()["default_policy"]
-    ApplyGradients(workers, metrics)((grads, count))
+    assert ApplyGradients(workers, metrics)(averaged) is averaged
     after = local.get_weights()["default_policy"]
     assert any(not np.allclose(before[k], after[k]) for k in before)
-    assert metrics.get("num_steps_trained") == count
+    assert metrics.get("num_steps_trained") == averaged.count
 
 
 def test_apply_gradients_updates_only_the_source_worker(ray_session):
@@ -147,13 +152,41 @@ def test_apply_gradients_updates_only_the_source_worker(ray_session):
         metrics = Metrics()
         a, b = workers.remote_workers()
         grads, _ = workers.local_worker().compute_gradients(workers.local_worker().sample())
-        ApplyGradients(workers, metrics, update_all=False)((a, grads, 10))
+        ApplyGradients(workers, metrics, update_all=False)(Gradients(grads, 10, source=a))
         local = workers.local_worker().get_weights()["default_policy"]
         wa, wb = workers.foreach_worker(lambda w: w.get_weights())[1:]
         assert all(np.allclose(local[k], wa["default_policy"][k]) for k in local)
         assert any(not np.allclose(local[k], wb["default_policy"][k]) for k in local)
     finally:
         workers.stop()
+
+
+def test_operators_reject_items_of_the_wrong_type_by_name():
+    workers = make_workers(policy_cls=A2CTorchPolicy)
+    metrics = Metrics()
+    batch = batch_of(4)
+    grads = ComputeGradients(workers, metrics)(workers.local_worker().sample())
+    cases = [
+        # A bare tuple that used to pass as "(grads, count)" is no longer accepted.
+        (ApplyGradients(workers, metrics), (grads.grads, grads.count),
+         "ApplyGradients expects Gradients items, got tuple"),
+        (AverageGradients(), [grads, (grads.grads, 3)],
+         "AverageGradients expects Gradients items, got tuple"),
+        (AverageGradients(), grads, "AverageGradients expects a non-empty list of Gradients"),
+        (ComputeGradients(workers, metrics), grads,
+         "ComputeGradients expects SampleBatch or MultiAgentBatch items, got Gradients"),
+        (TrainOneStep(workers, metrics), ("shard", batch),
+         "TrainOneStep expects SampleBatch, MultiAgentBatch or SourcedItem of one, got tuple"),
+        (TrainOneStep(workers, metrics), SourcedItem("shard", grads),
+         "TrainOneStep expects .* got SourcedItem"),
+        (CountSampledSteps(metrics), ("worker", batch), "CountSampledSteps expects"),
+        (ConcatBatches(10), grads, "ConcatBatches expects SampleBatch or MultiAgentBatch"),
+        (SelectExperiences(["a"]), "text", "SelectExperiences expects .* got str 'text'"),
+        (StandardizeFields(["advantages"]), 3, "StandardizeFields expects .* got int 3"),
+    ]
+    for op, item, message in cases:
+        with pytest.raises(TypeError, match=message):
+            op(item)
 
 
 def test_standard_metrics_reporting_waits_for_timesteps_per_iteration():

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from flowrl.algorithms.config import resolve_auto_resources
+from flowrl.data.items import TrainedBatch
 from flowrl.envs import make_env_creator
-from flowrl.flow import Metrics, NotReady, from_items
-from flowrl.ops import (Concurrently, Dequeue, Enqueue, LearnerThread, TrainOneStep,
-                        UpdateTargetNetwork, UpdateWorkerWeights)
+from flowrl.flow import Metrics, NotReady, SourcedItem, from_items
+from flowrl.ops import (Concurrently, CountTrainedSteps, Dequeue, Enqueue, LearnerThread,
+                        TrainOneStep, UpdateTargetNetwork, UpdateWorkerWeights)
 from flowrl.plans.ppo import PPOAgent
 from flowrl.policies.ppo import PPOTorchPolicy
 from flowrl.workers import WorkerSet
@@ -54,20 +55,21 @@ def test_learner_thread_trains_and_reports_its_own_traceback():
     learner.start()
     try:
         batch = workers.local_worker().sample()
-        learner.inqueue.put(("shard-0", batch))
+        learner.inqueue.put(SourcedItem("shard-0", batch))
         deadline = time.time() + 30
         while learner.outqueue.empty() and time.time() < deadline:
             time.sleep(0.01)
-        shard, out_batch, info = learner.outqueue.get_nowait()
-        assert shard == "shard-0" and out_batch is batch
-        assert "total_loss" in info["default_policy"]
+        trained = learner.outqueue.get_nowait()
+        assert isinstance(trained, TrainedBatch)
+        assert trained.source == "shard-0" and trained.batch is batch
+        assert "total_loss" in trained.info["default_policy"]
         assert learner.weights_version == 1
-        assert metrics.info["learner"] == info  # merged per policy, a copy
-        learner.inqueue.put(("shard-0", "not a batch"))
+        assert metrics.info["learner"] == trained.info  # merged per policy, a copy
+        learner.inqueue.put(SourcedItem("shard-0", "not a batch"))
         deadline = time.time() + 30
         while learner.error is None and time.time() < deadline:
             time.sleep(0.01)
-        with pytest.raises(Exception) as error:
+        with pytest.raises(TypeError, match="LearnerThread expects .* got SourcedItem") as error:
             learner.check_alive()
         assert any("LearnerThread" in note for note in error.value.__notes__)
         assert error.value.__traceback__ is not None
@@ -100,9 +102,18 @@ def test_update_target_network_by_sampled_and_trained_steps():
 
 def test_train_one_step_keeps_replay_provenance():
     workers = ppo_workers()
+    metrics = Metrics()
     batch = workers.local_worker().sample()
-    shard, out_batch, info = TrainOneStep(workers, Metrics())(("shard", batch))
-    assert shard == "shard" and out_batch is batch and "default_policy" in info
+    trained = TrainOneStep(workers, metrics)(SourcedItem("shard", batch))
+    assert isinstance(trained, TrainedBatch)
+    assert trained.source == "shard" and trained.batch is batch
+    assert "default_policy" in trained.info
+    assert TrainOneStep(workers, metrics)(batch).source is None
+    assert CountTrainedSteps(metrics)(trained) is trained
+    assert metrics.get("num_steps_trained") == 3 * batch.count  # 2 trainings + the count
+    with pytest.raises(TypeError, match="CountTrainedSteps expects TrainedBatch items, "
+                                        "got tuple"):
+        CountTrainedSteps(metrics)((trained.source, trained.batch, trained.info))
 
 
 def test_update_worker_weights_only_after_delay_and_new_weights(ray_session):
@@ -117,14 +128,18 @@ def test_update_worker_weights_only_after_delay_and_new_weights(ray_session):
         op = UpdateWorkerWeights(learner, workers, metrics, max_weight_sync_delay=64)
         (worker,) = workers.remote_workers()
         batch = workers.local_worker().sample()   # 32 steps
-        op((worker, batch))
-        op((worker, batch))
+        item = SourcedItem(worker, batch)
+        assert op(item) is item
+        op(item)
         assert metrics.get("num_weight_syncs") == 0   # 64 steps, but no new weights
         learner.weights_version = 1
-        op((worker, batch))
+        op(item)
         assert metrics.get("num_weight_syncs") == 1
-        op((worker, batch))
+        op(item)
         assert metrics.get("num_weight_syncs") == 1   # delay not reached again
+        with pytest.raises(TypeError, match="UpdateWorkerWeights expects SourcedItem items, "
+                                            "got SampleBatch"):
+            op(batch)
     finally:
         workers.stop()
 
@@ -177,12 +192,18 @@ def test_update_priorities_reach_the_shard_the_batch_came_from():
     batch = workers.local_worker().sample()
     shard_a.add_batch(batch)
     shard_b.add_batch(batch)
-    shard, replayed = next(Replay(metrics, local_buffer=shard_a))
-    assert shard is shard_a
+    sourced = next(Replay(metrics, local_buffer=shard_a))
+    assert isinstance(sourced, SourcedItem) and sourced.actor is shard_a
+    replayed = sourced.item
     boosted = replayed["batch_indexes"][:1]
     td = np.full(len(replayed["batch_indexes"]), 1e-3)
     td[0] = 1e3
-    UpdatePriorities(metrics)((shard, replayed, {"default_policy": {"td_error": td}}))
+    info = {"default_policy": {"td_error": td}}
+    with pytest.raises(TypeError, match="UpdatePriorities expects TrainedBatch items, got tuple"):
+        UpdatePriorities(metrics)((sourced.actor, replayed, info))
+    with pytest.raises(ValueError, match="without a source shard"):
+        UpdatePriorities(metrics)(TrainedBatch(replayed, info))
+    UpdatePriorities(metrics)(TrainedBatch(replayed, info, source=sourced.actor))
     assert metrics.get("num_priority_updates") == 1
     hits_a = sum(np.isin(shard_a.replay()["batch_indexes"], boosted).sum() for _ in range(20))
     hits_b = sum(np.isin(shard_b.replay()["batch_indexes"], boosted).sum() for _ in range(20))

@@ -18,7 +18,7 @@ from flowrl.policies.models import MODEL_DEFAULTS
 
 # Keys whose values are free-form dicts owned by the user (not validated inside).
 # ``evaluation_config`` is not free-form: its keys are checked against the top level.
-FREE_FORM_KEYS = {"env_config", "custom_model_config", "custom_eval_config"}
+FREE_FORM_KEYS = {"env_config", "custom_model_config"}
 
 # Overrides of the top-level config used by Agent.evaluate(); checked like the top level.
 EVALUATION_CONFIG_KEY = "evaluation_config"

@@ -26,8 +26,8 @@ from typing import Any, TypeVar, get_args
 
 import numpy as np
 
-from flowrl.flow import SourcedItem
 from flowrl.data.sample_batch import MultiAgentBatch, SampleBatch
+from flowrl.flow import SourcedItem
 
 __all__ = ["AnyBatch", "Gradients", "TrainedBatch", "batch_of", "expect_item",
            "source_and_batch"]

@@ -160,7 +160,3 @@ class MultiCartPole(MultiAgentEnv):
     def close(self) -> None:
         for env in self.envs.values():
             env.close()
-
-
-def is_multi_agent_env(env: Any) -> bool:
-    return isinstance(env, MultiAgentEnv)

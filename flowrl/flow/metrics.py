@@ -58,7 +58,6 @@ class TimerStat:
         # uses of one timer do not overwrite each other's start time.
         self._starts: dict[int, list[float]] = {}
         self._count = 0
-        self._total_time = 0.0
 
     def __enter__(self) -> "TimerStat":
         tid = threading.get_ident()
@@ -81,7 +80,6 @@ class TimerStat:
         with self._lock:
             self._samples.append(float(seconds))
             self._count += 1
-            self._total_time += float(seconds)
 
     def push_units_processed(self, n: float) -> None:
         """Record how many units the most recent timed block processed."""
@@ -94,21 +92,10 @@ class TimerStat:
         return self._count
 
     @property
-    def total_time(self) -> float:
-        """Total seconds over all samples recorded so far."""
-        return self._total_time
-
-    @property
     def mean(self) -> float:
         """Mean seconds per sample over the window (0.0 before any sample)."""
         with self._lock:
             return sum(self._samples) / len(self._samples) if self._samples else 0.0
-
-    @property
-    def mean_units_processed(self) -> float:
-        """Mean units per block over the window (0.0 before any report)."""
-        with self._lock:
-            return sum(self._units) / len(self._units) if self._units else 0.0
 
     @property
     def has_units_processed(self) -> bool:

@@ -6,7 +6,7 @@ Transforms recorded on a ParallelIterator run inside the actors; a gather
 turns it into a driver-side :class:`~flowrl.flow.iterators.LocalIterator`::
 
     shards = from_actors(workers, "Rollouts", metrics=metrics,
-                         on_actor_failure=worker_set.recreate)
+                         on_actor_failure=worker_set.handle_actor_failure)
     grads = shards.for_each(lambda batch: compute_grads(batch))  # runs in the actors
     for actor, g in grads.gather_async(num_async=2, with_source=True):  # SourcedItems
         ...
@@ -556,7 +556,7 @@ def from_actors(actors: list["ActorHandle"], name: str, metrics: Metrics | None 
     """A ParallelIterator over actors whose class inherits ParallelIteratorWorker::
 
         rollouts = from_actors(worker_set.remote_workers(), "ParallelRollouts(async)",
-                               metrics=metrics, on_actor_failure=worker_set.recreate)
+                               metrics=metrics, on_actor_failure=worker_set.handle_actor_failure)
         train_op = rollouts.gather_async(num_async=2).for_each(TrainOneStep(worker_set))
 
     ``on_actor_failure(actor, error)`` is called once per dead actor

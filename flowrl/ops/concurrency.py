@@ -21,14 +21,13 @@ from typing import Any, Callable
 
 from flowrl.data.items import TrainedBatch, batch_of, expect_item, source_and_batch
 from flowrl.flow import LocalIterator, Metrics, NotReady, SourcedItem, concurrently
-from flowrl.ops.counters import LEARN_TIMER, LEARNER_INFO, NUM_STEPS_SAMPLED, NUM_STEPS_TRAINED
+from flowrl.ops.counters import (LEARN_TIMER, LEARNER_INFO, LEARNER_QUEUE_SIZE,
+                                 NUM_STEPS_SAMPLED, NUM_STEPS_TRAINED, NUM_WEIGHT_SYNCS)
 from flowrl.workers.rollout_worker import RolloutWorker
 from flowrl.workers.worker_set import WorkerSet
 
 logger = logging.getLogger(__name__)
 
-NUM_WEIGHT_SYNCS = "num_weight_syncs"
-LEARNER_QUEUE_SIZE = "learner_queue_size"
 
 
 def Concurrently(ops: list[LocalIterator], mode: str = "round_robin",
@@ -97,10 +96,10 @@ class LearnerThread(threading.Thread):
     ``inqueue``.
 
     Results go to ``outqueue`` as ``TrainedBatch(batch, info, source)`` (``source``:
-    the shard, or None for a bare batch); anything else in ``inqueue`` is a TypeError
-    that stops the thread. ``weights_version``
-    increases with every update (read by UpdateWorkerWeights). An exception stops the
-    thread and is re-raised on the driver by ``check_alive()`` with its own traceback.
+    the shard, or None for a bare batch); anything else in ``inqueue`` is a TypeError.
+    ``weights_version`` increases with every update (read by UpdateWorkerWeights). An
+    exception stops the thread and is re-raised on the driver by ``check_alive()`` with
+    its own traceback.
     A learner that has work queued but finishes no update for ``stall_warning_s`` is
     reported by ``check_alive()`` as a warning with the queue sizes (once per period).
     Timers: learn. Info: learner. Counters: learner_queue_size (latest queue length).

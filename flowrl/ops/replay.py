@@ -16,9 +16,8 @@ import numpy as np
 from flowrl.data.items import AnyBatch, TrainedBatch, batch_of, expect_item
 from flowrl.flow import LocalIterator, Metrics, NotReady, SourcedItem, from_actors
 from flowrl.data.sample_batch import DEFAULT_POLICY_ID, MultiAgentBatch, SampleBatch
+from flowrl.ops.counters import NUM_PRIORITY_UPDATES, NUM_STEPS_REPLAYED
 
-NUM_STEPS_REPLAYED = "num_steps_replayed"
-NUM_PRIORITY_UPDATES = "num_priority_updates"
 
 
 def _is_actor(obj: Any) -> bool:

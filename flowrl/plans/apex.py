@@ -5,8 +5,8 @@ one learner thread.
     (2) Replay(shards, num_async=4) -> Enqueue(learner.inqueue)
     (3) Dequeue(learner.outqueue) -> UpdatePriorities -> CountTrainedSteps
             -> UpdateTargetNetwork(by_steps_trained)
-    Concurrently([1, 2, 3], async, output_indexes=[3]) -> report (episode stats from
-    the lowest-epsilon third of the workers)
+    Concurrently([1, 2, 3], async, output_indexes=[2] (0-based: results of 3)) -> report
+        (episode stats from the lowest-epsilon third of the workers)
 """
 
 from __future__ import annotations

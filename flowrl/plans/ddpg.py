@@ -5,7 +5,8 @@ deterministic actor-critic policy and soft target updates.
     (2) replay: Replay -> TrainOneStep -> UpdatePriorities
                 -> UpdateTargetNetwork(every target_network_update_freq; 0 = every step,
                    each call blending the targets by tau)
-    Concurrently([1, 2], round_robin, output_indexes=[2], weights from training_intensity)
+    Concurrently([1, 2], round_robin, output_indexes=[1] (0-based: results of 2),
+                 weights from training_intensity)
 
 TD3's options (twin Q, target policy smoothing, delayed actor updates) are on by default.
 """

@@ -2,7 +2,7 @@
 
     (1) store:  rollouts(bulk_sync) -> StoreToReplay -> BroadcastWeights
     (2) replay: Replay -> TrainOneStep -> UpdatePriorities -> UpdateTargetNetwork
-    Concurrently([1, 2], round_robin, output_indexes=[2],
+    Concurrently([1, 2], round_robin, output_indexes=[1] (0-based: results of 2),
                  weights from training_intensity) -> report
 """
 

@@ -4,7 +4,8 @@
             -> UpdateWorkerWeights(source worker, every broadcast_interval learner updates)
             -> MixInReplay -> ConcatBatches(train_batch_size) -> Enqueue(learner.inqueue)
     (2) Dequeue(learner.outqueue) -> CountTrainedSteps
-    Concurrently([1, 2], async, output_indexes=[2]) -> report (+ learner queue stats)
+    Concurrently([1, 2], async, output_indexes=[1] (0-based: results of 2)) -> report
+        (+ learner queue stats)
 """
 
 from __future__ import annotations

@@ -517,10 +517,6 @@ class DDPGTorchPolicy(Policy):
         self._ou_state += -theta * self._ou_state + sigma * self._rng.standard_normal(shape)
         return self._ou_state
 
-    def reset_noise(self) -> None:
-        """Forget the OU state (a fresh one is drawn on the next exploring call)."""
-        self._ou_state = None
-
     # ------------------------------------------------------------------ acting
     def compute_actions(
         self, obs_batch: np.ndarray, explore: bool = True

@@ -412,9 +412,12 @@ class ESPolicy:
         return actions.reshape((len(actions), *self._action_shape)), {}
 
     def compute_single_action(self, obs: Any, explore: bool = False) -> Any:
-        """The action for one observation (an ``int`` for Discrete spaces)."""
-        actions, _ = self.compute_actions(np.asarray(obs)[None], explore=explore)
-        return int(actions[0]) if self._discrete else actions[0]
+        """The action for one observation (an ``int`` for Discrete spaces).
+
+        The ES workers' per-step path: no batch-level conversions."""
+        x = self.filter(self.preprocess(np.asarray(obs)[None]))
+        action = self.act_filtered(x, add_noise=explore)[0]
+        return int(action) if self._discrete else action.reshape(self._action_shape)
 
     def postprocess_trajectory(self, batch: SampleBatch) -> SampleBatch:
         """Unchanged (ES needs no advantages); lets a RolloutWorker sample with it."""

@@ -138,10 +138,6 @@ class RolloutWorker(ParallelIteratorWorker):
         self.callbacks.on_sample_end(worker=self, samples=batch)
         return batch
 
-    def sample_with_count(self) -> tuple[SampleBatch, int]:
-        batch = self.sample()
-        return batch, batch.count
-
     def get_metrics(self) -> list[EpisodeStats]:
         """(return, length) of the episodes finished since the last call.
 
@@ -179,12 +175,6 @@ class RolloutWorker(ParallelIteratorWorker):
     def apply_gradients(self, grads: dict[str, list[np.ndarray]]) -> None:
         for pid, g in grads.items():
             self.policy_map[pid].apply_gradients(g)
-
-    def sample_and_compute_gradients(self) -> tuple[dict, dict, int]:
-        """Samples one fragment and returns ``(grads, stats, count)`` (A3C)."""
-        batch = self.sample()
-        grads, stats = self.compute_gradients(batch)
-        return grads, stats, batch.count
 
     # -- weights and state --------------------------------------------------------
     def get_policy(self, policy_id: str = DEFAULT_POLICY_ID):

@@ -340,11 +340,6 @@ class ExternalEnv(gym.Env):
                 return self._finished[episode_id]
         raise UnknownEpisodeError(f"unknown episode {episode_id!r:.60}")
 
-    def num_running_episodes(self) -> int:
-        """Episodes started and not ended yet."""
-        with self._lock:
-            return len(self._episodes)
-
     @property
     def closed(self) -> bool:
         """True once :meth:`close` ran (every call then raises UnavailableError)."""

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 #: Config keys never sent to clients: the env's settings may hold secrets (the server's
 #: token, credentials of a simulator) and a client's policy does not need them.
 PRIVATE_CONFIG_KEYS = frozenset({"env", "env_config", "evaluation_config", "callbacks",
-                                 "custom_eval_config", "multiagent"})
+                                 "multiagent"})
 
 
 def policy_class_path(policy: Any) -> str:
