@@ -25,7 +25,6 @@ import string
 import time
 from typing import Any, ClassVar
 
-import gymnasium as gym
 import numpy as np
 import torch
 

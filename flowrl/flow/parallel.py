@@ -24,8 +24,7 @@ import uuid
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Iterator, TypeVar
 
-from flowrl.flow.iterators import (
-    LocalIterator,
+from flowrl.flow.generators import (
     NotReady,
     SourcedItem,
     _add_note_once,
@@ -37,6 +36,7 @@ from flowrl.flow.iterators import (
     _for_each_gen,
     _note_operator_error,
 )
+from flowrl.flow.iterators import LocalIterator
 from flowrl.flow.metrics import Metrics
 
 if TYPE_CHECKING:  # pragma: no cover
