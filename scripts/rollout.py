@@ -6,7 +6,7 @@ See ``python scripts/rollout.py --help``.
 
 import sys
 
-from flowrl.rollout import rollout_main
+from flowrl.cli import rollout_main
 
 if __name__ == "__main__":
     sys.exit(rollout_main())

@@ -16,7 +16,7 @@ import torch
 
 from flowrl import get_agent_class
 from flowrl.envs.registry import EnvContext
-from flowrl.rollout import load_rollout, make_rollout_parser, rollout_main
+from flowrl.cli.rollout import load_rollout, make_rollout_parser, rollout_main
 
 # TorchScript is what loads without Python code; torch 2.x marks its API deprecated.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")

@@ -252,7 +252,8 @@ def train_main(argv: list[str] | None = None) -> int:
     import ray
     from ray import tune
 
-    import flowrl  # noqa: F401  (registers the trainables)
+    from flowrl.algorithms.trainable import register_trainables
+    register_trainables()  # trials look the algorithms up by name
 
     if not ray.is_initialized():
         init_args = {"include_dashboard": False}
@@ -360,20 +361,3 @@ def _report(trials: list) -> int:
             with open(trial.error_file) as f:
                 print(f.read(), file=sys.stderr)
     return 1 if failed else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``flowrl train ...``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: flowrl train [options]   (flowrl train --help for the options)")
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command == "train":
-        return train_main(rest)
-    print(f"flowrl: unknown command {command!r}; expected 'train'", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
