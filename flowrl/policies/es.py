@@ -469,9 +469,6 @@ class ESPolicy:
                                     else torch.as_tensor(np.array(v, copy=True))
                                     for k, v in weights.items()})
 
-    def get_filter_state(self) -> dict[str, Any]:
-        return self.filter.get_state()
-
     def get_state(self) -> dict[str, Any]:
         """Weights, filter statistics, Adam state: tensors and plain values only."""
         return {"weights": {k: v.detach().cpu().clone()

@@ -202,12 +202,6 @@ class ReplayActor(ParallelIteratorWorker):
         self._num_replayed = int(state.get("num_replayed_batches", 0))
         self.buffer.set_state(state["buffer"])
 
-    def get_host(self) -> str:
-        """Hostname of the process (to place learners near their replay shards)."""
-        import socket
-
-        return socket.gethostname()
-
 
 def _get(config: dict[str, Any], key: str, default: Any) -> Any:
     """``config[key]``, or ``default`` when the key is missing or None."""

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from flowrl.envs.compat import ensure_gymnasium_env
+from flowrl.envs.context import EnvContext
 from flowrl.envs.episodes import EpisodeRunner, EpisodeStep
-from flowrl.envs.registry import EnvContext
 from flowrl.flow.restart import ActorRestarter
 from flowrl.policies.es import ESPolicy
 from flowrl.policies.es_math import create_noise_table, perturb
@@ -242,6 +242,7 @@ class ESActorSet:
                                                     self._start_actor, config)
         self.noise_ref: Any = None  # the object-store ref (None without Ray)
         self._noise: np.ndarray | None = None
+        self._actor_cls: Any = None  # ray.remote(ESWorker) with the per-actor resources
         self._actors: list = []  # Ray actor handles, or the one local ESWorker
 
     @property

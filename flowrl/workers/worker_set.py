@@ -99,10 +99,6 @@ class WorkerSet:
     def remote_workers(self) -> list:
         return list(self._remote)
 
-    def worker_index(self, actor) -> int:
-        """The worker index (1..N) of a remote worker handle."""
-        return self.restarter.index_of(actor)
-
     def policies_to_train(self) -> list[str]:
         """The policy ids the learner trains (``multiagent.policies_to_train``, else all)."""
         local = self._local
