@@ -27,9 +27,10 @@ import pytest
 
 from flowrl.envs import register_env
 from flowrl.envs.serving import (ExternalEnv, PolicyClient, PolicyClientError, PolicyServer,
-                                 PolicyServiceLoop, serve_checkpoint)
+                                 PolicyServiceLoop)
 from flowrl.envs.serving.wire import encode_array
 from flowrl.plans.dqn import DQNAgent
+from flowrl.serving import serve_checkpoint
 from flowrl.plans.ppo import PPOAgent
 from flowrl.policies.ppo import PPOTorchPolicy
 from flowrl.data.sample_batch import SampleBatch
