@@ -98,7 +98,7 @@ def test_complete_episodes_returns_whole_episodes_only():
 
 def test_bootstrap_on_cut_fragment_not_on_termination():
     config = make_config(num_envs_per_worker=1, rollout_fragment_length=7, gamma=0.9,
-                         env_config={"length": 5}, use_gae=False, vf_clip_param=1e9)
+                         env_config={"length": 5}, use_gae=False, normalize_rewards=False)
     worker = RolloutWorker(CountingEnv, PPOTorchPolicy, config)
     policy = worker.get_policy()
     batch = worker.sample()
@@ -241,7 +241,8 @@ def test_env_reported_episode_stats_replace_sampler_sums():
         env = gym.wrappers.RecordEpisodeStatistics(CountingEnv({"length": 4}))
         return gym.wrappers.TransformReward(env, lambda r: 0.5 * r)
 
-    config = make_config(num_envs_per_worker=2, rollout_fragment_length=9)
+    config = make_config(num_envs_per_worker=2, rollout_fragment_length=9,
+                         normalize_rewards=False)
     worker = RolloutWorker(creator, PPOTorchPolicy, config)
     batch = worker.sample()
     assert batch[SampleBatch.REWARDS].max() == 0.5  # the learner sees scaled rewards

@@ -14,6 +14,7 @@ import difflib
 from typing import Any
 
 from flowrl.workers.callbacks import DefaultCallbacks, resolve_callbacks
+from flowrl.policies.filters import check_filter_name
 from flowrl.policies.models import MODEL_DEFAULTS
 
 # Keys whose values are free-form dicts owned by the user (not validated inside).
@@ -41,6 +42,9 @@ COMMON_CONFIG: dict[str, Any] = {
     "train_batch_size": 200,
     "grad_clip": None,
     "model": copy.deepcopy(MODEL_DEFAULTS),
+    # "MeanStdFilter": normalize Box observations by a running mean/std that the learner
+    # updates from each train batch and sends with the weights; or "NoFilter".
+    "observation_filter": "NoFilter",
     # -- resources ----------------------------------------------------------------
     "num_gpus": 0,                # GPUs for the learner (the driver / Tune trial)
     "num_cpus_for_driver": 1,
@@ -89,6 +93,9 @@ def _type_name(value: Any) -> str:
 # Resource keys that may be "auto": resolved from the cluster by resolve_auto_resources().
 AUTO_KEYS = {"num_workers", "num_gpus", "num_cpus_per_worker", "num_replay_buffer_shards"}
 
+# Switches that also take "auto" (on where it applies).
+BOOL_OR_AUTO_KEYS = {"normalize_rewards"}
+
 
 def _check_type(key: str, value: Any, default: Any) -> None:
     """Raises if ``value`` does not fit the type of the key's default."""
@@ -98,6 +105,11 @@ def _check_type(key: str, value: Any, default: Any) -> None:
         # A class-valued key (callbacks) takes a class or an import path; its resolver
         # in validate_common checks the value and says what exactly is wrong.
         return
+    if key.rsplit(".", 1)[-1] in BOOL_OR_AUTO_KEYS:
+        if isinstance(value, bool) or value == "auto":
+            return
+        raise ValueError(f"Config key {key!r} has value {value!r}; expected True, False "
+                         "or 'auto'.")
     if key.rsplit(".", 1)[-1] in AUTO_KEYS and "auto" in (value, default):
         if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
             return
@@ -249,6 +261,7 @@ def validate_common(config: dict) -> None:
             f"evaluation_interval={interval!r} must be None or an int >= 1.")
     num_eval = config["evaluation_num_episodes"]
     require(num_eval >= 1, f"evaluation_num_episodes={num_eval!r} must be >= 1.")
+    check_filter_name(config["observation_filter"])
     from flowrl.workers.multi_agent_sampler import validate_multiagent
     validate_multiagent(config)
     # Import paths become classes here, so a bad one fails before any worker starts.

@@ -5,8 +5,9 @@ Operators tell items apart by type, never by tuple length or position::
     ParallelRollouts(async, with_source) -> SourcedItem(worker, batch)     (flowrl.flow)
     Replay                               -> SourcedItem(shard, batch)      (flowrl.flow)
     TrainOneStep, LearnerThread          -> TrainedBatch(batch, info, source)
-    ComputeGradients, AverageGradients   -> Gradients(grads, count, info)
-    AsyncGradients                       -> Gradients(grads, count, info, source=worker)
+    ComputeGradients, AverageGradients   -> Gradients(grads, count, info, obs_stats)
+    AsyncGradients                       -> Gradients(grads, count, info, obs_stats,
+                                                      source=worker)
 
 Plain batches (:class:`~flowrl.data.sample_batch.SampleBatch` /
 :class:`~flowrl.data.sample_batch.MultiAgentBatch`) travel bare. The generic provenance
@@ -73,6 +74,11 @@ class Gradients:
     count: int
     #: Learner stats of the gradient computation per policy id (empty after averaging).
     info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Raw-observation statistics of the batch per policy id, for policies with an
+    #: observation filter (a ``RunningStat`` each; merged when averaged): the learner
+    #: adds them to its filter when it applies the gradients. Kept out of ``info``,
+    #: which goes into result dicts.
+    obs_stats: dict[str, Any] = field(default_factory=dict)
     #: The rollout worker actor that computed them (A3C: only it gets new weights), or None.
     source: Any = None
 

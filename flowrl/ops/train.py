@@ -14,6 +14,7 @@ from flowrl.ops.counters import (APPLY_GRADS_TIMER, GRAD_TIMER, LAST_TARGET_UPDA
                                  LEARN_TIMER, LEARNER_INFO, NUM_STEPS_SAMPLED,
                                  NUM_STEPS_TRAINED, NUM_TARGET_UPDATES, NUM_WEIGHT_BROADCASTS,
                                  WEIGHT_SYNC_TIMER)
+from flowrl.policies.filters import RunningStat
 from flowrl.workers.worker_set import WorkerSet
 
 
@@ -84,7 +85,8 @@ class ComputeGradients:
 
         rollouts.combine(ConcatBatches(mb)).for_each(ComputeGradients(workers, metrics))
 
-    Input: a batch. Emits ``Gradients(grads, count, info)``. Timers: grad. Info: learner.
+    Input: a batch. Emits ``Gradients(grads, count, info, obs_stats)``. Timers: grad.
+    Info: learner.
     """
 
     def __init__(self, workers: WorkerSet, metrics: Metrics):
@@ -94,9 +96,9 @@ class ComputeGradients:
     def __call__(self, batch: AnyBatch) -> Gradients:
         expect_item("ComputeGradients", batch, AnyBatch)
         with self.metrics.timer(GRAD_TIMER):
-            grads, info = self.workers.local_worker().compute_gradients(batch)
-        self.metrics.update_info(LEARNER_INFO, info)
-        return Gradients(grads, batch.count, info)
+            item = _compute_gradients(self.workers.local_worker(), batch)
+        self.metrics.update_info(LEARNER_INFO, item.info)
+        return item
 
     def __repr__(self) -> str:
         return "ComputeGradients"
@@ -107,8 +109,8 @@ class AverageGradients:
 
         ... .for_each(ComputeGradients(...)).batch(k).for_each(AverageGradients())
 
-    The plain mean per parameter (not weighted by count); ``info`` is left empty.
-    No counters.
+    The plain mean per parameter (not weighted by count); ``info`` is left empty;
+    the observation statistics of all items are merged. No counters.
     """
 
     def __call__(self, items: list[Gradients]) -> Gradients:
@@ -122,7 +124,7 @@ class AverageGradients:
         for pid in items[0].grads:
             per_item = [item.grads[pid] for item in items]
             averaged[pid] = [np.mean(np.stack(parts), axis=0) for parts in zip(*per_item)]
-        return Gradients(averaged, total)
+        return Gradients(averaged, total, obs_stats=_merged_obs_stats(items))
 
     def __repr__(self) -> str:
         return "AverageGradients"
@@ -135,9 +137,11 @@ class ApplyGradients:
         A3C: AsyncGradients(workers, metrics).for_each(
                  ApplyGradients(workers, metrics, update_all=False))
 
-    Input ``Gradients``; passes it through. With ``update_all`` every worker gets the
-    new weights; otherwise only ``Gradients.source``, the worker that computed them
-    (AsyncGradients sets it; without a source every worker is updated).
+    Input ``Gradients``; passes it through. Its ``obs_stats`` join the local policies'
+    observation filters after the step, so the weights sent back carry them. With
+    ``update_all`` every worker gets the new weights; otherwise only
+    ``Gradients.source``, the worker that computed them (AsyncGradients sets it;
+    without a source every worker is updated).
     Counters: num_steps_trained. Timers: apply_grad.
     """
 
@@ -150,7 +154,7 @@ class ApplyGradients:
         expect_item("ApplyGradients", item, Gradients)
         local = self.workers.local_worker()
         with self.metrics.timer(APPLY_GRADS_TIMER):
-            local.apply_gradients(item.grads)
+            local.apply_gradients(item.grads, item.obs_stats)
         self.metrics.inc(NUM_STEPS_TRAINED, item.count)
         global_vars = {"timestep": self.metrics.get(NUM_STEPS_SAMPLED)}
         if self.update_all or item.source is None:
@@ -199,10 +203,23 @@ class UpdateTargetNetwork:
         return f"UpdateTargetNetwork({self.target_update_freq} {unit})"
 
 
-def _sample_and_compute_gradients(worker: Any, batch: AnyBatch) -> Gradients:
-    """Runs inside a rollout worker: gradients of its own freshly sampled batch."""
+def _merged_obs_stats(items: list[Gradients]) -> dict[str, RunningStat]:
+    """Per policy id, the merge of the items' observation statistics (new objects)."""
+    merged: dict[str, RunningStat] = {}
+    for item in items:
+        for pid, stats in item.obs_stats.items():
+            if pid not in merged:
+                merged[pid] = RunningStat(stats.shape)
+            merged[pid].merge(stats)
+    return merged
+
+
+def _compute_gradients(worker: Any, batch: AnyBatch) -> Gradients:
+    """Gradients of ``batch`` on ``worker``, with the statistics of its raw
+    observations for the learner's observation filter (computed where the batch is,
+    so no observations travel)."""
     grads, info = worker.compute_gradients(batch)
-    return Gradients(grads, batch.count, info)
+    return Gradients(grads, batch.count, info, obs_stats=worker.observation_stats(batch))
 
 
 def AsyncGradients(workers: WorkerSet, metrics: Metrics, num_async: int = 1):
@@ -228,7 +245,8 @@ def AsyncGradients(workers: WorkerSet, metrics: Metrics, num_async: int = 1):
 
     return (from_actors(workers.remote_workers(), name="AsyncGradients", metrics=metrics,
                         on_actor_failure=workers.handle_actor_failure)
-            .for_each_with_worker(_sample_and_compute_gradients, name="ComputeGradients")
+            # Runs inside each rollout worker, on its own freshly sampled batch.
+            .for_each_with_worker(_compute_gradients, name="ComputeGradients")
             .gather_async(num_async=num_async, with_source=True,
                           name=f"AsyncGradients(num_async={num_async})")
             .for_each(record, name="CountSampledSteps"))

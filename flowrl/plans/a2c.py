@@ -28,6 +28,12 @@ DEFAULT_CONFIG: dict = {
     "lr": 1e-3,
     "gamma": 0.99,
     "use_gae": True,
+    # Divide rewards by the running std of the discounted return (per sampling worker),
+    # so that value targets are near unit scale whatever the env pays (grad_clip is
+    # a norm over policy and value gradients together). Metrics report raw rewards.
+    # "auto": on where the worker's own sampler steps the envs (not for multi-agent or
+    # served envs, where True is an error).
+    "normalize_rewards": "auto",
     "lambda": 1.0,
     "use_critic": True,
     "vf_loss_coeff": 0.5,

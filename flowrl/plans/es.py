@@ -78,7 +78,9 @@ DEFAULT_CONFIG: dict = {
     "num_evaluation_episodes": 4,
     # Reported episode_reward_mean: eval episodes of the last report_length iterations.
     "report_length": 3,
-    "observation_filter": "MeanStdFilter",  # or "NoFilter"
+    # ES's own filter (frozen per iteration, see flowrl/policies/es.py); checked with
+    # the common keys. Other algorithms default to "NoFilter".
+    "observation_filter": "MeanStdFilter",
     # Gaussian noise on Box actions in perturbed episodes (not in evaluation).
     "action_noise_std": 0.01,
     # "centered_rank" (ranks scaled to [-0.5, 0.5]) or "raw" returns.
@@ -145,9 +147,6 @@ class ESAgent(Agent):
                 f"report_length={config['report_length']!r} must be >= 1.")
         require(config["action_noise_std"] >= 0,
                 f"action_noise_std={config['action_noise_std']!r} must be >= 0.")
-        require(config["observation_filter"] in ("MeanStdFilter", "NoFilter"),
-                f"observation_filter={config['observation_filter']!r}; expected "
-                "'MeanStdFilter' or 'NoFilter'.")
         require(config["return_proc_mode"] in RETURN_PROC_MODES,
                 f"return_proc_mode={config['return_proc_mode']!r}; expected one of "
                 f"{RETURN_PROC_MODES}.")

@@ -32,6 +32,9 @@ DEFAULT_CONFIG: dict = {
     "replay_buffer_num_slots": 0,
     "lr": 5e-4,
     "gamma": 0.99,
+    # Divide rewards by the running std of the discounted return (per sampling worker);
+    # for tasks whose rewards are far from unit scale. Metrics report raw rewards.
+    "normalize_rewards": False,
     "vf_loss_coeff": 0.5,
     "entropy_coeff": 0.01,
     "grad_clip": 40.0,

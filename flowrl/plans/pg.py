@@ -21,6 +21,9 @@ DEFAULT_CONFIG: dict = {
     "train_batch_size": 2000,
     "lr": 4e-3,
     "gamma": 0.99,
+    # Divide rewards by the running std of the discounted return (per sampling worker);
+    # for tasks whose rewards are far from unit scale. Metrics report raw rewards.
+    "normalize_rewards": False,
 }
 
 

@@ -27,9 +27,19 @@ DEFAULT_CONFIG: dict = {
     "gamma": 0.99,
     "lambda": 0.95,
     "use_gae": True,
+    # Divide rewards by the running std of the discounted return (per sampling worker),
+    # so that advantages and value targets are near unit scale whatever the env pays.
+    # Metrics report raw rewards. Measured: Pendulum -1045 -> -200 and LunarLander
+    # 7 -> 107 at their budgets (docs/LEARNING.md); CartPole unchanged.
+    # "auto": on where the worker's own sampler steps the envs (not for multi-agent or
+    # served envs, where True is an error).
+    "normalize_rewards": "auto",
     "use_critic": True,
     "clip_param": 0.2,
-    "vf_clip_param": 10.0,
+    # Off: an absolute clip on the value change (RLlib's old default was 10) stops the
+    # critic from learning on any task whose returns run into the hundreds. A number
+    # clips each update's change of V(s) to +-vf_clip_param, in the reward's own units.
+    "vf_clip_param": None,
     "vf_loss_coeff": 0.5,
     "entropy_coeff": 0.0,
     "kl_coeff": 0.2,
@@ -91,3 +101,6 @@ class PPOAgent(Agent):
         require(config["num_sgd_iter"] >= 1,
                 f"num_sgd_iter={config['num_sgd_iter']!r} must be >= 1.")
         require(config["clip_param"] > 0, f"clip_param={config['clip_param']!r} must be > 0.")
+        vf_clip = config["vf_clip_param"]
+        require(vf_clip is None or vf_clip > 0,
+                f"vf_clip_param={vf_clip!r} must be None (off) or > 0.")

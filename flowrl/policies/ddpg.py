@@ -59,6 +59,7 @@ from flowrl.policies.ddpg_networks import (_DEFAULT_EXPLORATION, ActionNormalize
                                            CriticEnsemble, DDPGModel, _adam, _ExportedActor,
                                            ddpg_td_target, linear_scale,
                                            ou_stationary_variance)
+from flowrl.policies.filters import RunningStat
 from flowrl.policies.policy import Policy, TensorDict, _to_cpu_copy, _writable
 from flowrl.data.sample_batch import SampleBatch
 
@@ -340,7 +341,7 @@ class DDPGTorchPolicy(Policy):
                         f"the batch has {sorted(batch.keys())}"
                     )
                 continue
-            arr = np.asarray(batch[column])
+            arr = self._normalize_column(column, np.asarray(batch[column]))
             if column == SampleBatch.ACTIONS:
                 arr = self.normalizer.to_normalized(arr.reshape(arr.shape[0], -1))
             elif column == SampleBatch.TERMINATEDS:
@@ -489,15 +490,18 @@ class DDPGTorchPolicy(Policy):
         ]
         return grads, self._summarize([stats], per_row)
 
-    def apply_gradients(self, grads: list[np.ndarray]) -> None:
+    def apply_gradients(self, grads: list[np.ndarray],
+                        obs_stats: RunningStat | None = None) -> None:
         """Apply :meth:`compute_gradients` output: a critic step, and an actor step
-        every ``policy_delay``-th call (the same counter as :meth:`learn_on_batch`)."""
+        every ``policy_delay``-th call (the same counter as :meth:`learn_on_batch`);
+        then ``obs_stats`` into the observation filter (see :meth:`Policy.apply_gradients`)."""
         self._set_grads(self._online_params, grads)
         self.critic_optimizer.step()
         self.num_critic_updates += 1
         if self.num_critic_updates % self.policy_delay == 0:
             self.actor_optimizer.step()
             self.num_actor_updates += 1
+        self.merge_observation_stats(obs_stats)
 
     def compute_td_error(self, batch: SampleBatch) -> np.ndarray:
         """``|td_1|`` ``[B]`` (float32) of ``batch`` under the current nets; no update.
@@ -551,7 +555,7 @@ class DDPGTorchPolicy(Policy):
         Tensors and ints only: loads with ``torch.load(..., weights_only=True)``.
         """
         return {
-            "weights": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "weights": self._weights_state(),  # the observation filter's statistics too
             "target_weights": {
                 k: v.detach().cpu().clone() for k, v in self.target_model.state_dict().items()
             },
@@ -591,8 +595,9 @@ class DDPGTorchPolicy(Policy):
     def export_module(self) -> nn.Module:
         """An eager CPU module ``raw obs batch -> deterministic env actions [B, *shape]``.
 
-        A copy of the online actor, mapped from normalized units to the action bounds
-        and clipped as :meth:`compute_actions` does with ``explore=False``.
+        A copy of the online actor behind the current observation normalization,
+        mapped from normalized units to the action bounds and clipped as
+        :meth:`compute_actions` does with ``explore=False``.
         """
-        return _ExportedActor(copy.deepcopy(self.model.actor).cpu().eval(), self.normalizer,
-                              self.action_space)
+        return self.with_obs_normalization(_ExportedActor(
+            copy.deepcopy(self.model.actor).cpu().eval(), self.normalizer, self.action_space))

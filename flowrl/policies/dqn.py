@@ -361,7 +361,7 @@ class DQNTorchPolicy(Policy):
                         f"the batch has {sorted(batch.keys())}"
                     )
                 continue
-            arr = np.asarray(batch[column])
+            arr = self._normalize_column(column, np.asarray(batch[column]))
             if column == SampleBatch.ACTIONS:
                 arr = arr.astype(np.int64, copy=False)
             elif column == SampleBatch.TERMINATEDS:
@@ -459,8 +459,8 @@ class DQNTorchPolicy(Policy):
     def export_module(self) -> nn.Module:
         """An eager CPU module ``raw obs batch -> argmax_a Q(obs, a)`` (int64 ``[B]``).
 
-        A copy of the online Q network (dueling or plain): the greedy action of
-        ``compute_actions(obs, explore=False)``.
+        A copy of the online Q network (dueling or plain) behind the current observation
+        normalization: the greedy action of ``compute_actions(obs, explore=False)``.
         """
         from flowrl.policies.export import ArgmaxHead
-        return ArgmaxHead(copy.deepcopy(self.model).cpu().eval())
+        return self.with_obs_normalization(ArgmaxHead(copy.deepcopy(self.model).cpu().eval()))

@@ -1,5 +1,6 @@
 """The evolution-strategies policy: a deterministic MLP over flat weights, an
-observation filter with mergeable statistics, and a flat-vector Adam.
+observation filter with mergeable statistics (``flowrl/policies/filters.py``), and a
+flat-vector Adam.
 
     policy = ESPolicy(env.observation_space, env.action_space, config)
     theta = policy.get_flat_weights()              # float32 [num_params]
@@ -29,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+# The filters live in filters.py (shared with the torch policies); re-exported here.
+from flowrl.policies.filters import MeanStdFilter, NoFilter, RunningStat, make_filter
 from flowrl.policies.models import get_model, merge_model_config
 from flowrl.data.sample_batch import SampleBatch
 
@@ -39,139 +42,6 @@ __all__ = ["RunningStat", "MeanStdFilter", "NoFilter", "make_filter", "FlatAdam"
 def _to_numpy(value: Any) -> Any:
     """Tensors (from checkpoints) -> arrays; anything else unchanged."""
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
-
-
-# ------------------------------------------------------------------------ filters
-class RunningStat:
-    """Count, mean and sum of squared deviations (``m2``) of a stream of vectors.
-
-    Mergeable: ``a.merge(b)`` gives exactly the statistics of the concatenated data
-    (Chan et al.'s parallel update), so workers' partial statistics combine on the
-    driver without shipping observations.
-    """
-
-    def __init__(self, shape: tuple[int, ...]):
-        self.shape = tuple(shape)
-        self.count = 0
-        self.mean = np.zeros(self.shape, dtype=np.float64)
-        self.m2 = np.zeros(self.shape, dtype=np.float64)
-
-    def push(self, batch: np.ndarray) -> None:
-        """Adds the rows of ``batch`` (shape ``[k, *shape]``)."""
-        batch = np.asarray(batch, dtype=np.float64).reshape((-1,) + self.shape)
-        if len(batch) == 0:
-            return
-        other = RunningStat(self.shape)
-        other.count = len(batch)
-        other.mean = batch.mean(axis=0)
-        other.m2 = np.square(batch - other.mean).sum(axis=0)
-        self.merge(other)
-
-    def merge(self, other: "RunningStat") -> None:
-        """Adds another stream's statistics (order-independent up to rounding)."""
-        if other.count == 0:
-            return
-        if self.count == 0:
-            self.count, self.mean, self.m2 = other.count, other.mean.copy(), other.m2.copy()
-            return
-        total = self.count + other.count
-        delta = other.mean - self.mean
-        self.mean = self.mean + delta * (other.count / total)
-        self.m2 = self.m2 + other.m2 + np.square(delta) * (self.count * other.count / total)
-        self.count = total
-
-    @property
-    def var(self) -> np.ndarray:
-        """Population variance (``ddof=0``); ones before any data."""
-        if self.count == 0:
-            return np.ones(self.shape, dtype=np.float64)
-        return self.m2 / self.count
-
-    def to_dict(self) -> dict[str, Any]:
-        """NumPy form, for shipping between processes."""
-        return {"count": int(self.count), "mean": self.mean.copy(), "m2": self.m2.copy()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], shape: tuple[int, ...]) -> "RunningStat":
-        stat = cls(shape)
-        stat.count = int(data["count"])
-        stat.mean = np.array(data["mean"], dtype=np.float64).reshape(stat.shape)
-        stat.m2 = np.array(data["m2"], dtype=np.float64).reshape(stat.shape)
-        return stat
-
-
-class MeanStdFilter:
-    """``clip((obs - mean) / std, -clip, clip)`` with frozen statistics plus a buffer.
-
-    ``record(obs)`` only adds to :attr:`buffer`; the statistics used for
-    normalization change only through :meth:`merge_buffer` (on the driver) or
-    :meth:`set_state` (a broadcast). The variance floor (1e-2) and the clip (5)
-    are those of the paper's reference code.
-    """
-
-    VAR_FLOOR = 1e-2
-
-    def __init__(self, shape: tuple[int, ...], clip: float = 5.0):
-        self.shape = tuple(shape)
-        self.clip = float(clip)
-        self.stats = RunningStat(self.shape)
-        self.buffer = RunningStat(self.shape)
-        self._refresh()
-
-    def _refresh(self) -> None:
-        # Cached so that the per-step call is two vector ops and a clip.
-        self._mean = self.stats.mean.astype(np.float32)
-        self._inv_std = (1.0 / np.sqrt(np.maximum(self.stats.var, self.VAR_FLOOR))
-                         ).astype(np.float32)
-
-    def __call__(self, obs: np.ndarray) -> np.ndarray:
-        return np.clip((obs - self._mean) * self._inv_std, -self.clip, self.clip)
-
-    def record(self, obs_batch: np.ndarray) -> None:
-        """Adds observations to the buffer (not to the statistics in use)."""
-        self.buffer.push(obs_batch)
-
-    def pop_buffer(self) -> dict[str, Any]:
-        """The buffer's statistics since the last call (NumPy dict); clears it."""
-        out = self.buffer.to_dict()
-        self.buffer = RunningStat(self.shape)
-        return out
-
-    def merge_buffer(self, buffer: dict[str, Any]) -> None:
-        """Merges a worker's :meth:`pop_buffer` result into the statistics."""
-        self.stats.merge(RunningStat.from_dict(buffer, self.shape))
-        self._refresh()
-
-    def get_state(self) -> dict[str, Any]:
-        """The statistics as tensors and ints (``torch.load(weights_only=True)`` safe)."""
-        return {"count": int(self.stats.count), "mean": torch.from_numpy(self.stats.mean.copy()),
-                "m2": torch.from_numpy(self.stats.m2.copy())}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Loads statistics (tensors or arrays); the buffer is cleared."""
-        self.stats = RunningStat.from_dict({k: _to_numpy(v) for k, v in state.items()},
-                                           self.shape)
-        self.buffer = RunningStat(self.shape)
-        self._refresh()
-
-
-class NoFilter(MeanStdFilter):
-    """Identity observation filter with the same interface (records nothing)."""
-
-    def __call__(self, obs: np.ndarray) -> np.ndarray:
-        return obs
-
-    def record(self, obs_batch: np.ndarray) -> None:
-        """NoFilter keeps no statistics."""
-
-
-def make_filter(name: str, shape: tuple[int, ...]) -> MeanStdFilter:
-    """``"MeanStdFilter"`` or ``"NoFilter"``."""
-    if name == "MeanStdFilter":
-        return MeanStdFilter(shape)
-    if name == "NoFilter":
-        return NoFilter(shape)
-    raise ValueError(f"observation_filter={name!r}; expected 'MeanStdFilter' or 'NoFilter'.")
 
 
 # ---------------------------------------------------------------------- optimizer

@@ -302,7 +302,10 @@ class VTraceTorchPolicy(Policy):
                 )
         starts, lengths = split_pieces(batch)
         ends = starts + lengths - 1
-        tensors: TensorDict = {c: self._to_tensor(batch[c], c) for c in self.loss_columns}
+        tensors: TensorDict = {
+            c: self._to_tensor(self._normalize_column(c, np.asarray(batch[c])), c)
+            for c in self.loss_columns
+        }
         n = batch.count
         terminated = (
             np.asarray(batch[SampleBatch.TERMINATEDS], dtype=bool)
@@ -312,7 +315,8 @@ class VTraceTorchPolicy(Policy):
         tensors[SampleBatch.TERMINATEDS] = self._to_tensor(terminated.astype(np.float32))
         tensors[_PIECE_TERMINATED] = self._to_tensor(terminated[ends].astype(np.float32))
         if SampleBatch.NEW_OBS in batch:
-            tensors[_PIECE_BOOT_OBS] = self._to_tensor(np.asarray(batch[SampleBatch.NEW_OBS])[ends])
+            tensors[_PIECE_BOOT_OBS] = self._to_tensor(self._normalize_column(
+                SampleBatch.NEW_OBS, np.asarray(batch[SampleBatch.NEW_OBS])[ends]))
         elif BOOTSTRAP_VALUE in batch:
             tensors[_PIECE_BOOT_VALUE] = self._to_tensor(
                 np.asarray(batch[BOOTSTRAP_VALUE], dtype=np.float32)[ends]
@@ -430,7 +434,8 @@ class VTraceTorchPolicy(Policy):
         V-trace targets with the current network. Stats (``policy_loss``,
         ``vf_loss``, ``entropy``, ``total_loss``, ``mean_rho``, ``mean_is_ratio``,
         ``vf_explained_var``, ``grad_gnorm``) are averaged over the last epoch's
-        steps, plus ``cur_lr``.
+        steps, plus ``cur_lr``. Afterwards the batch's raw ``obs`` join the
+        observation filter's statistics.
         """
         if batch.count == 0:
             raise ValueError(f"{type(self).__name__}.learn_on_batch got an empty batch")
@@ -458,4 +463,6 @@ class VTraceTorchPolicy(Policy):
                 stats = self._backward(minibatch)
                 self.optimizer.step()
                 last_epoch.append(stats)
-        return self._summarize(last_epoch)
+        summary = self._summarize(last_epoch)
+        self._update_obs_filter(batch)  # after the SGD, as in Policy.learn_on_batch
+        return summary

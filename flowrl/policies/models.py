@@ -49,8 +49,10 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "conv_activation": "relu",
     # Share the hidden layers between policy and value heads.
     "vf_share_layers": False,
-    # Box actions: a state-independent log-std parameter instead of a learned output.
-    "free_log_std": False,
+    # Box actions: one learned log-std per action dimension, independent of the state
+    # (starts at 0, std 1). False: the policy head outputs a log-std per state. Ignored
+    # for other action spaces.
+    "free_log_std": True,
     # A name given to register_custom_model (or the model class itself).
     "custom_model": None,
     "custom_model_config": {},
@@ -151,7 +153,9 @@ class TorchModel(nn.Module):
         self.action_space = action_space
         self.num_outputs = int(num_outputs)
         self.model_config = model_config
-        self.free_log_std = bool(model_config.get("free_log_std", False))
+        # Only a Gaussian over Box actions has a log-std half in its outputs.
+        self.free_log_std = bool(model_config.get("free_log_std", False)) and isinstance(
+            action_space, gym.spaces.Box)
         if self.free_log_std and self.num_outputs % 2:
             raise ValueError(
                 f"free_log_std needs an even num_outputs (mean and log-std), got {num_outputs}"

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 
 from flowrl.policies.distributions import get_dist_class
+from flowrl.policies.filters import (NormalizedInputs, ObservationNormalizer, RunningStat,
+                                     make_observation_normalizer, split_filter_weights)
 from flowrl.policies.models import get_model, merge_model_config
 from flowrl.policies.postprocessing import compute_advantages
 from flowrl.data.sample_batch import SampleBatch, minibatch_bounds
@@ -42,6 +44,10 @@ from flowrl.data.sample_batch import SampleBatch, minibatch_bounds
 __all__ = ["Policy"]
 
 TensorDict = dict[str, torch.Tensor]
+
+#: Batch columns holding observations: normalized on their way to tensors (the batch
+#: itself keeps the raw values).
+OBS_COLUMNS = frozenset({SampleBatch.OBS, SampleBatch.NEW_OBS})
 
 #: Where a minibatch's rows sit in the whole batch: a contiguous slice, or the
 #: shuffle permutation's entries for that minibatch.
@@ -109,7 +115,18 @@ class Policy:
     over ``MODEL_DEFAULTS``), ``num_gpus`` (0; the learner uses ``cuda`` when
     > 0 and a GPU exists), ``seed`` (None), ``grad_clip`` (None = off, else max
     global grad norm), ``use_gae`` (True), ``lambda`` (1.0), ``use_critic``
-    (True). Subclasses add their loss coefficients to :attr:`DEFAULT_CONFIG`.
+    (True), ``observation_filter`` ("NoFilter"). Subclasses add their loss
+    coefficients to :attr:`DEFAULT_CONFIG`.
+
+    Observation filter: with ``observation_filter="MeanStdFilter"`` (Box observations
+    only) :attr:`obs_filter` normalizes every observation on its way into a tensor
+    (acting, values, and the ``obs`` / ``new_obs`` loss columns) as
+    ``clip((obs - mean) / (std + 1e-8), -10, 10)``. Batches keep raw observations.
+    The learner adds each train batch's raw ``obs`` to the statistics once per
+    :meth:`learn_on_batch` call, after its SGD (so the whole call normalizes as the
+    sampling workers did); :meth:`apply_gradients` merges the statistics that came
+    with the gradients. The statistics travel inside :meth:`get_weights` (keys
+    ``"_obs_filter/..."``) and :meth:`get_state`, and are baked into exports.
     """
 
     #: Fallbacks for config keys this class reads; the algorithm config wins.
@@ -123,6 +140,7 @@ class Policy:
         "use_gae": True,
         "lambda": 1.0,
         "use_critic": True,
+        "observation_filter": "NoFilter",
     }
 
     #: Train-batch columns the loss reads; only these are converted to tensors.
@@ -148,6 +166,9 @@ class Policy:
         #: Whether a value head is trained and used (``vf_preds``, bootstrapping).
         self.has_critic: bool = bool(merged.get("use_critic", True))
         self.device = self._choose_device(merged.get("num_gpus", 0))
+        #: Running mean/std normalization of observations; None with ``NoFilter``.
+        self.obs_filter: ObservationNormalizer | None = make_observation_normalizer(
+            merged["observation_filter"], observation_space)
 
         seed = merged.get("seed")
         if seed is not None:
@@ -192,7 +213,9 @@ class Policy:
     # ------------------------------------------------------------------ acting
     def _obs_to_tensor(self, obs_batch: Any) -> torch.Tensor:
         arr = np.asarray(obs_batch)
-        if arr.dtype == np.float64:
+        if self.obs_filter is not None:
+            arr = self.obs_filter.normalize(arr)  # float32
+        elif arr.dtype == np.float64:
             arr = arr.astype(np.float32)  # models compute in float32 anyway
         return torch.from_numpy(_writable(arr)).to(self.device)
 
@@ -301,13 +324,40 @@ class Policy:
                     f"{type(self).__name__}.learn_on_batch needs column {column!r}; "
                     f"the batch has {sorted(batch.keys())}"
                 )
-            arr = np.asarray(batch[column])
+            arr = self._normalize_column(column, np.asarray(batch[column]))
             if arr.dtype == np.float64:
                 arr = arr.astype(np.float32)
             elif column == SampleBatch.ACTIONS and self._discrete_actions and arr.dtype != np.int64:
                 arr = arr.astype(np.int64)
             tensors[column] = torch.from_numpy(_writable(arr)).to(self.device)
         return tensors
+
+    def _normalize_column(self, column: str, arr: np.ndarray) -> np.ndarray:
+        """``arr`` normalized by :attr:`obs_filter` (a float32 copy) if ``column``
+        holds observations; else ``arr`` itself."""
+        if self.obs_filter is None or column not in OBS_COLUMNS:
+            return arr
+        return self.obs_filter.normalize(arr)
+
+    # ----------------------------------------------------- observation filter
+    def observation_stats(self, batch: SampleBatch) -> RunningStat | None:
+        """Statistics of ``batch``'s raw ``obs`` (None without a filter); nothing changes.
+
+        A3C workers send them with their gradients; :meth:`apply_gradients` merges them.
+        """
+        if self.obs_filter is None:
+            return None
+        return self.obs_filter.batch_stats(np.asarray(batch[SampleBatch.OBS]))
+
+    def merge_observation_stats(self, stats: RunningStat | None) -> None:
+        """Adds statistics from :meth:`observation_stats` to the filter (None: nothing)."""
+        if stats is not None and self.obs_filter is not None:
+            self.obs_filter.merge(stats)
+
+    def _update_obs_filter(self, batch: SampleBatch) -> None:
+        """The learner's one filter update per training call, after the SGD on ``batch``."""
+        if self.obs_filter is not None:
+            self.obs_filter.update(np.asarray(batch[SampleBatch.OBS]))
 
     def _grad_norm_and_clip(self) -> torch.Tensor:
         grads = [p.grad for p in self._params if p.grad is not None]
@@ -349,7 +399,8 @@ class Policy:
         :meth:`sgd_step` once per minibatch of ``sgd_minibatch_size`` rows (0 =
         the whole batch in one step; the last minibatch follows
         :func:`flowrl.data.sample_batch.minibatch_bounds`). Advantages are used as
-        given (standardize them beforehand). Returns float stats averaged over the
+        given (standardize them beforehand). Afterwards the batch's raw ``obs`` join
+        the observation filter's statistics. Returns float stats averaged over the
         last epoch's minibatches, :meth:`_latest_learn_stats`, ``cur_lr``,
         :meth:`_extra_learn_stats`, and one ``np.ndarray [B, ...]`` per name in
         :attr:`per_row_stats`, in batch order. An empty batch is a ValueError.
@@ -376,7 +427,9 @@ class Policy:
                 # Later epochs overwrite earlier ones: the last epoch's values remain.
                 per_row.take(stats, slice(start, end) if perm is None else perm[start:end])
                 last_epoch.append(stats)
-        return self._summarize(last_epoch, per_row.values)
+        summary = self._summarize(last_epoch, per_row.values)
+        self._update_obs_filter(batch)
+        return summary
 
     def _summarize(
         self, stats_list: list[TensorDict], per_row: TensorDict | None = None
@@ -437,7 +490,8 @@ class Policy:
         """Gradients of the loss on the whole ``batch`` (after ``grad_clip``), as numpy.
 
         The list is ordered like ``model.parameters()``; parameters the loss
-        does not touch get zeros. Nothing is updated. Stats as in
+        does not touch get zeros. Nothing is updated (the observation filter neither:
+        send :meth:`observation_stats` along to :meth:`apply_gradients`). Stats as in
         :meth:`learn_on_batch` (:attr:`per_row_stats` included).
         """
         self.model.train()
@@ -464,23 +518,49 @@ class Policy:
                 )
             param.grad = grad_t.to(device=self.device, dtype=param.dtype)
 
-    def apply_gradients(self, grads: list[np.ndarray]) -> None:
-        """One optimizer step with ``grads`` (as from :meth:`compute_gradients`)."""
+    def apply_gradients(self, grads: list[np.ndarray],
+                        obs_stats: RunningStat | None = None) -> None:
+        """One optimizer step with ``grads`` (as from :meth:`compute_gradients`), then
+        ``obs_stats`` (:meth:`observation_stats` of the same batch) into the filter."""
         self._set_grads(self._params, grads)
         self.optimizer.step()
+        self.merge_observation_stats(obs_stats)
 
     # ------------------------------------------------------- weights and state
     def get_weights(self) -> dict[str, np.ndarray]:
-        """The model's state dict as numpy arrays (copies)."""
-        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+        """The model's state dict as numpy arrays (copies), plus the observation
+        filter's statistics under ``"_obs_filter/..."`` keys when there is a filter."""
+        weights = {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+        if self.obs_filter is not None:
+            weights.update(self.obs_filter.get_weights())
+        return weights
 
     def set_weights(self, weights: dict[str, Any]) -> None:
-        """Load a state dict of numpy arrays or tensors into the model."""
+        """Load a state dict of numpy arrays or tensors into the model.
+
+        ``"_obs_filter/..."`` entries go to the observation filter; weights without
+        them (older checkpoints) leave its statistics as they are.
+        """
+        model_weights, filter_weights = split_filter_weights(weights)
+        if filter_weights and self.obs_filter is None:
+            raise ValueError(
+                f"{type(self).__name__}.set_weights got observation-filter statistics "
+                "but this policy has observation_filter='NoFilter'; build it with "
+                "observation_filter='MeanStdFilter' (the config it was trained with)")
         state = {
             k: v if isinstance(v, torch.Tensor) else torch.as_tensor(np.array(v, copy=True))
-            for k, v in weights.items()
+            for k, v in model_weights.items()
         }
         self.model.load_state_dict(state)
+        if filter_weights:
+            self.obs_filter.set_weights(filter_weights)
+
+    def _weights_state(self) -> dict[str, torch.Tensor]:
+        """:meth:`get_weights` as CPU tensors (copies), for :meth:`get_state`."""
+        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        if self.obs_filter is not None:
+            state.update({k: torch.from_numpy(v) for k, v in self.obs_filter.get_weights().items()})
+        return state
 
     def get_state(self) -> dict[str, Any]:
         """Weights, optimizer state and counters as CPU tensors and plain Python values.
@@ -489,7 +569,7 @@ class Policy:
         numpy arrays or custom classes inside).
         """
         return {
-            "weights": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "weights": self._weights_state(),
             "optimizer": _to_cpu_copy(self.optimizer.state_dict()),
             "global_timestep": int(self.global_timestep),
         }
@@ -510,15 +590,16 @@ class Policy:
     def export(self, export_dir: str) -> str:
         """Write the model as TorchScript (``torch.jit.trace``) to ``export_dir/model.pt``.
 
-        The traced CPU module takes a batch of raw observations and returns
-        ``(dist_inputs, value)``. Returns the file path.
+        The traced CPU module takes a batch of raw observations (the observation
+        filter's current normalization is baked in) and returns ``(dist_inputs,
+        value)``. Returns the file path.
         """
         os.makedirs(export_dir, exist_ok=True)
         path = os.path.join(export_dir, "model.pt")
         example = np.stack([self.observation_space.sample() for _ in range(2)])
         if example.dtype == np.float64:
             example = example.astype(np.float32)
-        model = copy.deepcopy(self.model).cpu().eval()
+        model = self.with_obs_normalization(copy.deepcopy(self.model).cpu().eval())
         with warnings.catch_warnings():
             # torch marks jit.trace deprecated, but TorchScript is still the format
             # that loads without Python model code (torch.jit.load, libtorch).
@@ -532,13 +613,22 @@ class Policy:
 
         ``Discrete`` actions: argmax of the logits, int64 ``[B]``. ``Box`` actions: the
         distribution's mean, clipped to the space bounds when ``clip_actions`` is on
-        (as the sampler does before stepping the env), ``[B, *action_shape]``. This is
-        what ``Agent.export_policy`` converts to TorchScript.
+        (as the sampler does before stepping the env), ``[B, *action_shape]``. The
+        observation filter's current normalization is part of it. This is what
+        ``Agent.export_policy`` converts to TorchScript.
         """
         from flowrl.policies.export import DistInputsGreedy
         model = copy.deepcopy(self.model).cpu().eval()
-        return DistInputsGreedy(model, self.action_space, self.dist_class.__name__,
-                                bool(self.config.get("clip_actions", True)))
+        return self.with_obs_normalization(DistInputsGreedy(
+            model, self.action_space, self.dist_class.__name__,
+            bool(self.config.get("clip_actions", True))))
+
+    def with_obs_normalization(self, module: nn.Module) -> nn.Module:
+        """``module`` (raw obs in) behind a constant copy of the current observation
+        normalization; ``module`` itself without a filter. For exports."""
+        if self.obs_filter is None:
+            return module
+        return NormalizedInputs(self.obs_filter.module(), module)
 
     def __repr__(self) -> str:
         return (

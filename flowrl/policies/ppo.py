@@ -89,7 +89,7 @@ class PPOTorchPolicy(Policy):
         "lr": 5e-5,
         "lambda": 1.0,
         "clip_param": 0.3,
-        "vf_clip_param": 10.0,
+        "vf_clip_param": None,  # off: an absolute clip depends on the reward scale
         "kl_coeff": 0.2,
         "kl_target": 0.01,
         "vf_loss_coeff": 1.0,

@@ -22,8 +22,10 @@ from flowrl.envs.multi_agent import MultiAgentEnv
 from flowrl.envs.registry import EnvContext
 from flowrl.flow import ParallelIteratorWorker
 from flowrl.data.sample_batch import DEFAULT_POLICY_ID, MultiAgentBatch, SampleBatch
+from flowrl.policies.filters import RunningStat
 from flowrl.workers.external_sampler import ExternalEnv, ExternalEnvSampler
 from flowrl.workers.multi_agent_sampler import MultiAgentSampler, build_policy_map
+from flowrl.workers.reward_scaling import ReturnScaler
 from flowrl.workers.sampler import EpisodeStats, VectorSampler
 
 
@@ -89,7 +91,16 @@ class RolloutWorker(ParallelIteratorWorker):
             DEFAULT_POLICY_ID: policy_cls(self.env.observation_space,
                                           self.env.action_space, {**config, **where})
         }
-        sampler_cls = ExternalEnvSampler if isinstance(self.env, ExternalEnv) else VectorSampler
+        external = isinstance(self.env, ExternalEnv)
+        scaler_kwargs = {}
+        normalize = config.get("normalize_rewards", False)
+        if normalize is True and external:
+            raise ValueError("normalize_rewards=True is not supported with an external "
+                             "(served) env; set it to False or 'auto'.")
+        if normalize and not external:
+            scaler_kwargs["reward_scaler"] = ReturnScaler(len(self.envs),
+                                                          config.get("gamma", 0.99))
+        sampler_cls = ExternalEnvSampler if external else VectorSampler
         self.sampler = sampler_cls(
             self.envs, self.policy_map[DEFAULT_POLICY_ID],
             fragment_length=config.get("rollout_fragment_length", 200),
@@ -100,6 +111,7 @@ class RolloutWorker(ParallelIteratorWorker):
             episode_id_base=worker_index << 40,
             callbacks=self.callbacks,
             worker=self,
+            **scaler_kwargs,
         )
         ParallelIteratorWorker.__init__(self, lambda: iter(self.sample, None), repeat=True)
 
@@ -107,6 +119,9 @@ class RolloutWorker(ParallelIteratorWorker):
                           seed: int | None) -> None:
         """Policies from ``config["multiagent"]`` (one default policy for all agents when
         it names none) and a MultiAgentSampler."""
+        if config.get("normalize_rewards") is True:
+            raise ValueError("normalize_rewards=True is not supported with a MultiAgentEnv "
+                             "yet; set it to False or 'auto'.")
         if not (config.get("multiagent") or {}).get("policies"):
             config = {**config, "multiagent": {**(config.get("multiagent") or {}),
                                                "policies": [DEFAULT_POLICY_ID]}}
@@ -172,9 +187,26 @@ class RolloutWorker(ParallelIteratorWorker):
                 grads[pid], stats[pid] = self.policy_map[pid].compute_gradients(b)
         return grads, stats
 
-    def apply_gradients(self, grads: dict[str, list[np.ndarray]]) -> None:
+    def observation_stats(self, batch: SampleBatch | MultiAgentBatch
+                          ) -> dict[str, RunningStat]:
+        """``{policy_id: RunningStat}`` of the raw observations of ``batch``, for each
+        trained policy with an observation filter; sent along with
+        :meth:`compute_gradients` results to :meth:`apply_gradients` (A2C, A3C)."""
+        out = {}
+        for pid, b in self._policy_batches(batch).items():
+            if self._trains(pid):
+                stats = self.policy_map[pid].observation_stats(b)
+                if stats is not None:
+                    out[pid] = stats
+        return out
+
+    def apply_gradients(self, grads: dict[str, list[np.ndarray]],
+                        obs_stats: dict[str, RunningStat] | None = None) -> None:
+        """One step per policy with its gradients; ``obs_stats`` (from
+        :meth:`observation_stats` of the same batch) then join the policies' filters."""
+        obs_stats = obs_stats or {}
         for pid, g in grads.items():
-            self.policy_map[pid].apply_gradients(g)
+            self.policy_map[pid].apply_gradients(g, obs_stats.get(pid))
 
     # -- weights and state --------------------------------------------------------
     def get_policy(self, policy_id: str = DEFAULT_POLICY_ID):

@@ -17,6 +17,7 @@ import numpy as np
 from flowrl.workers.callbacks import DefaultCallbacks, Episode, overrides_episode_hooks
 from flowrl.envs.episodes import env_reports_episodes  # also imported from here
 from flowrl.data.sample_batch import SampleBatch
+from flowrl.workers.reward_scaling import ReturnScaler
 
 _STEP_COLUMNS = (SampleBatch.REWARDS, SampleBatch.TERMINATEDS, SampleBatch.TRUNCATEDS)
 
@@ -107,6 +108,10 @@ class VectorSampler:
     ``complete_episodes``: each call returns only whole episodes, at least
     ``fragment_length * len(envs)`` steps; unfinished episodes carry over to the next call.
 
+    ``reward_scaler``: a :class:`~flowrl.workers.reward_scaling.ReturnScaler` that divides
+    the batch's rewards by the running std of the discounted return
+    (``normalize_rewards``); episode metrics keep the env's own rewards.
+
     ``callbacks``: a :class:`~flowrl.workers.callbacks.DefaultCallbacks` instance whose episode
     hooks receive ``worker``; they run only if the class overrides one of them.
     An :class:`~flowrl.workers.callbacks.Episode` spans what the results count as an episode
@@ -116,7 +121,8 @@ class VectorSampler:
     def __init__(self, envs: Sequence[gym.Env], policy: Any, fragment_length: int,
                  batch_mode: str = "truncate_episodes", seeds: Sequence[int | None] = (),
                  clip_actions: bool = True, explore: bool = True, episode_id_base: int = 0,
-                 callbacks: DefaultCallbacks | None = None, worker: Any = None):
+                 callbacks: DefaultCallbacks | None = None, worker: Any = None,
+                 reward_scaler: ReturnScaler | None = None):
         if batch_mode not in ("truncate_episodes", "complete_episodes"):
             raise ValueError(f"batch_mode={batch_mode!r}; expected 'truncate_episodes' or "
                              "'complete_episodes'")
@@ -126,6 +132,7 @@ class VectorSampler:
         self.batch_mode = batch_mode
         self.explore = explore
         self.num_envs = len(self.envs)
+        self.reward_scaler = reward_scaler
         space = self.envs[0].action_space
         self._clip_low = self._clip_high = None
         if clip_actions and isinstance(space, gym.spaces.Box):
@@ -243,6 +250,8 @@ class VectorSampler:
                     self._episode_reset(i, next_obs[i], reset_info)
             self._obs = next_obs
         self._unroll_id += 1
+        if self.reward_scaler is not None:  # metrics above counted the env's own rewards
+            rewards = self.reward_scaler.scale(rewards, terms | truncs)
         columns = {
             SampleBatch.OBS: obs_buf, SampleBatch.NEW_OBS: new_obs_buf,
             SampleBatch.ACTIONS: actions_buf, SampleBatch.REWARDS: rewards,
