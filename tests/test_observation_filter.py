@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flowrl.data.sample_batch import SampleBatch
+from flowrl import get_agent_class
 from flowrl.plans.a2c import A2CAgent
 from flowrl.plans.a3c import A3CAgent
 from flowrl.plans.ddpg import DDPGAgent
@@ -17,6 +18,7 @@ from flowrl.plans.dqn import DQNAgent
 from flowrl.plans.impala import ImpalaAgent
 from flowrl.plans.ppo import PPOAgent
 from flowrl.policies.filters import (FILTER_WEIGHTS_PREFIX, ObservationNormalizer,
+                                     make_observation_normalizer,
                                      RunningStat)
 from flowrl.policies.ppo import PPOTorchPolicy
 from flowrl.workers.callbacks import DefaultCallbacks
@@ -307,3 +309,21 @@ def test_meanstdfilter_needs_vector_observations(results_dir):
     images = gym.spaces.Box(0, 255, (84, 84, 4), np.uint8)
     with pytest.raises(ValueError, match="vector observations, not uint8 images"):
         PPOTorchPolicy(images, gym.spaces.Discrete(2), {"observation_filter": "MeanStdFilter"})
+
+
+def test_auto_filter_applies_to_flat_float_vectors_only():
+    box = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    image = gym.spaces.Box(0, 255, (8, 8, 3), np.uint8)
+    assert make_observation_normalizer("auto", box) is not None
+    assert make_observation_normalizer("auto", image) is None
+    assert make_observation_normalizer("auto", gym.spaces.Discrete(4)) is None
+    # PPO's default is "auto": CartPole's vector observations are normalized.
+    agent = get_agent_class("PPO")(config={"train_batch_size": 256, "sgd_minibatch_size": 64,
+                                           "num_envs_per_worker": 2,
+                                           "rollout_fragment_length": 128},
+                                   env="CartPole-v1", log_to_disk=False)
+    try:
+        agent.train()
+        assert agent.get_policy().obs_filter.stats.count == 256
+    finally:
+        agent.stop()

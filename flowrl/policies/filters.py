@@ -31,7 +31,7 @@ __all__ = ["FILTER_CHOICES", "FILTER_WEIGHTS_PREFIX", "RunningStat", "MeanStdFil
            "split_filter_weights"]
 
 #: The values of the ``observation_filter`` config key.
-FILTER_CHOICES = ("MeanStdFilter", "NoFilter")
+FILTER_CHOICES = ("MeanStdFilter", "NoFilter", "auto")
 
 #: Prefix of the filter's entries in a policy's weights (``"_obs_filter/mean"``, ...);
 #: no torch state-dict key starts with an underscore-led module name like this one.
@@ -47,7 +47,8 @@ def check_filter_name(name: Any, key: str = "observation_filter") -> str:
     """``name`` if it is one of :data:`FILTER_CHOICES`, else a ValueError naming it."""
     if name not in FILTER_CHOICES:
         raise ValueError(f"{key}={name!r}; expected 'MeanStdFilter' (normalize "
-                         "observations by a running mean and std) or 'NoFilter'.")
+                         "observations by a running mean and std), 'NoFilter' or 'auto' "
+                         "(MeanStdFilter for flat float vectors, else NoFilter).")
     return name
 
 
@@ -320,7 +321,8 @@ class ObservationNormalizer:
 
 def make_observation_normalizer(name: Any, observation_space: gym.Space
                                 ) -> ObservationNormalizer | None:
-    """An :class:`ObservationNormalizer` for ``"MeanStdFilter"``, None for ``"NoFilter"``.
+    """An :class:`ObservationNormalizer` for ``"MeanStdFilter"``, None for ``"NoFilter"``;
+    ``"auto"`` is ``"MeanStdFilter"`` for a 1-D float ``Box`` and ``"NoFilter"`` otherwise.
 
     ``MeanStdFilter`` normalizes vector observations: it needs a ``Box`` space of a
     non-``uint8`` dtype and raises a ValueError naming the space otherwise (images and
@@ -328,6 +330,10 @@ def make_observation_normalizer(name: Any, observation_space: gym.Space
     """
     if check_filter_name(name) == "NoFilter":
         return None
+    if name == "auto":  # MeanStdFilter where it applies: flat float vectors
+        vector = isinstance(observation_space, gym.spaces.Box) and \
+            np.dtype(observation_space.dtype).kind == "f" and len(observation_space.shape) == 1
+        return ObservationNormalizer(observation_space.shape) if vector else None
     if not isinstance(observation_space, gym.spaces.Box):
         raise ValueError(f"observation_filter='MeanStdFilter' normalizes vector (Box) "
                          f"observations; this env's observation space is "
