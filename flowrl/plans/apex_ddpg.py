@@ -15,7 +15,9 @@ DEFAULT_CONFIG: dict = {
     "train_batch_size": 512,
     "rollout_fragment_length": 50,
     "buffer_size": 1_000_000,
-    "learning_starts": 50_000,
+    # Sampled steps before the learner starts: enough for a varied first replay, small
+    # enough that a 50k-step run on a classic-control task still trains (was 50k).
+    "learning_starts": 10_000,
     "target_network_update_freq": 0,  # soft update (tau) after every learner result
     "prioritized_replay": True,
     "per_worker_exploration": True,
