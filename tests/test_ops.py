@@ -119,8 +119,11 @@ def test_broadcast_weights_reaches_all_workers(ray_session):
         policy.set_weights({k: v * 0 + 0.5 for k, v in policy.get_weights().items()})
         assert BroadcastWeights(workers, metrics)("item") == "item"
         assert metrics.get("num_weight_broadcasts") == 1
+        expected = policy.get_weights()  # 0.5 everywhere, observation-filter stats too
         for weights in workers.foreach_worker(lambda w: w.get_weights())[1:]:
-            assert all(np.allclose(v, 0.5) for v in weights["default_policy"].values())
+            assert weights["default_policy"].keys() == expected.keys()
+            for key, value in weights["default_policy"].items():
+                np.testing.assert_allclose(value, expected[key], err_msg=key)
     finally:
         workers.stop()
 

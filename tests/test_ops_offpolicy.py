@@ -181,6 +181,26 @@ def test_reporting_ends_an_iteration_without_output_once_thresholds_are_met():
     assert result["timesteps_this_iter"] >= 64
 
 
+def test_reporting_waits_only_when_no_branch_made_progress(monkeypatch):
+    """A side branch's NotReady (DQN's sampling) is progress: no sleep after it."""
+    from flowrl.ops.metrics import IdleBackoff
+
+    sleeps = []
+    monkeypatch.setattr("flowrl.ops.metrics.time.sleep", sleeps.append)
+    metrics = Metrics()
+    backoff = IdleBackoff(metrics)
+    metrics.inc("num_steps_sampled", 4)
+    backoff.not_ready()  # the counters moved: pull again at once
+    assert sleeps == []
+    backoff.not_ready()  # nothing moved: a short sleep, doubling while idle
+    backoff.not_ready()
+    assert sleeps == [IdleBackoff.MIN_S, 2 * IdleBackoff.MIN_S]
+    metrics.inc("num_steps_trained", 32)
+    backoff.not_ready()
+    backoff.not_ready()  # idle again: starts short again
+    assert sleeps[2:] == [IdleBackoff.MIN_S]
+
+
 def test_update_priorities_reach_the_shard_the_batch_came_from():
     from flowrl.ops import Replay, UpdatePriorities
     from flowrl.replay.actor import ReplayActor

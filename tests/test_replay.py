@@ -180,6 +180,45 @@ def test_find_prefixsum_idx_equals_linear_scan():
     assert tree.find_prefixsum_idx(0.0) == ref_find(values.tolist(), 0.0)
 
 
+@pytest.mark.parametrize("capacity", [5, 3000, 70_000])  # one, two and three levels
+def test_segment_trees_of_every_height_match_a_linear_scan(capacity):
+    rng = np.random.default_rng(capacity)
+    values = rng.integers(0, 4, size=capacity).astype(float)  # exact sums, zero leaves
+    values[-(capacity // 3 + 1):] = 0.0  # an empty tail: the descent must not stray there
+    sums, mins = SumSegmentTree(capacity), MinSegmentTree(capacity)
+    min_values = np.where(values > 0, values, np.inf)
+    sums[np.arange(capacity)] = values
+    mins[np.arange(capacity)] = min_values
+    total = values.sum()
+    assert sums.sum() == total and mins.min() == min_values.min()
+    boundaries = np.cumsum(values)
+    prefixes = np.concatenate([[0.0], boundaries[:50], boundaries[-5:], rng.random(300) * total,
+                               [total - 0.5, total, total + 3.0]])
+    want = np.minimum(np.searchsorted(boundaries, prefixes, side="right"),
+                      np.flatnonzero(values)[-1])  # past the total: the last non-zero leaf
+    np.testing.assert_array_equal(sums.find_prefixsum_idx(prefixes), want)
+    # Updates keep every level consistent, repeated indexes included (the last wins).
+    idx = rng.integers(0, capacity, size=40)
+    idx[1] = idx[0]
+    new = rng.integers(1, 5, size=40).astype(float)
+    sums[idx] = new
+    mins[idx] = new
+    for i, v in zip(idx.tolist(), new.tolist()):
+        values[i] = min_values[i] = v
+    assert sums.sum() == values.sum()
+    assert mins.min() == min_values.min()
+    assert mins.min(0, capacity // 2) == min_values[:capacity // 2].min()
+    p = rng.random(300) * values.sum()
+    np.testing.assert_array_equal(sums.find_prefixsum_idx(p),
+                                  np.searchsorted(np.cumsum(values), p, side="right"))
+    found, leaf_values = sums.find_leaves(p)
+    np.testing.assert_array_equal(leaf_values, values[found])
+    # assign(): the unchecked path for distinct, valid slots
+    sums.assign(np.array([0, capacity - 1]), np.array([7.0, 9.0]))
+    values[[0, capacity - 1]] = [7.0, 9.0]
+    assert sums.sum() == values.sum() and sums.sum(0, 1) == 7.0
+
+
 def test_segment_tree_errors():
     tree = SumSegmentTree(4)
     with pytest.raises(IndexError):

@@ -58,6 +58,16 @@ def test_concat_samples_and_concat():
         SampleBatch.concat_samples([a, SampleBatch(obs=b["obs"], actions=b["actions"])])
 
 
+def test_from_arrays_takes_the_columns_as_they_are():
+    obs, rewards = np.zeros((3, 2), np.float32), np.ones(3, np.float32)
+    batch = SampleBatch.from_arrays({"obs": obs, "rewards": rewards})
+    assert isinstance(batch, SampleBatch) and batch.count == 3
+    assert batch["obs"] is obs and batch["rewards"] is rewards  # no copies, no conversion
+    batch["actions"] = np.arange(3)  # checks apply again to later changes
+    with pytest.raises(ValueError, match="actions"):
+        batch["actions"] = np.arange(4)
+
+
 def test_slicing_returns_views():
     batch = make_batch(30)
     part = batch[10:20]

@@ -136,6 +136,48 @@ def _scalar_stats(learner_info: dict) -> dict:
             for pid, stats in learner_info.items()}
 
 
+class IdleBackoff:
+    """How a driver loop waits after a ``NotReady`` pull: not at all if the plan made
+    progress since the previous pull, else a short sleep that doubles (0.1 ms to 5 ms).
+
+        backoff = IdleBackoff(metrics)
+        if next(train_op) is NotReady: backoff.not_ready()
+        else: backoff.reset()
+
+    A branch that runs for its side effects only (DQN's sampling branch) hands every
+    item to the consumer as NotReady; sleeping after those would stall a loop that
+    is busy, not idle (about 0.2 ms, up to 2 ms on a loaded machine, per DQN round
+    of 4 env steps). Progress is read from the counters num_steps_sampled and
+    num_steps_trained.
+    """
+
+    MIN_S = 1e-4
+    MAX_S = 5e-3
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.delay = self.MIN_S
+        self.last_progress = self._progress()
+
+    def _progress(self) -> tuple[int, int]:
+        return self.metrics.get(NUM_STEPS_SAMPLED), self.metrics.get(NUM_STEPS_TRAINED)
+
+    def not_ready(self) -> None:
+        """After a NotReady pull: sleep unless the counters moved since the last pull."""
+        progress = self._progress()
+        if progress != self.last_progress:
+            self.last_progress = progress
+            self.delay = self.MIN_S
+            return
+        time.sleep(self.delay)
+        self.delay = min(2 * self.delay, self.MAX_S)
+
+    def reset(self) -> None:
+        """After a real item: the next idle wait starts short again."""
+        self.delay = self.MIN_S
+        self.last_progress = self._progress()
+
+
 def StandardMetricsReporting(train_op: LocalIterator, workers: WorkerSet, config: dict,
                              metrics: Metrics, selected_workers: list | Callable[[], list] | None = None,
                              extra_stats: Callable[[], dict] | None = None,
@@ -152,8 +194,9 @@ def StandardMetricsReporting(train_op: LocalIterator, workers: WorkerSet, config
     Pulls ``train_op`` until at least ``timesteps_per_iteration`` new steps were sampled
     and ``min_iter_time_s`` passed (with neither set: until one item arrived), then
     reports.
-    NotReady items are waited out here with a short back-off, so results are never
-    NotReady. ``extra_stats()`` adds plan-specific keys (e.g. replay buffer stats; an
+    NotReady items are waited out here with a short back-off (see :class:`IdleBackoff`:
+    none after a NotReady that stands for a side branch's progress), so results are
+    never NotReady. ``extra_stats()`` adds plan-specific keys (e.g. replay buffer stats; an
     ``"info"`` dict is merged into ``info``); ``episodes()`` replaces the workers as
     the episode source (see :class:`CollectMetrics`).
     Reads counters: num_steps_sampled, num_steps_trained.
@@ -173,16 +216,17 @@ def StandardMetricsReporting(train_op: LocalIterator, workers: WorkerSet, config
         return pulled > 0 or min_steps > 0 or min_time > 0
 
     def reports(_non_blocking: bool):
+        backoff = IdleBackoff(metrics)
         while True:
             start_time = time.perf_counter()
             start_steps = metrics.get(NUM_STEPS_SAMPLED)
-            pulled, backoff = 0, 1e-4
+            pulled = 0
             while not iteration_done(pulled, start_steps, start_time):
                 if next(train_op) is NotReady:
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 5e-3)
+                    backoff.not_ready()
                 else:
-                    pulled, backoff = pulled + 1, 1e-4
+                    pulled += 1
+                    backoff.reset()
             yield collect()
 
     reporter = LocalIterator(reports, metrics,

@@ -107,12 +107,13 @@ def adjust_nstep(batch: SampleBatch, n_step: int, gamma: float) -> SampleBatch:
     if count == 0:
         batch[GAMMAS] = np.zeros(0, dtype=np.float32)
         return batch
+    if n_step == 1:  # every m == 1: gamma per row, nothing else changes
+        batch[GAMMAS] = np.full(count, float(gamma), dtype=np.float32)
+        return batch
     rewards = np.asarray(batch[SampleBatch.REWARDS])
     rows = np.arange(count)
     horizon = np.minimum(n_step, _segment_ends(batch) - rows + 1)
     batch[GAMMAS] = np.power(float(gamma), horizon).astype(np.float32)
-    if n_step == 1:
-        return batch  # every m == 1: nothing else changes
 
     last = rows + horizon - 1
     rewards64 = rewards.astype(np.float64)
@@ -315,12 +316,12 @@ class DQNTorchPolicy(Policy):
         obs = self._obs_to_tensor(obs_batch)
         with torch.inference_mode():
             q_values = self.model(obs).float().cpu().numpy()
-        actions = q_values.argmax(axis=1).astype(np.int64)
+        actions = q_values.argmax(axis=1).astype(np.int64, copy=False)
         if explore:
             epsilon = self.epsilon
             if epsilon > 0.0:
                 random_rows = self._rng.random(actions.shape[0]) < epsilon
-                num_random = int(random_rows.sum())
+                num_random = int(np.count_nonzero(random_rows))
                 if num_random:
                     actions[random_rows] = self._rng.integers(self.num_actions, size=num_random)
         return actions, {Q_VALUES: q_values}
@@ -373,6 +374,11 @@ class DQNTorchPolicy(Policy):
 
     def _td_error(self, tensors: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(q_t_selected [B], td_error [B])`` (signed); grads flow through ``q_t`` only."""
+        q_selected, target = self._q_and_target(tensors)
+        return q_selected, q_selected - target
+
+    def _q_and_target(self, tensors: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q_t_selected [B], td_target [B])``; the target carries no gradient."""
         q_t = self.model(tensors[SampleBatch.OBS])
         q_selected = q_t.gather(1, tensors[SampleBatch.ACTIONS].view(-1, 1)).squeeze(1)
         new_obs = tensors[SampleBatch.NEW_OBS]
@@ -390,21 +396,25 @@ class DQNTorchPolicy(Policy):
                 q_tp1_target,
                 q_tp1_online,
             )
-        return q_selected, q_selected - target
+        return q_selected, target
 
     def loss(self, train_batch: TensorDict) -> tuple[torch.Tensor, TensorDict]:
         """Importance-weighted Huber TD loss; stats include ``|td_error|`` per row."""
-        q_selected, td_error = self._td_error(train_batch)
-        per_row = huber_loss(td_error)
+        q_selected, target = self._q_and_target(train_batch)
+        td_error = q_selected - target
+        # huber(q - target) straight from the pair: the same values as
+        # huber_loss(td_error), without a zeros tensor to compare against.
+        per_row = nn.functional.huber_loss(q_selected, target, reduction="none")
         weights = train_batch.get(SampleBatch.WEIGHTS)
         loss = (per_row * weights).mean() if weights is not None else per_row.mean()
         abs_td = td_error.detach().abs()
         q_detached = q_selected.detach()
+        min_q, max_q = torch.aminmax(q_detached)
         stats: TensorDict = {
             "loss": loss.detach(),
             "mean_q": q_detached.mean(),
-            "min_q": q_detached.min(),
-            "max_q": q_detached.max(),
+            "min_q": min_q,
+            "max_q": max_q,
             "mean_td_error": abs_td.mean(),
             TD_ERROR: abs_td,  # per row: see per_row_stats
         }

@@ -140,12 +140,12 @@ class ReplayActor(ParallelIteratorWorker):
         """PER beta for the next replayed batch (annealed on rows added x num_shards)."""
         if not self.prioritized:
             return 0.0
-        return linear_schedule(self.buffer.stats()["num_added"] * self.num_shards,
+        return linear_schedule(self.buffer.num_added * self.num_shards,
                                self.beta_timesteps, self.beta_initial, self.beta_final)
 
     def replay(self) -> SampleBatch | None:
         """A batch of ``train_batch_size`` rows, or None before ``learning_starts``."""
-        if len(self.buffer) == 0 or self.buffer.stats()["num_added"] < self.learning_starts:
+        if len(self.buffer) == 0 or self.buffer.num_added < self.learning_starts:
             return None
         if isinstance(self.buffer, PrioritizedReplayBuffer):
             batch = self.buffer.sample(self.train_batch_size, beta=self.current_beta())

@@ -41,6 +41,7 @@ Storage
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections import deque
@@ -49,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from flowrl.replay.frame_storage import FrameStackStorage, _ring_runs, looks_like_frame_stacks
-from flowrl.replay.segment_tree import MinSegmentTree, SumSegmentTree
+from flowrl.replay.segment_tree import MinSegmentTree, SumSegmentTree, keep_last
 from flowrl.data.sample_batch import MultiAgentBatch, SampleBatch
 
 __all__ = ["ReplayBuffer", "PrioritizedReplayBuffer", "linear_schedule"]
@@ -144,6 +145,11 @@ class ReplayBuffer:
     def __len__(self) -> int:
         """Number of transitions currently stored."""
         return self._head - self._tail
+
+    @property
+    def num_added(self) -> int:
+        """Rows added so far (``stats()["num_added"]`` without building the stats)."""
+        return self._head
 
     def __repr__(self) -> str:
         mode = "frame-stack" if self._frames is not None else "plain"
@@ -314,7 +320,10 @@ class ReplayBuffer:
     def _slot_to_global(self, slots: np.ndarray) -> np.ndarray:
         return self._tail + (slots - self._tail) % self._capacity
 
-    def _gather(self, global_idx: np.ndarray) -> SampleBatch:
+    def _gather(self, global_idx: np.ndarray,
+                extra: dict[str, np.ndarray] | None = None) -> SampleBatch:
+        """The rows ``global_idx`` with ``batch_indexes`` and the ``extra`` per-row
+        columns (e.g. PER weights) appended."""
         global_idx = np.asarray(global_idx, dtype=np.int64)
         slots = global_idx % self._capacity
         frames: tuple[np.ndarray, np.ndarray] | None = None
@@ -329,7 +338,9 @@ class ReplayBuffer:
             else:
                 out[name] = self._columns[name][slots]
         out[SampleBatch.BATCH_INDEXES] = global_idx
-        return SampleBatch(out)
+        if extra:
+            out.update(extra)
+        return SampleBatch.from_arrays(out)  # one row per global_idx in every column
 
     # -------------------------------------------------------------- stats
     def _extra_nbytes(self) -> int:
@@ -478,10 +489,16 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         self._add(batch, priorities)
 
     def _set_slots(self, slots: np.ndarray, priorities: np.ndarray) -> None:
+        """Priorities of distinct int64 ``slots`` (validated: finite, > 0)."""
         self._priorities[slots] = priorities
         scaled = priorities ** self.alpha
-        self._sum_tree[slots] = scaled
-        self._min_tree[slots] = scaled
+        # Finite priorities stay finite under alpha <= 1; a larger alpha may overflow.
+        if self.alpha > 1 and not scaled.max() < np.inf:
+            raise ValueError(f"priority ** alpha overflows: max priority {priorities.max()!r}, "
+                             f"alpha {self.alpha}")
+        # The trees' unchecked path: the slots and values are checked once, here.
+        self._sum_tree.assign(slots, scaled)
+        self._min_tree.assign(slots, scaled)
 
     def _on_rows_added(self, head: int, n: int, priorities: np.ndarray | None) -> None:
         slots = (head + np.arange(n)) % self._capacity
@@ -492,10 +509,10 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         self._set_slots(slots, priorities)
 
     def _on_evict(self, lo: int, hi: int) -> None:
-        slots = np.arange(lo, hi) % self._capacity
+        slots = np.arange(lo, hi) % self._capacity  # hi - lo <= capacity: distinct
         self._priorities[slots] = 0.0
-        self._sum_tree[slots] = 0.0
-        self._min_tree[slots] = np.inf
+        self._sum_tree.assign(slots, np.zeros(len(slots)))
+        self._min_tree.assign(slots, np.full(len(slots), np.inf))
 
     # ------------------------------------------------------------- sample
     def sample(self, num_items: int, beta: float | None = None) -> SampleBatch:
@@ -508,15 +525,15 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         start = time.perf_counter()
         self._check_sample_args(num_items)
         beta = self.beta if beta is None else float(beta)
-        if not np.isfinite(beta) or beta < 0:
+        if not math.isfinite(beta) or beta < 0:
             raise ValueError(f"beta must be finite and >= 0, got {beta!r}")
         total = self._sum_tree.sum()
-        slots = self._sum_tree.find_prefixsum_idx(self._rng.random(num_items) * total)
-        out = self._gather(self._slot_to_global(slots))
-        prob = self._sum_tree[slots] / total
+        slots, scaled = self._sum_tree.find_leaves(self._rng.random(num_items) * total)
+        prob = scaled / total
         prob_min = self._min_tree.min() / total
         # (N P)^-beta / (N P_min)^-beta == (P / P_min)^-beta
-        out[SampleBatch.WEIGHTS] = ((prob / prob_min) ** (-beta)).astype(np.float32)
+        weights = ((prob / prob_min) ** (-beta)).astype(np.float32)
+        out = self._gather(self._slot_to_global(slots), {SampleBatch.WEIGHTS: weights})
         self._num_sampled += num_items
         self._sample_rate.push(num_items, time.perf_counter() - start)
         return out
@@ -524,6 +541,9 @@ class PrioritizedReplayBuffer(ReplayBuffer):
     # --------------------------------------------------------- priorities
     def _validate_priorities(self, priorities: Any, indexes: np.ndarray | None) -> np.ndarray:
         p = np.asarray(priorities, dtype=np.float64).ravel()
+        # min > 0 and max < inf are both False for NaN: two reductions check it all.
+        if p.size == 0 or (p.min() > 0 and p.max() < np.inf):
+            return p
         bad = np.flatnonzero(~(np.isfinite(p) & (p > 0)))
         if bad.size:
             i = int(bad[0])
@@ -543,20 +563,27 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         idx = np.asarray(indexes)
         if idx.dtype.kind not in "iu":
             raise ValueError(f"indexes must be integers (batch_indexes), got dtype {idx.dtype}")
-        idx = idx.astype(np.int64).ravel()
+        idx = idx.astype(np.int64, copy=False).ravel()
         if len(idx) != np.size(priorities):
             raise ValueError(f"got {len(idx)} indexes but {np.size(priorities)} priorities")
         p = self._validate_priorities(priorities, idx)
-        if idx.size and (idx.min() < 0 or idx.max() >= self._head):
+        if idx.size == 0:
+            return
+        lowest = idx.min()
+        if lowest < 0 or idx.max() >= self._head:
             bad = idx[(idx < 0) | (idx >= self._head)][0]
             raise ValueError(f"index {int(bad)} was never handed out by this buffer "
                              f"({self._head} rows added so far)")
-        live = idx >= self._tail
-        self._num_stale += int(idx.size - live.sum())
-        if live.any():
-            p = p[live]
-            self._set_slots(idx[live] % self._capacity, p)
-            self._max_priority = max(self._max_priority, float(p.max()))
+        if lowest < self._tail:  # some rows were evicted since they were sampled
+            live = idx >= self._tail
+            self._num_stale += int(idx.size - live.sum())
+            idx, p = idx[live], p[live]
+            if idx.size == 0:
+                return
+        # Live indexes lie within one capacity, so distinct indexes are distinct slots.
+        slots, unique_p = keep_last(idx % self._capacity, p)
+        self._set_slots(slots, unique_p)
+        self._max_priority = max(self._max_priority, float(p.max()))
 
     def update_td_errors(self, indexes: np.ndarray, td_errors: np.ndarray) -> None:
         """``update_priorities(indexes, |td_errors| + eps)`` with this buffer's ``eps``."""
@@ -565,7 +592,7 @@ class PrioritizedReplayBuffer(ReplayBuffer):
 
     # -------------------------------------------------------- stats/state
     def _extra_nbytes(self) -> int:
-        return int(self._sum_tree._tree.nbytes + self._min_tree._tree.nbytes
+        return int(self._sum_tree.nbytes + self._min_tree.nbytes
                    + self._priorities.nbytes)
 
     def stats(self) -> dict[str, Any]:

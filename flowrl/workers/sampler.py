@@ -22,6 +22,13 @@ from flowrl.workers.reward_scaling import ReturnScaler
 _STEP_COLUMNS = (SampleBatch.REWARDS, SampleBatch.TERMINATEDS, SampleBatch.TRUNCATEDS)
 
 
+def _joined(pieces: list[SampleBatch]) -> SampleBatch:
+    """The pieces as one batch. A single piece is returned as it is: its arrays belong
+    to the chunk that produced it alone, so the copy a concatenation makes would only
+    cost time (a DQN fragment of 4 steps is often one piece)."""
+    return pieces[0] if len(pieces) == 1 else SampleBatch.concat_samples(pieces)
+
+
 class EpisodeStats(tuple):
     """``(episode_return, length)`` of one finished episode, with its ``custom_metrics``.
 
@@ -167,14 +174,14 @@ class VectorSampler:
 
     def sample(self) -> SampleBatch:
         if self.batch_mode == "truncate_episodes":
-            return SampleBatch.concat_samples(self._run_chunk(final=True))
+            return _joined(self._run_chunk(final=True))
         done_steps, episodes = 0, []
         target = self.fragment_length * self.num_envs
         while done_steps < target:
             finished = self._run_chunk(final=False)
             episodes.extend(finished)
             done_steps += sum(b.count for b in finished)
-        return SampleBatch.concat_samples(episodes)
+        return _joined(episodes)
 
     def _run_chunk(self, final: bool) -> list[SampleBatch]:
         """Steps all envs fragment_length times; returns postprocessed pieces.
@@ -306,7 +313,9 @@ class VectorSampler:
             for end in list(np.flatnonzero(ended[:, i]) + 1) + [T]:
                 if end <= start:
                     continue
-                piece = SampleBatch({k: v[start:end] for k, v in env_columns.items()})
+                # Slices of equal-length columns: no need for SampleBatch's checks.
+                piece = SampleBatch.from_arrays({k: v[start:end]
+                                                 for k, v in env_columns.items()})
                 episode_done = bool(ended[end - 1, i])
                 if not final:
                     if self._pending[i] is not None:
