@@ -272,9 +272,23 @@ def _latest(records: list[dict]) -> list[dict]:
     return list(last.values())
 
 
+def side_by_side(rows: list[Row], records: list[dict]) -> list[str]:
+    """One line per row that has both results: flowrl's and its SB3 counterpart's."""
+    out = ["| Row | Config | Budget (steps) | flowrl | SB3 (defaults) | SB3 algo |",
+           "|---|---|---:|---:|---:|---|"]
+    for row in rows:
+        mine = [r for r in records if r["framework"] == "flowrl" and r["key"] == row.name
+                and r["budget"] == row.budget]
+        theirs = [r for r in records if r["framework"] == "sb3" and r["key"] == sb3_key(row)]
+        if mine and theirs:
+            out.append(f"| {row.algo} {row.env} | {row.config_label} | {row.budget:,} | "
+                       f"{_summary(mine)[1]} | {_summary(theirs)[1]} | {theirs[0]['algo']} |")
+    return out + [""]
+
+
 def markdown(rows: list[Row], records: list[dict], frameworks: list[str]) -> str:
     records = _latest(records)
-    out = []
+    out = side_by_side(rows, records) if len(frameworks) == 2 else []
     if "flowrl" in frameworks:
         out += ["| Row | Config | Budget (steps) | Seeds | Final return (mean ± std) | "
                 "Per seed | Wall s (mean) |", "|---|---|---:|---:|---:|---|---:|"]
