@@ -250,6 +250,9 @@ def make_config(**overrides):
         "num_envs_per_worker": overrides.pop("num_envs_per_worker", 2),
         "rollout_fragment_length": overrides.pop("rollout_fragment_length", 40),
         "seed": overrides.pop("seed", 0),
+        # IMPALA's own defaults, where PPO's differ ("auto" for both).
+        "observation_filter": "NoFilter",
+        "normalize_rewards": False,
     })
     # The IMPALA keys are not in PPO's config schema: add them after validation.
     config.update(IMPALA_KEYS)
