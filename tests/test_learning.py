@@ -120,6 +120,7 @@ def test_dqn_default_config_acrobot():
 
 @pytest.mark.learning
 def test_ppo_default_config_hopper_smoke():
-    """MuJoCo smoke test: a random Hopper policy falls after ~20 steps (return ~18);
+    """MuJoCo smoke test: a random Hopper policy falls within ~20 steps (return 16.5
+    over 20 episodes here);
     default PPO passed 250 by about 30k steps here (650 at 90k)."""
     assert_learns("PPO", {}, 250, 60_000, env="Hopper-v5")

@@ -18,9 +18,10 @@ converges to the same value once it has seen a few episodes.
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
+
+from flowrl.policies.filters import RunningStat
 
 __all__ = ["ReturnScaler"]
 
@@ -41,28 +42,14 @@ class ReturnScaler:
         self.epsilon = float(epsilon)
         self.clip = float(clip)
         self.returns = np.zeros(num_envs, dtype=np.float64)
-        # Running count, mean and sum of squared deviations of the returns.
-        self.count = 0
-        self.mean = 0.0
-        self.m2 = 0.0
+        self.stats = RunningStat(())  # of every per-env return seen so far
 
     @property
     def std(self) -> float:
-        """The current scale (1.0 before any step)."""
-        if self.count < 2:
+        """The current scale (1.0 before two returns were seen)."""
+        if self.stats.count < 2:
             return 1.0
-        return float(np.sqrt(self.m2 / self.count + self.epsilon))
-
-    def _push(self, values: np.ndarray) -> None:
-        """Adds ``values`` to the running statistics (Chan et al.'s merge of two sets)."""
-        n = values.size
-        batch_mean = float(values.mean())
-        batch_m2 = float(np.square(values - batch_mean).sum())
-        total = self.count + n
-        delta = batch_mean - self.mean
-        self.mean += delta * n / total
-        self.m2 += batch_m2 + delta * delta * self.count * n / total
-        self.count = total
+        return float(np.sqrt(self.stats.var + self.epsilon))
 
     def scale(self, rewards: np.ndarray, ended: np.ndarray) -> np.ndarray:
         """Scaled copy of ``rewards [T, num_envs]``; ``ended [T, num_envs]`` marks the last
@@ -74,21 +61,7 @@ class ReturnScaler:
         out = np.empty(rewards.shape, dtype=np.float32)
         for t in range(rewards.shape[0]):
             self.returns = self.returns * self.gamma + rewards[t]
-            self._push(self.returns)
+            self.stats.push(self.returns)
             out[t] = np.clip(rewards[t] / self.std, -self.clip, self.clip)
             self.returns[ended[t]] = 0.0
         return out
-
-    def get_state(self) -> dict[str, Any]:
-        """Statistics and per-env returns as plain Python values (checkpoints)."""
-        return {"count": int(self.count), "mean": float(self.mean), "m2": float(self.m2),
-                "returns": self.returns.tolist()}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Restores :meth:`get_state`; per-env returns only when the env count matches."""
-        self.count = int(state["count"])
-        self.mean = float(state["mean"])
-        self.m2 = float(state["m2"])
-        returns = np.asarray(state.get("returns", []), dtype=np.float64)
-        if returns.shape == self.returns.shape:
-            self.returns = returns
