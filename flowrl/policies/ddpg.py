@@ -62,6 +62,8 @@ from flowrl.policies.ddpg_networks import (_DEFAULT_EXPLORATION, ActionNormalize
 from flowrl.policies.filters import RunningStat
 from flowrl.policies.policy import Policy, TensorDict, _to_cpu_copy, _writable
 from flowrl.data.sample_batch import SampleBatch
+from flowrl.data.spaces import action_mask_keys
+from flowrl.policies.nested import records_to_tensors
 
 __all__ = [
     "DDPGTorchPolicy",
@@ -160,8 +162,16 @@ class DDPGTorchPolicy(Policy):
     ) -> None:
         if not isinstance(action_space, gym.spaces.Box):
             raise ValueError(
-                f"DDPGTorchPolicy supports Box action spaces only, got {action_space!r}"
+                f"DDPG, TD3 and APEX_DDPG support Box action spaces only, got "
+                f"{action_space!r}; for Discrete actions use DQN, APEX or PPO, for "
+                "MultiDiscrete, MultiBinary, Tuple or Dict actions PPO, A2C, A3C, PG, "
+                "IMPALA or ES"
             )
+        if action_mask_keys(observation_space) is not None:
+            raise ValueError(
+                f"DDPG, TD3 and APEX_DDPG take Box actions, which an action_mask cannot "
+                f"mask; the observation space {observation_space!r} has one. Use "
+                "PPO or DQN for masked Discrete actions")
         model_config = (config or {}).get("model") or {}
         if model_config.get("custom_model") is not None:
             raise ValueError(
@@ -225,7 +235,8 @@ class DDPGTorchPolicy(Policy):
     # ------------------------------------------------------------ construction
     def make_model(self) -> nn.Module:
         """The online :class:`DDPGModel` (the target nets are a copy of it)."""
-        return DDPGModel(self.observation_space, self.action_space, self.config, self.normalizer)
+        return DDPGModel(self.obs_packer.kept_space, self.action_space, self.config,
+                         self.normalizer)
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         """The critic's Adam (``critic_lr``, weight decay ``l2_reg``); the actor's comes later."""
@@ -342,6 +353,9 @@ class DDPGTorchPolicy(Policy):
                     )
                 continue
             arr = self._normalize_column(column, np.asarray(batch[column]))
+            if arr.dtype.names is not None:  # nested observations
+                tensors[column] = records_to_tensors(arr, self.obs_packer, self.device)
+                continue
             if column == SampleBatch.ACTIONS:
                 arr = self.normalizer.to_normalized(arr.reshape(arr.shape[0], -1))
             elif column == SampleBatch.TERMINATEDS:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowrl.policies.models import FlatObs, _activation, _activation_fn, _linear, _mlp
+from flowrl.policies.models import ObservationEncoder, _activation, _activation_fn, _linear, _mlp
 
 # Defaults of ``exploration_config`` (keys the user leaves out).
 _DEFAULT_EXPLORATION: dict[str, Any] = {
@@ -115,10 +115,12 @@ def _squash(x: torch.Tensor, bounded: torch.Tensor | None, all_bounded: bool) ->
 
 # -------------------------------------------------------------------- models
 class Actor(nn.Module):
-    """``obs -> u [B, act_dim]``: MLP of ``hiddens`` -> linear head -> tanh on bounded dims.
+    """``obs -> u [B, act_dim]``: :class:`ObservationEncoder` -> MLP of ``hiddens`` ->
+    linear head -> tanh on bounded dims.
 
     The head is initialised with gain 0.01 (orthogonal), so the initial policy
-    is close to the middle of the action range.
+    is close to the middle of the action range. ``model_config`` is read only for
+    the conv stacks of image observations (``conv_filters``, ``conv_activation``).
     """
 
     def __init__(
@@ -128,10 +130,11 @@ class Actor(nn.Module):
         hiddens: list[int],
         activation: str,
         normalizer: ActionNormalizer,
+        model_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.flat_obs = FlatObs(obs_space, "DDPG's actor")
-        body, size = _mlp(self.flat_obs.size, [int(h) for h in hiddens], _activation(activation))
+        self.encoder = ObservationEncoder(obs_space, model_config)
+        body, size = _mlp(self.encoder.size, [int(h) for h in hiddens], _activation(activation))
         self.net = nn.Sequential(*body, _linear(size, int(act_dim), gain=0.01))
         self.all_bounded = normalizer.all_bounded
         mask = None if normalizer.all_bounded or normalizer.none_bounded else torch.from_numpy(
@@ -140,17 +143,19 @@ class Actor(nn.Module):
         # Constant, so not part of the weights (get_weights / set_weights) or the state.
         self.register_buffer("bounded", mask, persistent=False)
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return _squash(self.net(self.flat_obs(obs)), self.bounded, self.all_bounded)
+    def forward(self, obs: Any) -> torch.Tensor:
+        return _squash(self.net(self.encoder(obs)), self.bounded, self.all_bounded)
 
 
 class CriticEnsemble(nn.Module):
     """``K`` independent Q-networks ``Q_k(s, u)`` evaluated as one batched matmul per layer.
 
-    Each Q-net is an MLP of ``hiddens`` on ``concat(flat_obs, u)`` with a scalar
+    Each Q-net is an MLP of ``hiddens`` on ``concat(encoder(obs), u)`` with a scalar
     head. Layer ``i`` holds ``weight_i`` ``[K, in, out]`` and ``bias_i``
     ``[K, 1, out]`` (orthogonal init per critic, gain sqrt(2) hidden, 1 head), so
-    TD3's twin critics cost the same number of torch ops as one critic.
+    TD3's twin critics cost the same number of torch ops as one critic. The
+    :class:`ObservationEncoder` (one for all ``K`` critics) reads ``model_config``
+    only for image observations' conv stacks.
     """
 
     def __init__(
@@ -160,12 +165,13 @@ class CriticEnsemble(nn.Module):
         hiddens: list[int],
         activation: str,
         num_critics: int,
+        model_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.flat_obs = FlatObs(obs_space, "DDPG's critic")
+        self.encoder = ObservationEncoder(obs_space, model_config)
         self.num_critics = int(num_critics)
         self.activation_fn = _activation_fn(activation)
-        sizes = [self.flat_obs.size + int(act_dim), *(int(h) for h in hiddens), 1]
+        sizes = [self.encoder.size + int(act_dim), *(int(h) for h in hiddens), 1]
         self._layer_names: list[tuple[str, str]] = []
         for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             gain = 1.0 if index == len(sizes) - 2 else float(np.sqrt(2.0))
@@ -181,11 +187,11 @@ class CriticEnsemble(nn.Module):
             self._layer_names.append((f"weight_{index}", f"bias_{index}"))
 
     def forward(
-        self, obs: torch.Tensor, actions: torch.Tensor, num: int | None = None
+        self, obs: Any, actions: torch.Tensor, num: int | None = None
     ) -> torch.Tensor:
         """``Q [K', B]`` for normalized ``actions``; ``num`` = only the first ``num`` critics."""
         k = self.num_critics if num is None else int(num)
-        x = torch.cat([self.flat_obs(obs), actions.to(torch.float32)], dim=1)
+        x = torch.cat([self.encoder(obs), actions.to(torch.float32)], dim=1)
         h = x.unsqueeze(0).expand(k, -1, -1)
         params = self._parameters  # dict lookups: Module.__getattr__ is slow per call
         last = len(self._layer_names) - 1
@@ -215,12 +221,15 @@ class DDPGModel(nn.Module):
     ) -> None:
         super().__init__()
         act_dim = int(np.prod(action_space.shape))
+        # Only image observations read it (conv_filters, conv_activation).
+        model_config = config.get("model") or {}
         self.actor = Actor(
             obs_space,
             act_dim,
             list(config["actor_hiddens"]),
             config["actor_hidden_activation"],
             normalizer,
+            model_config,
         )
         self.critic = CriticEnsemble(
             obs_space,
@@ -228,13 +237,14 @@ class DDPGModel(nn.Module):
             list(config["critic_hiddens"]),
             config["critic_hidden_activation"],
             2 if config["twin_q"] else 1,
+            model_config,
         )
         self.register_buffer("center", torch.from_numpy(normalizer.center.copy()), persistent=False)
         self.register_buffer(
             "half_range", torch.from_numpy(normalizer.half_range.copy()), persistent=False
         )
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: Any) -> torch.Tensor:
         return self.center + self.half_range * self.actor(obs)
 
 

@@ -32,7 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowrl.data.spaces import action_mask_keys
 from flowrl.policies.dqn_networks import QNetwork
+from flowrl.policies.models import ActionMaskedModel
+from flowrl.policies.nested import records_to_tensors
 from flowrl.policies.policy import Policy, TensorDict, _writable
 from flowrl.data.sample_batch import SampleBatch
 
@@ -242,7 +245,9 @@ class DQNTorchPolicy(Policy):
     ) -> None:
         if not isinstance(action_space, gym.spaces.Discrete):
             raise ValueError(
-                f"DQNTorchPolicy supports Discrete action spaces only, got {action_space!r}"
+                f"DQN and APEX support Discrete action spaces only, got {action_space!r}; "
+                "for MultiDiscrete, MultiBinary, Tuple or Dict actions use PPO, A2C, A3C, "
+                "PG, IMPALA or ES, for Box actions DDPG, TD3 or APEX_DDPG"
             )
         super().__init__(observation_space, action_space, config)
         cfg = self.config
@@ -270,14 +275,28 @@ class DQNTorchPolicy(Policy):
 
     # ------------------------------------------------------------ construction
     def make_model(self) -> nn.Module:
-        """The online :class:`QNetwork` (the target net is a copy of it)."""
-        return QNetwork(
-            self.observation_space,
+        """The online :class:`QNetwork` (the target net is a copy of it).
+
+        A masked observation space (a Dict of ``action_mask`` and ``observations``)
+        gets the Q network of its ``observations`` part inside an
+        :class:`~flowrl.policies.models.ActionMaskedModel`: masked actions get the
+        lowest Q value, so neither the greedy action nor the bootstrap target's max
+        ever takes them.
+        """
+        space = self.obs_packer.kept_space
+        mask_keys = action_mask_keys(space)
+        obs_space = space if mask_keys is None else space[mask_keys[1]]
+        q_network = QNetwork(
+            obs_space,
             self.action_space,
             self.config["model"],
             list(self.config.get("hiddens") or []),
             bool(self.config.get("dueling", True)),
         )
+        if mask_keys is None:
+            return q_network
+        return ActionMaskedModel(q_network, mask_keys[1], space[mask_keys[0]],
+                                 int(self.action_space.n))
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         """Adam with ``lr`` and ``adam_epsilon`` (fused kernel where available)."""
@@ -311,8 +330,12 @@ class DQNTorchPolicy(Policy):
         Returns ``(actions int64 [B], {"q_values": float32 [B, A]})``.
 
         With probability epsilon a row's action is drawn uniformly from all
-        actions (the greedy one included), one vectorised draw per batch.
+        actions (the greedy one included), one vectorised draw per batch. With an
+        action mask in the observation, both the greedy and the random action are
+        legal ones (a row whose mask allows nothing is treated as unmasked).
         """
+        if self.obs_packer.nested:
+            obs_batch = self.obs_packer.as_batch(obs_batch)
         obs = self._obs_to_tensor(obs_batch)
         with torch.inference_mode():
             q_values = self.model(obs).float().cpu().numpy()
@@ -323,8 +346,20 @@ class DQNTorchPolicy(Policy):
                 random_rows = self._rng.random(actions.shape[0]) < epsilon
                 num_random = int(np.count_nonzero(random_rows))
                 if num_random:
-                    actions[random_rows] = self._rng.integers(self.num_actions, size=num_random)
+                    actions[random_rows] = self._random_actions(obs_batch, random_rows,
+                                                                num_random)
         return actions, {Q_VALUES: q_values}
+
+    def _random_actions(self, obs_batch: Any, rows: np.ndarray, count: int) -> np.ndarray:
+        """Uniform random actions for ``rows`` of the batch: legal ones under a mask."""
+        mask_keys = action_mask_keys(self.obs_packer.kept_space)
+        if mask_keys is None:
+            return self._rng.integers(self.num_actions, size=count)
+        mask = np.asarray(obs_batch[mask_keys[0]])[rows].reshape(count, -1) != 0
+        mask[~mask.any(axis=1)] = True
+        # The argmax of uniform scores over the legal entries: a uniform legal action.
+        scores = np.where(mask, self._rng.random(mask.shape), -1.0)
+        return scores.argmax(axis=1)
 
     def value(self, obs_batch: np.ndarray) -> np.ndarray:
         """``max_a Q(obs, a)`` from the online net, shape ``[B]`` float32."""
@@ -363,6 +398,9 @@ class DQNTorchPolicy(Policy):
                     )
                 continue
             arr = self._normalize_column(column, np.asarray(batch[column]))
+            if arr.dtype.names is not None:  # nested observations
+                tensors[column] = records_to_tensors(arr, self.obs_packer, self.device)
+                continue
             if column == SampleBatch.ACTIONS:
                 arr = arr.astype(np.int64, copy=False)
             elif column == SampleBatch.TERMINATEDS:

@@ -7,61 +7,53 @@ from __future__ import annotations
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 import torch
 from torch import nn
 
 from flowrl.policies.models import (
-    FlatObs,
-    _NATURE_CONV_FILTERS,
+    ObservationEncoder,
     _NATURE_FC_SIZE,
     _CUSTOM_MODELS,
+    _ImageSpec,
     _activation,
-    _conv_stack,
     _is_image_space,
     _linear,
     _mlp,
+    _to_nchw,
 )
 
 
 # ---------------------------------------------------------------------- model
 class _FlatTrunk(nn.Module):
-    """One-hot (Discrete) or flattened (Box) obs -> MLP of ``fcnet_hiddens``."""
+    """:class:`ObservationEncoder` features (any supported space) -> MLP of ``fcnet_hiddens``."""
 
     def __init__(self, obs_space: gym.Space, model_config: dict[str, Any]) -> None:
         super().__init__()
-        self.flat_obs = FlatObs(obs_space, "DQN's built-in model")
-        in_size = self.flat_obs.size
+        self.encoder = ObservationEncoder(obs_space, model_config)
         activation = _activation(model_config.get("fcnet_activation", "tanh"))
         hiddens = list(model_config.get("fcnet_hiddens") or [])
-        self.mlp, self.out_size = _mlp(in_size, hiddens, activation)
+        self.mlp, self.out_size = _mlp(self.encoder.size, hiddens, activation)
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.flat_obs(obs))
+    def forward(self, obs: Any) -> torch.Tensor:
+        return self.mlp(self.encoder(obs))
 
 
 class _VisionTrunk(nn.Module):
-    """Channels-last frames -> Nature-DQN conv stack (or ``conv_filters``) -> fc 512."""
+    """Image frames, channels last or first -> conv stack (Nature DQN for sides >= 36,
+    a padded 3x3 stack below, or ``conv_filters``) -> fc 512."""
 
     def __init__(self, obs_space: gym.spaces.Box, model_config: dict[str, Any]) -> None:
         super().__init__()
-        height, width, channels = (int(d) for d in obs_space.shape)
+        spec = _ImageSpec(obs_space, model_config, "DQN's vision trunk")
+        self.channels_last = spec.channels_last
         # uint8 frames travel unscaled from env to learner; scale on the device.
-        self.scale = 1.0 / 255.0 if obs_space.dtype == np.uint8 else 1.0
-        filters = model_config.get("conv_filters") or _NATURE_CONV_FILTERS
-        activation = _activation(model_config.get("conv_activation", "relu"))
-        convs = _conv_stack(channels, filters, activation)
-        with torch.no_grad():
-            flat = convs(torch.zeros(1, channels, height, width)).shape[1]
-        layers: list[nn.Module] = [convs, _linear(flat, _NATURE_FC_SIZE, gain=float(np.sqrt(2.0)))]
-        if activation is not None:
-            layers.append(activation())
-        self.net = nn.Sequential(*layers)
+        self.scale = spec.scale
+        self.net = spec.tower(_activation(model_config.get("conv_activation", "relu")),
+                              _NATURE_FC_SIZE)
         self.out_size = _NATURE_FC_SIZE
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        x = obs.permute(0, 3, 1, 2).float()
-        return self.net(x * self.scale if self.scale != 1.0 else x)
+        return self.net(_to_nchw(obs, self.channels_last, self.scale))
 
 
 class _CustomTrunk(nn.Module):
@@ -72,7 +64,7 @@ class _CustomTrunk(nn.Module):
         self.model = model
         self.out_size = int(out_size)
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: Any) -> torch.Tensor:
         out = self.model(obs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -85,9 +77,11 @@ def _head_stream(in_size: int, hiddens: list[int], out_size: int) -> nn.Sequenti
 class QNetwork(nn.Module):
     """``obs -> Q [B, num_actions]``: feature trunk + (dueling) Q head.
 
-    Trunk, as the model catalog picks it: image stacks (3-D Box, H, W >= 32)
-    -> Nature CNN + fc 512; other Box / Discrete obs -> an MLP of
-    ``fcnet_hiddens`` with ``fcnet_activation`` (one-hot for Discrete);
+    Trunk, as the model catalog picks it: images (3-D Box with both spatial
+    sides >= 8, channels last or first, see :func:`~flowrl.policies.models.image_layout`)
+    -> conv stack + fc 512; any other supported space (Box, Discrete,
+    MultiDiscrete, MultiBinary, Dict, Tuple) -> :class:`ObservationEncoder`
+    features -> an MLP of ``fcnet_hiddens`` with ``fcnet_activation``;
     ``custom_model`` -> that model built with ``num_outputs =
     ([256] + fcnet_hiddens)[-1]``, whose first output is used as the features.
 
@@ -146,7 +140,8 @@ class QNetwork(nn.Module):
         value = self.value_stream(features)
         return value + advantages - advantages.mean(dim=1, keepdim=True)
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: Any) -> torch.Tensor:
+        """Observation batch (a tensor, or nested tensors for Dict / Tuple) -> Q ``[B, n]``."""
         return self.q_from_features(self.trunk(obs))
 
 

@@ -11,10 +11,15 @@ The module takes a batch of observations exactly as the env returns them (uint8
 indices for ``Discrete`` observations) and returns the action the agent takes with
 ``explore=False``: the argmax for ``Discrete`` actions, the mean / deterministic
 action for ``Box`` actions, clipped to the space bounds when the agent clips
-(``clip_actions``, on by default). Each policy class builds its eager module with
-``export_module()``; this file holds the shared head modules, the conversion to
-TorchScript (``torch.jit.script`` where the model allows it, else ``torch.jit.trace``,
-checked on several batch sizes) and the atomic writing of the two files.
+(``clip_actions``, on by default); the argmax per component for ``MultiDiscrete`` /
+``MultiBinary`` actions (int64 ``[B, *shape]``); for ``Tuple`` / ``Dict`` actions one
+flat float32 row ``[B, D]`` per observation, which
+``flowrl.data.actions.ActionLayout(space).to_env(row, clip=False)`` (or the
+``action_row`` slots in ``policy.json``) turns into the nested action. Each policy
+class builds its eager module with ``export_module()``; this file holds the shared
+head modules, the conversion to TorchScript (``torch.jit.script`` where the model
+allows it, else ``torch.jit.trace``, checked on several batch sizes) and the atomic
+writing of the two files.
 """
 
 from __future__ import annotations
@@ -32,11 +37,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowrl.data.actions import ActionLayout
+from flowrl.policies.distributions import ProductDistribution, get_dist_class
+from flowrl.data.spaces import ObservationPacker, array_leaf_spaces, is_nested, leaf_paths
 from flowrl.version import __version__
 
 __all__ = [
     "EXPORT_FILE", "METADATA_FILE", "ArgmaxHead", "DistInputsGreedy", "BoxActionHead",
-    "describe_space", "to_torchscript", "write_export",
+    "MultiArgmaxHead", "ProductGreedyHead", "greedy_head", "describe_space",
+    "describe_action_row", "to_torchscript", "write_export",
 ]
 
 EXPORT_FILE = "policy.pt"
@@ -87,50 +96,200 @@ class ArgmaxHead(nn.Module):
         return torch.argmax(self.model(obs), dim=-1)
 
 
+class MultiArgmaxHead(nn.Module):
+    """Logits of independent categoricals side by side, ``[B, sum(nvec)]`` -> the
+    argmax per component, int64 ``[B, *action_shape]`` (``MultiDiscrete`` /
+    ``MultiBinary``: one index per component)."""
+
+    def __init__(self, nvec: list[int], action_shape: list[int]) -> None:
+        super().__init__()
+        self.num_components = len(nvec)
+        self.max_n = max(nvec)
+        self.action_shape = [int(d) for d in action_shape]
+        # Padded position j of component c reads input column offset_c + j, or the
+        # appended -inf column past the component's size (never the argmax).
+        total = sum(nvec)
+        pad = torch.full((self.num_components, self.max_n), total, dtype=torch.long)
+        offset = 0
+        for c, n in enumerate(nvec):
+            pad[c, :n] = torch.arange(offset, offset + n)
+            offset += n
+        self.register_buffer("pad_index", pad.reshape(-1))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        pad = torch.full_like(logits[:, :1], float("-inf"))
+        padded = torch.cat([logits, pad], dim=1).index_select(1, self.pad_index)
+        best = torch.argmax(padded.reshape(-1, self.num_components, self.max_n), dim=-1)
+        return best.reshape([-1] + self.action_shape)
+
+
+class ProductGreedyHead(nn.Module):
+    """``dist_inputs`` of a ``ProductDistribution`` -> the flat float32 action row
+    ``[B, D]`` of a ``Tuple`` / ``Dict`` action space: the argmax of each discrete
+    leaf (as a float) and the mean of each ``Box`` leaf, clipped to that leaf's bounds
+    when ``clip``, in the row layout of :class:`~flowrl.data.actions.ActionLayout`
+    (``ActionLayout(space).to_env(row, clip=False)`` gives the nested action).
+    """
+
+    def __init__(self, action_space: gym.Space, clip: bool) -> None:
+        super().__init__()
+        dist_class, _ = get_dist_class(action_space)
+        if not issubclass(dist_class, ProductDistribution):
+            raise NotImplementedError(f"no product greedy export for {action_space}")
+        categorical = dist_class.categorical_class
+        self.num_categorical = len(dist_class.categorical_slots)
+        self.num_gaussian = len(dist_class.gaussian_slots)
+        self.categorical = None if categorical is None else MultiArgmaxHead(
+            list(categorical.nvec), [self.num_categorical])
+        self.clip = bool(clip)
+        self.register_buffer("cat_inputs", torch.as_tensor(dist_class.categorical_inputs))
+        self.register_buffer("mean_inputs", torch.as_tensor(dist_class.mean_inputs))
+        # Column j of [argmaxes, means] goes to row slot order[j]; argsort inverts that.
+        order = np.concatenate([dist_class.categorical_slots, dist_class.gaussian_slots])
+        self.register_buffer("order", torch.as_tensor(np.argsort(order)))
+        boxes = [leaf.space for leaf in ActionLayout(action_space).leaves
+                 if isinstance(leaf.space, gym.spaces.Box)]
+        low = [np.asarray(b.low, dtype=np.float64).reshape(-1) for b in boxes]
+        high = [np.asarray(b.high, dtype=np.float64).reshape(-1) for b in boxes]
+        self.register_buffer("low", torch.as_tensor(
+            np.concatenate(low) if low else np.zeros(0), dtype=torch.float32))
+        self.register_buffer("high", torch.as_tensor(
+            np.concatenate(high) if high else np.zeros(0), dtype=torch.float32))
+
+    def forward(self, dist_inputs: torch.Tensor) -> torch.Tensor:
+        parts: list[torch.Tensor] = []
+        categorical = self.categorical
+        if categorical is not None:
+            parts.append(categorical(dist_inputs.index_select(1, self.cat_inputs))
+                         .to(torch.float32))
+        if self.num_gaussian > 0:
+            means = dist_inputs.index_select(1, self.mean_inputs).to(torch.float32)
+            if self.clip:
+                means = torch.minimum(torch.maximum(means, self.low), self.high)
+            parts.append(means)
+        return torch.cat(parts, dim=1).index_select(1, self.order)
+
+
+class _ArgmaxLogits(nn.Module):
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.argmax(logits, dim=-1)
+
+
+class _BoxMean(nn.Module):
+    """The first ``size`` dist inputs (the mean, or a deterministic action) -> Box head."""
+
+    def __init__(self, action_space: gym.spaces.Box, clip: bool) -> None:
+        super().__init__()
+        self.action_size = int(np.prod(action_space.shape))
+        self.box = BoxActionHead(action_space, clip)
+
+    def forward(self, dist_inputs: torch.Tensor) -> torch.Tensor:
+        return self.box(dist_inputs[:, : self.action_size])
+
+
+def greedy_head(action_space: gym.Space, dist_name: str, clip_actions: bool) -> nn.Module:
+    """The module ``dist_inputs [B, num_outputs] -> greedy actions`` for a distribution.
+
+    ``Categorical`` (Discrete): argmax, int64 ``[B]``. ``DiagGaussian`` /
+    ``Deterministic`` (Box): the mean, :class:`BoxActionHead`, ``[B, *shape]``.
+    ``MultiCategorical`` (MultiDiscrete / MultiBinary): :class:`MultiArgmaxHead`,
+    int64 ``[B, *shape]``. ``ProductDistribution`` (Tuple / Dict):
+    :class:`ProductGreedyHead`, float32 ``[B, D]``.
+    """
+    if isinstance(action_space, gym.spaces.Discrete) and dist_name == "Categorical":
+        return _ArgmaxLogits()
+    if isinstance(action_space, gym.spaces.Box) and dist_name in ("DiagGaussian",
+                                                                   "Deterministic"):
+        return _BoxMean(action_space, clip_actions)
+    if isinstance(action_space, (gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)) \
+            and dist_name == "MultiCategorical":
+        dist_class, _ = get_dist_class(action_space)
+        return MultiArgmaxHead(list(dist_class.nvec), list(action_space.shape))
+    if isinstance(action_space, (gym.spaces.Tuple, gym.spaces.Dict)) \
+            and dist_name == "ProductDistribution":
+        return ProductGreedyHead(action_space, clip_actions)
+    raise NotImplementedError(f"no greedy export for {dist_name} over {action_space}")
+
+
 class DistInputsGreedy(nn.Module):
     """Catalog model ``obs -> (dist_inputs, value)`` -> the distribution's mode.
 
-    ``Discrete``: argmax of the logits (``Categorical``). ``Box``: the mean, i.e. the
-    first half of ``dist_inputs`` (``DiagGaussian``), or all of it for a
-    ``Deterministic`` distribution, then :class:`BoxActionHead`.
+    ``Discrete``: argmax of the logits (``Categorical``), int64 ``[B]``. ``Box``: the
+    mean, i.e. the first half of ``dist_inputs`` (``DiagGaussian``), or all of it for
+    a ``Deterministic`` distribution, then :class:`BoxActionHead`. ``MultiDiscrete`` /
+    ``MultiBinary``: the argmax per component, int64 ``[B, *shape]``. ``Tuple`` /
+    ``Dict``: the flat float32 row ``[B, D]`` (see :class:`ProductGreedyHead`); the
+    caller turns a row into the nested action with
+    ``flowrl.data.actions.ActionLayout(space).to_env(row, clip=False)``, or by the
+    ``action_row`` slots recorded in ``policy.json``.
     """
 
     def __init__(self, model: nn.Module, action_space: gym.Space, dist_name: str,
                  clip_actions: bool) -> None:
         super().__init__()
         self.model = model
-        self.discrete = isinstance(action_space, gym.spaces.Discrete)
-        if self.discrete:
-            if dist_name != "Categorical":
-                raise NotImplementedError(f"no greedy export for {dist_name} over {action_space}")
-            self.action_size = 0
-            self.box = None
-        else:
-            if dist_name not in ("DiagGaussian", "Deterministic"):
-                raise NotImplementedError(f"no greedy export for {dist_name} over {action_space}")
-            self.action_size = int(np.prod(action_space.shape))
-            self.box = BoxActionHead(action_space, clip_actions)
+        self.head = greedy_head(action_space, dist_name, clip_actions)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        dist_inputs = self.model(obs)[0]
-        if self.box is None:
-            return torch.argmax(dist_inputs, dim=-1)
-        return self.box(dist_inputs[:, : self.action_size])
+        return self.head(self.model(obs)[0])
 
 
-def _example_batches(space: gym.Space) -> list[torch.Tensor]:
+class LeafInputs(nn.Module):
+    """``module(nested obs)`` called with one tensor per observation leaf.
+
+    TorchScript modules take tensors, not dicts, so an export for a ``Dict`` / ``Tuple``
+    observation space takes its leaves positionally, in the order of
+    :func:`flowrl.data.spaces.leaf_paths` (``policy.json`` lists them)::
+
+        actions = module(obs["action_mask"], obs["observations"])
+    """
+
+    def __init__(self, module: nn.Module, observation_space: gym.Space) -> None:
+        super().__init__()
+        self.module = module
+        self.kept_space = array_leaf_spaces(observation_space)
+
+    def _nest(self, space: gym.Space, leaves: list[torch.Tensor]) -> Any:
+        if isinstance(space, gym.spaces.Dict):
+            return {key: self._nest(sub, leaves) for key, sub in space.spaces.items()}
+        if isinstance(space, gym.spaces.Tuple):
+            return tuple(self._nest(sub, leaves) for sub in space.spaces)
+        return leaves.pop(0)
+
+    def forward(self, *leaves: torch.Tensor) -> torch.Tensor:
+        return self.module(self._nest(self.kept_space, list(leaves)))
+
+
+def example_batches(space: gym.Space) -> list[Any]:
     """Observation batches of several sizes, sampled from a private copy of ``space``
-    (the env's own space and its RNG stay untouched)."""
+    (the env's own space and its RNG stay untouched); for a nested space each batch is
+    a tuple of leaf tensors (see :class:`LeafInputs`)."""
     sampler = copy.deepcopy(space)
     sampler.seed(0)
-    batches = []
+    batches: list[Any] = []
+    packer = ObservationPacker(space)
     for size in _CHECK_BATCH_SIZES:
+        if packer.nested:
+            leaves = [np.array(records_leaf, order="C") for records_leaf in
+                      _flat_leaves(packer.unpack(packer.pack([sampler.sample()
+                                                              for _ in range(size)])))]
+            batches.append(tuple(torch.from_numpy(leaf) for leaf in leaves))
+            continue
         arr = np.stack([np.asarray(sampler.sample()) for _ in range(size)])
         if arr.dtype == np.float64 and isinstance(space, gym.spaces.Box) \
                 and np.dtype(space.dtype) != np.float64:
             arr = arr.astype(space.dtype)
         batches.append(torch.from_numpy(np.ascontiguousarray(arr)))
     return batches
+
+
+def _flat_leaves(nested: Any) -> list[Any]:
+    """The leaves of nested dicts / tuples in order (dicts in their key order)."""
+    if isinstance(nested, dict):
+        return [leaf for sub in nested.values() for leaf in _flat_leaves(sub)]
+    if isinstance(nested, tuple):
+        return [leaf for sub in nested for leaf in _flat_leaves(sub)]
+    return [nested]
 
 
 def _outputs_match(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -151,7 +310,7 @@ def to_torchscript(module: nn.Module, observation_space: gym.Space) -> torch.jit
     """
     # Inference only: outputs then need no .detach() before .numpy().
     module = module.cpu().eval().requires_grad_(False)
-    batches = _example_batches(observation_space)
+    batches = example_batches(observation_space)
     with warnings.catch_warnings():
         # torch marks TorchScript deprecated, but it is still the format that loads
         # without Python model code (torch.jit.load, libtorch).
@@ -164,11 +323,12 @@ def to_torchscript(module: nn.Module, observation_space: gym.Space) -> torch.jit
                 exported = torch.jit.trace(module, batches[-1], check_trace=False)
     with torch.no_grad():
         for batch in batches:
-            expected, got = module(batch), exported(batch)
+            inputs = batch if isinstance(batch, tuple) else (batch,)
+            expected, got = module(*inputs), exported(*inputs)
             if not _outputs_match(expected, got):
                 raise RuntimeError(
                     f"The TorchScript export of {type(module).__name__} differs from the "
-                    f"eager module on a batch of {batch.shape[0]} observations (expected "
+                    f"eager module on a batch of {inputs[0].shape[0]} observations (expected "
                     f"{tuple(expected.shape)} {expected.dtype}, got {tuple(got.shape)} "
                     f"{got.dtype}); the model may not be traceable.")
     return exported
@@ -193,7 +353,13 @@ def _bounds(values: np.ndarray) -> Any:
 
 
 def describe_space(space: gym.Space) -> dict[str, Any]:
-    """A JSON-able description of a Discrete or Box space (type, shape, dtype, bounds)."""
+    """A JSON-able description of a space: type, shape, dtype and bounds / sizes.
+
+    ``Discrete``, ``Box``, ``MultiDiscrete`` (``nvec``, ``start``), ``MultiBinary``
+    (``n``) and ``Tuple`` / ``Dict`` (``spaces``, described the same way; a ``Dict``
+    also lists its ``keys`` in the space's order, which sorted JSON would lose).
+    Other spaces give their type and ``repr``.
+    """
     if isinstance(space, gym.spaces.Discrete):
         return {"type": "Discrete", "n": int(space.n), "start": int(space.start),
                 "dtype": "int64"}
@@ -201,7 +367,46 @@ def describe_space(space: gym.Space) -> dict[str, Any]:
         return {"type": "Box", "shape": [int(d) for d in space.shape],
                 "dtype": np.dtype(space.dtype).name,
                 "low": _bounds(space.low), "high": _bounds(space.high)}
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return {"type": "MultiDiscrete", "shape": [int(d) for d in space.shape],
+                "dtype": np.dtype(space.dtype).name, "nvec": space.nvec.tolist(),
+                "start": space.start.tolist()}
+    if isinstance(space, gym.spaces.MultiBinary):
+        return {"type": "MultiBinary", "shape": [int(d) for d in space.shape],
+                "dtype": np.dtype(space.dtype).name, "n": np.asarray(space.n).tolist()}
+    if isinstance(space, gym.spaces.Tuple):
+        return {"type": "Tuple", "spaces": [describe_space(sub) for sub in space.spaces]}
+    if isinstance(space, gym.spaces.Dict):
+        return {"type": "Dict", "keys": [str(key) for key in space.spaces],
+                "spaces": {str(key): describe_space(sub) for key, sub in space.spaces.items()}}
     return {"type": type(space).__name__, "repr": repr(space)}
+
+
+def describe_action_row(action_space: gym.Space) -> list[dict[str, Any]]:
+    """Where each leaf of a ``Tuple`` / ``Dict`` action sits in the exported flat
+    float32 row: ``path`` (keys / indexes from the root), ``slots`` ``[start, stop)``
+    and the leaf's :func:`describe_space`, in row order."""
+    return [{"path": [key if isinstance(key, int) else str(key) for key in leaf.path],
+             "slots": [leaf.offset, leaf.offset + leaf.size],
+             "space": describe_space(leaf.space)}
+            for leaf in ActionLayout(action_space).leaves]
+
+
+def _output_text(action_space: gym.Space, desc: dict[str, Any]) -> str:
+    """What the exported module returns, for ``policy.json``."""
+    if isinstance(action_space, gym.spaces.Discrete):
+        return "greedy actions, int64 [B]"
+    if isinstance(action_space, (gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)):
+        return f"greedy actions (argmax per component), int64 {_batch_shape(desc)}"
+    if isinstance(action_space, (gym.spaces.Tuple, gym.spaces.Dict)):
+        size = ActionLayout(action_space).size
+        return (f"greedy actions as flat rows, float32 [B, {size}]: each leaf's slots are "
+                "in 'action_row' (Discrete leaves: the index as a float; Box leaves: the "
+                "mean, clipped to the leaf's bounds when the agent clips actions); "
+                "flowrl.data.actions.ActionLayout(space).to_env(row, clip=False) turns a "
+                "row into the nested action")
+    return (f"deterministic actions, shape {_batch_shape(desc)}, dtype "
+            f"{desc.get('dtype')}")
 
 
 def _batch_shape(desc: dict[str, Any]) -> str:
@@ -225,6 +430,24 @@ def _replace_atomically(path: str, write: Any) -> None:
         raise
 
 
+def _input_text(space: gym.Space, desc: dict[str, Any]) -> Any:
+    """What the exported module takes: one batch, or one batch per leaf of a nested space."""
+    if not is_nested(space):
+        return ("a batch of raw observations as the env returns them, shape "
+                f"{_batch_shape(desc)}, dtype {desc.get('dtype')}")
+    kept = array_leaf_spaces(space)
+    leaves = []
+    for path in leaf_paths(space):
+        leaf_space = kept
+        for key in path:
+            leaf_space = leaf_space[key]
+        leaf_desc = describe_space(leaf_space)
+        leaves.append({"path": list(path), "shape": _batch_shape(leaf_desc),
+                       "dtype": leaf_desc.get("dtype")})
+    return {"arguments": "one batch per observation leaf, in this order (leaves without "
+                         "an array form, e.g. Text, are not taken)", "leaves": leaves}
+
+
 def write_export(export_dir: str, module: nn.Module, observation_space: gym.Space,
                  action_space: gym.Space, metadata: dict[str, Any] | None = None) -> str:
     """Converts ``module`` with :func:`to_torchscript` and writes ``policy.pt`` and
@@ -244,16 +467,16 @@ def write_export(export_dir: str, module: nn.Module, observation_space: gym.Spac
         "format": "torchscript",
         "observation_space": obs_desc,
         "action_space": act_desc,
-        "input": "a batch of raw observations as the env returns them, shape "
-                 f"{_batch_shape(obs_desc)}, dtype {obs_desc.get('dtype')}",
-        "output": ("greedy actions, int64 [B]" if act_desc["type"] == "Discrete" else
-                   f"deterministic actions, shape {_batch_shape(act_desc)}, dtype "
-                   f"{act_desc.get('dtype')}"),
-        "usage": f"torch.jit.load('{EXPORT_FILE}')(torch.as_tensor(obs_batch))",
+        "input": _input_text(observation_space, obs_desc),
+        "output": _output_text(action_space, act_desc),
+        "usage": (f"torch.jit.load('{EXPORT_FILE}')(*leaf_batches)" if is_nested(
+            observation_space) else f"torch.jit.load('{EXPORT_FILE}')(torch.as_tensor(obs_batch))"),
         "flowrl_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
     }
+    if isinstance(action_space, (gym.spaces.Tuple, gym.spaces.Dict)):
+        info["action_row"] = describe_action_row(action_space)
     path = os.path.join(export_dir, EXPORT_FILE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # see to_torchscript

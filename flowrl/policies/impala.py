@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from flowrl.policies.policy import Policy, TensorDict, _writable
+from flowrl.policies.nested import Rows, cat_rows, map_rows, num_rows, records_to_tensors
 from flowrl.data.sample_batch import SampleBatch, minibatch_bounds
 
 __all__ = ["BOOTSTRAP_VALUE", "split_pieces", "piece_layout", "vtrace", "VTraceTorchPolicy"]
@@ -281,8 +282,10 @@ class VTraceTorchPolicy(Policy):
         return batch
 
     # ---------------------------------------------------------------- learning
-    def _to_tensor(self, arr: Any, column: str = "") -> torch.Tensor:
+    def _to_tensor(self, arr: Any, column: str = "") -> Rows:
         arr = np.asarray(arr)
+        if arr.dtype.names is not None:  # nested observations
+            return records_to_tensors(arr, self.obs_packer, self.device)
         if arr.dtype == np.float64:
             arr = arr.astype(np.float32)
         elif column == SampleBatch.ACTIONS and self._discrete_actions and arr.dtype != np.int64:
@@ -337,11 +340,11 @@ class VTraceTorchPolicy(Policy):
     def loss(self, train_batch: TensorDict) -> tuple[torch.Tensor, TensorDict]:
         """V-trace loss over whole pieces (a tensor dict from :meth:`_batch_to_tensors`)."""
         obs = train_batch[SampleBatch.OBS]
-        n = obs.shape[0]
+        n = num_rows(obs)
         boot_obs = train_batch.get(_PIECE_BOOT_OBS)
         if boot_obs is not None:
             # One forward for the batch and the states after its pieces.
-            dist_inputs, values_all = self.model(torch.cat([obs, boot_obs.to(obs.dtype)]))
+            dist_inputs, values_all = self.model(cat_rows(obs, boot_obs))
             dist_inputs, values = dist_inputs[:n], values_all[:n]
             boot_values = values_all[n:].detach()
         else:
@@ -416,9 +419,9 @@ class VTraceTorchPolicy(Policy):
         sub: TensorDict = {}
         for key, value in tensors.items():
             if key in _PIECE_KEYS:
-                sub[key] = value.index_select(0, pieces_t)
+                sub[key] = map_rows(lambda t: t.index_select(0, pieces_t), value)
             elif key not in (_ROW_INDEX, _MASK):
-                sub[key] = value.index_select(0, rows_t)
+                sub[key] = map_rows(lambda t: t.index_select(0, rows_t), value)
         self._add_layout(sub, sub_lengths)
         return sub
 

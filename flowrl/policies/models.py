@@ -3,37 +3,58 @@
 Every model -- built-in or custom -- is constructed as
 ``cls(obs_space, action_space, num_outputs, model_config)`` and implements
 ``forward(obs) -> (dist_inputs [B, num_outputs], value [B])``. ``obs`` is the
-raw observation batch as a tensor (integer indices for ``Discrete`` spaces,
-``uint8`` frames for images); models do their own preprocessing (one-hot,
-flatten, scale by 1/255) so the sampler ships observations unchanged.
+raw observation batch, unpreprocessed, so the sampler ships observations as the
+env gives them and models do their own preprocessing (one-hot, flatten, scale by
+1/255):
+
+* a plain space gives one tensor ``[B, *shape]`` (integer indices ``[B]`` for
+  ``Discrete``, ``uint8`` frames for images, int64 ``MultiDiscrete``, int8
+  ``MultiBinary``, float32 ``Box``);
+* a ``Dict`` / ``Tuple`` space gives the same structure of tensors: a ``dict`` of
+  its keys / a ``tuple`` of its positions, one ``[B, ...]`` tensor per leaf with the
+  dtypes above. Leaves without an array form (``Text``, MiniGrid's mission string)
+  are left out: models are built for :func:`~flowrl.data.spaces.array_leaf_spaces`
+  of the space and never see them. Custom models receive this nested structure too.
+
+:class:`ObservationEncoder` turns any such observation into float32 features
+``[B, size]`` (one encoder per leaf, concatenated in leaf order); custom models can
+use it as their first layer.
 
 Which built-in model :func:`get_model` picks:
 
-* ``Discrete`` obs -> :class:`FullyConnectedNetwork` on a one-hot encoding;
-* ``Box`` with 3 dims and height, width >= 32 (channels last, ``(H, W, C)``)
-  -> :class:`VisionNetwork` (Nature-DQN conv stack; ``uint8`` obs scaled by 1/255);
-* any other ``Box`` -> :class:`FullyConnectedNetwork` on the flattened obs.
+* an image (a 3-D ``Box`` whose spatial sides are both >= 8, channels last
+  ``(H, W, C)`` or channels first ``(C, H, W)``, see :func:`image_layout`)
+  -> :class:`VisionNetwork` (conv stack; ``uint8`` obs scaled by 1/255);
+* ``Box``, ``Discrete``, ``MultiDiscrete``, ``MultiBinary``, ``Dict``, ``Tuple``
+  -> :class:`FullyConnectedNetwork` on the :class:`ObservationEncoder` features.
+
+A masked observation (a ``Dict`` of ``action_mask`` and ``observations``) is handled
+by wrapping the model of its ``observations`` part in :class:`ActionMaskedModel`.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
 
+from flowrl.data.spaces import ACTION_MASK, LeafPath, array_leaf_spaces, is_nested
 from flowrl.imports import is_import_string, load_object
 
 __all__ = [
     "MODEL_DEFAULTS",
     "TorchModel",
     "TwinMLP",
+    "ObservationEncoder",
     "FullyConnectedNetwork",
     "VisionNetwork",
+    "ActionMaskedModel",
+    "image_layout",
     "register_custom_model",
     "get_model",
     "merge_model_config",
@@ -44,7 +65,8 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "fcnet_hiddens": [64, 64],
     # "tanh" | "relu" | "elu" | "silu" (alias "swish") | "linear".
     "fcnet_activation": "tanh",
-    # Conv stack as [[out_channels, kernel, stride], ...]; None = Nature DQN.
+    # Conv stack as [[out_channels, kernel, stride(, padding)], ...]. None: Nature DQN
+    # for images of 36x36 and up, a padded 3x3 stride-2 stack for smaller ones.
     "conv_filters": None,
     "conv_activation": "relu",
     # Share the hidden layers between policy and value heads.
@@ -61,6 +83,15 @@ MODEL_DEFAULTS: dict[str, Any] = {
 # Nature DQN (Mnih et al. 2015): 84x84 -> 20x20 -> 9x9 -> 7x7, then fc 512.
 _NATURE_CONV_FILTERS = [[32, 8, 4], [64, 4, 2], [64, 3, 1]]
 _NATURE_FC_SIZE = 512
+# The smallest sides the Nature stack fits (36 -> 8 -> 3 -> 1).
+_NATURE_MIN_SIDE = 36
+# Below that: 3x3 stride-2 convs padded by 1 halve each side (rounding up), so any
+# image of 8x8 and up keeps at least 1x1 after three layers.
+_SMALL_CONV_FILTERS = [[32, 3, 2, 1], [64, 3, 2, 1], [64, 3, 2, 1]]
+# Both spatial sides of a 3-D Box must be at least this for it to count as an image.
+_MIN_IMAGE_SIDE = 8
+# Width of the projection after an image leaf's conv stack in ObservationEncoder.
+_IMAGE_FEATURES = 256
 
 _ACTIVATIONS: dict[str, type[nn.Module] | None] = {
     "tanh": nn.Tanh,
@@ -90,6 +121,12 @@ def merge_model_config(model_config: dict | None) -> dict[str, Any]:
 
 def register_custom_model(name: str, cls: type[nn.Module]) -> None:
     """Make ``cls`` available as ``model={"custom_model": name}``.
+
+    ``cls(obs_space, action_space, num_outputs, model_config)`` builds the model;
+    its ``forward(obs)`` gets the raw observation batch: one tensor for a plain
+    space, a nested ``dict`` / ``tuple`` of ``[B, ...]`` tensors (one per leaf, leaves
+    without an array form left out) for a ``Dict`` / ``Tuple`` space. An
+    :class:`ObservationEncoder` turns either into float32 features.
 
     The registry is per process: register in a module the rollout workers
     import too, or put the class itself in ``custom_model`` (it travels with
@@ -226,39 +263,306 @@ class TwinMLP(nn.Module):
         return h[0, :, : self.policy_outputs], h[1, :, 0]
 
 
-class FlatObs(nn.Module):
-    """Raw vector obs -> float32 ``[B, size]``: one-hot for ``Discrete``, flattened ``Box``.
+# ------------------------------------------------------------------- images
+ImageLayout = Literal["HWC", "CHW"]
 
-        encode = FlatObs(env.observation_space, "MyModel")
-        mlp = nn.Linear(encode.size, 64)   # ... mlp(encode(obs))
+
+def _layout_and_dims(shape: tuple[int, ...]) -> tuple[ImageLayout, int, int, int]:
+    """``(layout, channels, height, width)`` of a 3-D shape by :func:`image_layout`'s rule,
+    whatever its size."""
+    if shape[0] < shape[2]:
+        return "CHW", int(shape[0]), int(shape[1]), int(shape[2])
+    return "HWC", int(shape[2]), int(shape[0]), int(shape[1])
+
+
+def image_layout(space: gym.Space) -> ImageLayout | None:
+    """How the catalog reads ``space`` as an image: ``"HWC"``, ``"CHW"``, or None.
+
+    An image is a 3-D ``Box`` whose two spatial sides are both at least 8. It is
+    channels-first (``"CHW"``, e.g. ``FrameStackObservation``'s ``(4, 84, 84)``)
+    when ``shape[0] < shape[2]``, channels-last (``"HWC"``, e.g. Atari's
+    ``(84, 84, 4)``) otherwise. Any other space gives None, including 3-D Boxes with
+    a side below 8 (MiniGrid's ``(7, 7, 3)`` grid), which models flatten instead.
     """
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 3:
+        return None
+    layout, _, height, width = _layout_and_dims(space.shape)
+    return layout if min(height, width) >= _MIN_IMAGE_SIDE else None
 
-    def __init__(self, obs_space: gym.Space, owner: str) -> None:
-        super().__init__()
-        if isinstance(obs_space, gym.spaces.Discrete):
-            self.one_hot_size: int | None = int(obs_space.n)
-            self.obs_start = int(obs_space.start)
-            self.size = self.one_hot_size
-        elif isinstance(obs_space, gym.spaces.Box):
-            self.one_hot_size = None
-            self.obs_start = 0
-            self.size = int(np.prod(obs_space.shape))
-        else:
+
+def _is_image_space(space: gym.Space) -> bool:
+    """Whether the catalog gives ``space`` a conv stack (see :func:`image_layout`)."""
+    return image_layout(space) is not None
+
+
+def _too_small_for_convs(space: gym.spaces.Box, owner: str) -> ValueError:
+    _, _, height, width = _layout_and_dims(space.shape)
+    return ValueError(
+        f"{owner}: a conv stack needs an image of at least {_MIN_IMAGE_SIDE}x{_MIN_IMAGE_SIDE}, "
+        f"got a {height}x{width} one ({space!r}); smaller 3-D Boxes are flattened into "
+        "the MLP when conv_filters is left unset"
+    )
+
+
+def _conv_filters_for(model_config: dict[str, Any], height: int,
+                      width: int) -> tuple[list[list[int]], int]:
+    """``conv_filters`` (or the default stack for this size) and the flattened size of
+    their output on a ``height x width`` image; ValueError if they shrink it to nothing."""
+    given = model_config.get("conv_filters")
+    if given:
+        filters = [[int(v) for v in entry] for entry in given]
+    elif min(height, width) >= _NATURE_MIN_SIDE:
+        filters = _NATURE_CONV_FILTERS
+    else:
+        filters = _SMALL_CONV_FILTERS
+    out_h, out_w = height, width
+    for entry in filters:
+        if len(entry) not in (3, 4) or min(entry[:3]) < 1 or (len(entry) == 4 and entry[3] < 0):
             raise ValueError(
-                f"{owner} needs a Box or Discrete observation space, got {obs_space!r}")
+                "conv_filters entries are [out_channels, kernel, stride] or [out_channels, "
+                f"kernel, stride, padding] with positive sizes, got {entry!r}")
+        _, kernel, stride = entry[:3]
+        padding = entry[3] if len(entry) == 4 else 0
+        out_h = (out_h + 2 * padding - kernel) // stride + 1
+        out_w = (out_w + 2 * padding - kernel) // stride + 1
+        if out_h < 1 or out_w < 1:
+            raise ValueError(
+                f"conv_filters {filters} shrink the {height}x{width} image to nothing "
+                f"(layer {entry} leaves {max(out_h, 0)}x{max(out_w, 0)}); use smaller kernels "
+                "or strides, or padding as a 4th entry")
+    return filters, filters[-1][0] * out_h * out_w
+
+
+def _conv_stack(
+    in_channels: int, filters: list[list[int]], activation: type[nn.Module] | None
+) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for entry in filters:
+        out_channels, kernel, stride = (int(v) for v in entry[:3])
+        padding = int(entry[3]) if len(entry) > 3 else 0
+        conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding)
+        nn.init.orthogonal_(conv.weight, gain=float(np.sqrt(2.0)))
+        nn.init.zeros_(conv.bias)
+        layers.append(conv)
+        if activation is not None:
+            layers.append(activation())
+        in_channels = out_channels
+    layers.append(nn.Flatten())
+    return nn.Sequential(*layers)
+
+
+class _ImageSpec:
+    """What a conv tower needs to know about one image space (checked on construction)."""
+
+    def __init__(self, space: gym.Space, model_config: dict[str, Any], owner: str) -> None:
+        if not (isinstance(space, gym.spaces.Box) and len(space.shape) == 3):
+            raise ValueError(
+                f"{owner} needs a 3-D image Box, (H, W, C) or (C, H, W), got {space!r}")
+        layout, self.channels, self.height, self.width = _layout_and_dims(space.shape)
+        if min(self.height, self.width) < _MIN_IMAGE_SIDE:
+            raise _too_small_for_convs(space, owner)
+        self.channels_last = layout == "HWC"
+        # uint8 frames travel unscaled from the env to the learner; scale on the device.
+        self.scale = 1.0 / 255.0 if space.dtype == np.uint8 else 1.0
+        self.filters, self.conv_out = _conv_filters_for(model_config, self.height, self.width)
+
+    def tower(self, activation: type[nn.Module] | None, fc_size: int) -> nn.Sequential:
+        """Conv stack -> flatten -> Linear(``fc_size``) -> activation."""
+        layers: list[nn.Module] = [
+            _conv_stack(self.channels, self.filters, activation),
+            _linear(self.conv_out, fc_size, gain=float(np.sqrt(2.0))),
+        ]
+        if activation is not None:
+            layers.append(activation())
+        return nn.Sequential(*layers)
+
+
+def _to_nchw(obs: torch.Tensor, channels_last: bool, scale: float) -> torch.Tensor:
+    """Raw image batch -> ``[B, C, H, W]`` float32 (scaled to [0, 1] for uint8)."""
+    x = (obs.permute(0, 3, 1, 2) if channels_last else obs).float()
+    return x * scale if scale != 1.0 else x
+
+
+# ------------------------------------------------------------------ encoders
+class _FlattenLeaf(nn.Module):
+    """Box (non-image) or MultiBinary leaf -> flattened float32."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.size = int(np.prod(shape))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        if self.one_hot_size is not None:
-            return nn.functional.one_hot(obs.long() - self.obs_start, self.one_hot_size).float()
         return obs.reshape(obs.shape[0], -1).float()
 
 
+class _OneHotLeaf(nn.Module):
+    """Discrete leaf ``[B]`` -> one-hot ``[B, n]`` of ``obs - start``."""
+
+    def __init__(self, space: gym.spaces.Discrete) -> None:
+        super().__init__()
+        self.size = int(space.n)
+        self.start = int(space.start)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(obs.reshape(-1).long() - self.start, self.size).float()
+
+
+class _MultiOneHotLeaf(nn.Module):
+    """MultiDiscrete leaf -> the one-hots of its components (``nvec[i]`` wide each),
+    concatenated in flattened component order."""
+
+    def __init__(self, space: gym.spaces.MultiDiscrete) -> None:
+        super().__init__()
+        nvec = np.asarray(space.nvec, dtype=np.int64).reshape(-1)
+        start = np.asarray(space.start, dtype=np.int64).reshape(-1)
+        self.size = int(nvec.sum())
+        offsets = np.concatenate([[0], np.cumsum(nvec)[:-1]]).astype(np.int64)
+        # Component i's value v is column offsets[i] + v - start[i]: one scatter for all.
+        # Not persistent: a constant of the space, not a weight.
+        self.register_buffer("shift", torch.from_numpy(offsets - start), persistent=False)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        index = obs.reshape(obs.shape[0], -1).long() + self.shift
+        out = torch.zeros(index.shape[0], self.size, device=obs.device)
+        return out.scatter_(1, index, 1.0)
+
+
+class _ImageLeaf(nn.Module):
+    """Image leaf -> conv stack -> Linear to ``_IMAGE_FEATURES`` -> ``conv_activation``.
+
+    The conv output's width grows with the image (3136 for 84x84, 64 for 8x8). The
+    projection keeps the encoder's width, and so the first MLP layer, independent of
+    the resolution, and stops a single image from outweighing the other leaves by
+    thousands of features to a handful in the concatenation.
+    """
+
+    def __init__(self, space: gym.spaces.Box, model_config: dict[str, Any]) -> None:
+        super().__init__()
+        spec = _ImageSpec(space, model_config, "ObservationEncoder")
+        self.channels_last = spec.channels_last
+        self.scale = spec.scale
+        self.net = spec.tower(_activation(model_config.get("conv_activation", "relu")),
+                              _IMAGE_FEATURES)
+        self.size = _IMAGE_FEATURES
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(_to_nchw(obs, self.channels_last, self.scale))
+
+
+def _leaf_spaces(space: gym.Space, prefix: LeafPath = ()) -> list[tuple[LeafPath, gym.Space]]:
+    """``(path, leaf space)`` of every leaf, Dict keys in the space's order, Tuple by index."""
+    if isinstance(space, gym.spaces.Dict):
+        children: list[tuple[Any, gym.Space]] = list(space.spaces.items())
+    elif isinstance(space, gym.spaces.Tuple):
+        children = list(enumerate(space.spaces))
+    else:
+        return [(prefix, space)]
+    leaves: list[tuple[LeafPath, gym.Space]] = []
+    for key, sub in children:
+        leaves.extend(_leaf_spaces(sub, (*prefix, key)))
+    return leaves
+
+
+def _leaf_encoder(space: gym.Space, path: LeafPath, model_config: dict[str, Any]) -> nn.Module:
+    if isinstance(space, gym.spaces.Box):
+        if _is_image_space(space):
+            return _ImageLeaf(space, model_config)
+        return _FlattenLeaf(space.shape)
+    if isinstance(space, gym.spaces.Discrete):
+        return _OneHotLeaf(space)
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return _MultiOneHotLeaf(space)
+    if isinstance(space, gym.spaces.MultiBinary):
+        return _FlattenLeaf(space.shape)
+    where = f" (leaf {'/'.join(str(k) for k in path)})" if path else ""
+    raise ValueError(
+        f"no observation encoder for the space {space!r}{where}: supported are Box, Discrete, "
+        "MultiDiscrete and MultiBinary, also inside Dict / Tuple; use a custom model for others"
+    )
+
+
+class ObservationEncoder(nn.Module):
+    """Raw observation batch of any supported space -> float32 features ``[B, size]``.
+
+    One encoder per leaf, outputs concatenated in leaf order (a ``Dict``'s key
+    order, a ``Tuple``'s positions, depth first):
+
+    * ``Box`` that is an image (:func:`image_layout`) -> conv stack (``conv_filters``,
+      else Nature DQN for sides >= 36 and three padded 3x3 stride-2 convs below) ->
+      Linear to 256 -> ``conv_activation``; ``uint8`` scaled by 1/255, channels-first
+      images used as they are;
+    * any other ``Box`` -> flattened, as float (no scaling);
+    * ``Discrete`` -> one-hot of ``obs - start``;
+    * ``MultiDiscrete`` -> one one-hot per component (``obs[i] - start[i]`` among
+      ``nvec[i]``), concatenated;
+    * ``MultiBinary`` -> flattened, as float.
+
+    ``obs`` is one tensor for a plain space, nested ``dict`` / ``tuple`` of tensors
+    for ``Dict`` / ``Tuple``. Leaves without an array form are left out (the encoder
+    is built for :func:`~flowrl.data.spaces.array_leaf_spaces`); other leaf spaces
+    raise ``ValueError``. ``conv_filters`` set for a space whose only 3-D ``Box``
+    leaves are too small to be images raises ``ValueError`` (8x8 is the minimum).
+
+        encode = ObservationEncoder(env.observation_space, {})
+        head = nn.Linear(encode.size, 64)   # head(encode(obs))
+    """
+
+    def __init__(self, obs_space: gym.Space, model_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        config = model_config or {}
+        space = array_leaf_spaces(obs_space)
+        leaves = _leaf_spaces(space)
+        if config.get("conv_filters"):
+            cubes = [leaf for _, leaf in leaves
+                     if isinstance(leaf, gym.spaces.Box) and len(leaf.shape) == 3]
+            if cubes and not any(_is_image_space(leaf) for leaf in cubes):
+                raise _too_small_for_convs(cubes[0], "conv_filters")
+        self.obs_space = space
+        self._nested = is_nested(space)
+        self._paths = [path for path, _ in leaves]
+        self.leaf_encoders = nn.ModuleList(
+            [_leaf_encoder(leaf, path, config) for path, leaf in leaves])
+        self.size = sum(int(encoder.size) for encoder in self.leaf_encoders)
+        # Plain vector Box / MultiBinary and Discrete obs are encoded inline in forward:
+        # no sub-module call on the hot path of small classic-control nets.
+        self._flatten = not self._nested and isinstance(
+            self.leaf_encoders[0], _FlattenLeaf)
+        one_hot = None if self._nested else self.leaf_encoders[0]
+        self._one_hot_size = one_hot.size if isinstance(one_hot, _OneHotLeaf) else None
+        self._one_hot_start = one_hot.start if isinstance(one_hot, _OneHotLeaf) else 0
+
+    def forward(self, obs: Any) -> torch.Tensor:
+        """Observation batch (a tensor, or nested dict / tuple of tensors) -> ``[B, size]``."""
+        # The isinstance check and the is_scripting branch let TorchScript compile the
+        # plain-space paths (policy exports) and skip the nested one.
+        if isinstance(obs, torch.Tensor):
+            if self._flatten:
+                return obs.reshape(obs.shape[0], -1).float()
+            if self._one_hot_size is not None:
+                return nn.functional.one_hot(
+                    obs.long() - self._one_hot_start, self._one_hot_size).float()
+            if not self._nested:
+                return self.leaf_encoders[0](obs)
+        if torch.jit.is_scripting():
+            raise RuntimeError("TorchScript models take plain tensor observations only")
+        else:
+            features = []
+            for path, encoder in zip(self._paths, self.leaf_encoders):
+                leaf = obs
+                for key in path:
+                    leaf = leaf[key]
+                features.append(encoder(leaf))
+            return torch.cat(features, dim=1)
+
+
+# -------------------------------------------------------------------- models
 class FullyConnectedNetwork(TorchModel):
-    """MLP for vector (or one-hot ``Discrete``) observations.
+    """MLP on :class:`ObservationEncoder` features (any supported observation space).
 
     Separate policy and value towers of ``fcnet_hiddens`` each (evaluated
     together by :class:`TwinMLP`), or one shared trunk with two linear heads
-    when ``vf_share_layers`` is set.
+    when ``vf_share_layers`` is set. The encoder (conv stacks of image leaves
+    included) is shared by both towers.
     """
 
     def __init__(
@@ -269,8 +573,8 @@ class FullyConnectedNetwork(TorchModel):
         model_config: dict[str, Any],
     ) -> None:
         super().__init__(obs_space, action_space, num_outputs, model_config)
-        self.flat_obs = FlatObs(obs_space, "FullyConnectedNetwork")
-        in_size = self.flat_obs.size
+        self.encoder = ObservationEncoder(obs_space, model_config)
+        in_size = self.encoder.size
         hiddens = list(model_config.get("fcnet_hiddens") or [])
         activation = _activation(model_config.get("fcnet_activation", "tanh"))
         self.vf_share_layers = bool(model_config.get("vf_share_layers", False))
@@ -286,12 +590,12 @@ class FullyConnectedNetwork(TorchModel):
                 in_size, hiddens, policy_outputs, model_config.get("fcnet_activation", "tanh")
             )
 
-    def preprocess(self, obs: torch.Tensor) -> torch.Tensor:
-        """Raw obs -> float32 ``[B, features]`` (one-hot for Discrete obs)."""
-        return self.flat_obs(obs)
+    def preprocess(self, obs: Any) -> torch.Tensor:
+        """Raw obs -> float32 ``[B, features]`` (see :class:`ObservationEncoder`)."""
+        return self.encoder(obs)
 
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.preprocess(obs)
+    def forward(self, obs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.encoder(obs)
         if self.twin is not None:
             policy_out, value = self.twin(x)
             return self._policy_output(policy_out), value
@@ -300,29 +604,16 @@ class FullyConnectedNetwork(TorchModel):
         return dist_inputs, self.value_head(features).squeeze(-1)
 
 
-def _conv_stack(
-    in_channels: int, filters: list[list[int]], activation: type[nn.Module] | None
-) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for out_channels, kernel, stride in filters:
-        conv = nn.Conv2d(in_channels, int(out_channels), int(kernel), int(stride))
-        nn.init.orthogonal_(conv.weight, gain=float(np.sqrt(2.0)))
-        nn.init.zeros_(conv.bias)
-        layers.append(conv)
-        if activation is not None:
-            layers.append(activation())
-        in_channels = int(out_channels)
-    layers.append(nn.Flatten())
-    return nn.Sequential(*layers)
-
-
 class VisionNetwork(TorchModel):
-    """Nature-DQN conv net for channels-last image stacks, e.g. ``(84, 84, 4)`` uint8.
+    """Conv net for image observations, e.g. Atari's ``(84, 84, 4)`` uint8 frame stacks.
 
-    Conv 32x8 s4, 64x4 s2, 64x3 s1 (or ``conv_filters``), then fc 512 and the
-    heads. ``uint8`` observations are scaled by 1/255 inside the model so frames
-    stay uint8 from the env to the learner. Without ``vf_share_layers`` the
-    value function has its own conv stack.
+    Channels-last ``(H, W, C)`` and channels-first ``(C, H, W)`` images are both
+    accepted (:func:`image_layout`). Conv stack: ``conv_filters``, else Nature DQN
+    (32x8 s4, 64x4 s2, 64x3 s1) for sides >= 36 and three 3x3 stride-2 convs padded
+    by 1 (32, 64, 64 channels) for smaller images (8x8 at least); then fc 512 and
+    the heads. ``uint8`` observations are scaled by 1/255 inside the model so frames
+    stay uint8 from the env to the learner. Without ``vf_share_layers`` the value
+    function has its own conv stack.
     """
 
     def __init__(
@@ -333,34 +624,21 @@ class VisionNetwork(TorchModel):
         model_config: dict[str, Any],
     ) -> None:
         super().__init__(obs_space, action_space, num_outputs, model_config)
-        if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 3):
-            raise ValueError(
-                f"VisionNetwork needs a 3-D (H, W, C) Box observation space, got {obs_space!r}"
-            )
-        height, width, channels = (int(d) for d in obs_space.shape)
-        self.scale = 1.0 / 255.0 if obs_space.dtype == np.uint8 else 1.0
-        filters = model_config.get("conv_filters") or _NATURE_CONV_FILTERS
+        spec = _ImageSpec(obs_space, model_config, "VisionNetwork")
+        self.channels_last = spec.channels_last
+        self.scale = spec.scale
         activation = _activation(model_config.get("conv_activation", "relu"))
         self.vf_share_layers = bool(model_config.get("vf_share_layers", False))
 
-        def tower() -> nn.Sequential:
-            convs = _conv_stack(channels, filters, activation)
-            with torch.no_grad():
-                flat = convs(torch.zeros(1, channels, height, width)).shape[1]
-            fc: list[nn.Module] = [_linear(flat, _NATURE_FC_SIZE, gain=float(np.sqrt(2.0)))]
-            if activation is not None:
-                fc.append(activation())
-            return nn.Sequential(convs, *fc)
-
-        self.policy_tower = tower()
+        self.policy_tower = spec.tower(activation, _NATURE_FC_SIZE)
         self.policy_head = self._make_policy_head(_NATURE_FC_SIZE)
-        self.value_tower = None if self.vf_share_layers else tower()
+        self.value_tower = None if self.vf_share_layers else spec.tower(activation,
+                                                                        _NATURE_FC_SIZE)
         self.value_head = _linear(_NATURE_FC_SIZE, 1, gain=1.0)
 
     def preprocess(self, obs: torch.Tensor) -> torch.Tensor:
-        """``[B, H, W, C]`` raw frames -> ``[B, C, H, W]`` float32 in [0, 1]."""
-        x = obs.permute(0, 3, 1, 2).float()
-        return x * self.scale if self.scale != 1.0 else x
+        """Raw frames (either layout) -> ``[B, C, H, W]`` float32 (in [0, 1] for uint8)."""
+        return _to_nchw(obs, self.channels_last, self.scale)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.preprocess(obs)
@@ -370,13 +648,67 @@ class VisionNetwork(TorchModel):
         return dist_inputs, self.value_head(value_features).squeeze(-1)
 
 
-def _is_image_space(space: gym.Space) -> bool:
-    return (
-        isinstance(space, gym.spaces.Box)
-        and len(space.shape) == 3
-        and space.shape[0] >= 32
-        and space.shape[1] >= 32
-    )
+class ActionMaskedModel(nn.Module):
+    """Masks the logits of a model for a masked observation ``{"action_mask", obs_key}``.
+
+    ``forward(obs)`` runs ``inner(obs[obs_key])`` and sets the logits of actions whose
+    ``obs["action_mask"]`` entry is 0 to the most negative finite value of their
+    dtype: after a softmax those actions have probability exactly 0, while
+    log-probabilities, entropies and KLs stay finite (``0 * min`` is 0 where
+    ``0 * -inf`` would be nan). A row whose mask is all zeros (the terminal
+    observation of some games) is left unmasked. ``inner`` may return
+    ``(dist_inputs, value, ...)`` -- the first element is masked -- or one tensor such
+    as DQN's Q-values ``[B, n]``, which is masked and returned.
+
+    With ``mask_space`` and ``num_outputs`` the mask width is checked against the
+    logits once, here; without them, on every call.
+    """
+
+    def __init__(
+        self,
+        inner: nn.Module,
+        obs_key: str,
+        mask_space: gym.Space | None = None,
+        num_outputs: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.inner = inner
+        self.obs_key = obs_key
+        self.num_outputs = None if num_outputs is None else int(num_outputs)
+        mask_size = None
+        if mask_space is not None:
+            if not isinstance(mask_space, (gym.spaces.Box, gym.spaces.MultiBinary)) or \
+                    len(mask_space.shape) != 1:
+                raise ValueError(
+                    f"the action mask must be a 1-D Box or MultiBinary space, got {mask_space!r}")
+            mask_size = int(mask_space.shape[0])
+        if mask_size is not None and self.num_outputs is not None and \
+                mask_size != self.num_outputs:
+            raise ValueError(
+                f"the action mask has {mask_size} entries but the model outputs "
+                f"{self.num_outputs} logits; they must match (one mask entry per action)")
+        self._check_each_call = mask_size is None or self.num_outputs is None
+
+    def mask_logits(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``logits [B, n]`` with the entries where ``mask [B, n]`` is 0 set to the dtype's
+        minimum (rows with an all-zero mask unchanged)."""
+        if self._check_each_call and mask.shape[-1] != logits.shape[-1]:
+            raise ValueError(
+                f"the action mask has {mask.shape[-1]} entries but the model outputs "
+                f"{logits.shape[-1]} logits; they must match (one mask entry per action)")
+        blocked = mask == 0
+        blocked = blocked & ~blocked.all(dim=-1, keepdim=True)
+        return logits.masked_fill(blocked, torch.finfo(logits.dtype).min)
+
+    def forward(self, obs: dict[str, Any]) -> Any:
+        out = self.inner(obs[self.obs_key])
+        if isinstance(out, (tuple, list)):
+            return (self.mask_logits(out[0], obs[ACTION_MASK]), *out[1:])
+        return self.mask_logits(out, obs[ACTION_MASK])
+
+
+_BUILT_IN_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete,
+                    gym.spaces.MultiBinary, gym.spaces.Dict, gym.spaces.Tuple)
 
 
 def get_model(
@@ -388,7 +720,11 @@ def get_model(
     """Build the model for these spaces; ``model_config`` is merged over :data:`MODEL_DEFAULTS`.
 
     ``custom_model`` (a registered name, a model class, or an import string
-    ``"path/to/file.py:Model"``) takes precedence over the built-ins. Unsupported observation spaces raise ``ValueError``.
+    ``"path/to/file.py:Model"``) takes precedence over the built-ins; it receives the
+    observations as the built-ins do (nested tensors for ``Dict`` / ``Tuple``). Images
+    get a :class:`VisionNetwork`; ``Box``, ``Discrete``, ``MultiDiscrete``,
+    ``MultiBinary``, ``Dict`` and ``Tuple`` spaces a :class:`FullyConnectedNetwork`.
+    Other observation spaces raise ``ValueError``.
     """
     config = merge_model_config(model_config)
     custom = config.get("custom_model")
@@ -410,9 +746,9 @@ def get_model(
         return cls(obs_space, action_space, num_outputs, config)
     if _is_image_space(obs_space):
         return VisionNetwork(obs_space, action_space, num_outputs, config)
-    if isinstance(obs_space, (gym.spaces.Box, gym.spaces.Discrete)):
+    if isinstance(obs_space, _BUILT_IN_SPACES):
         return FullyConnectedNetwork(obs_space, action_space, num_outputs, config)
     raise ValueError(
-        f"no built-in model for observation space {obs_space!r}: use a Box or Discrete "
-        "observation space or register a custom model"
+        f"no built-in model for observation space {obs_space!r}: use a Box, Discrete, "
+        "MultiDiscrete, MultiBinary, Dict or Tuple space, or register a custom model"
     )

@@ -34,10 +34,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowrl.data.actions import ActionLayout
+from flowrl.data.spaces import ObservationPacker, action_mask_keys
 from flowrl.policies.distributions import get_dist_class
+from flowrl.policies.export import DistInputsGreedy, LeafInputs, example_batches
 from flowrl.policies.filters import (NormalizedInputs, ObservationNormalizer, RunningStat,
                                      make_observation_normalizer, split_filter_weights)
-from flowrl.policies.models import get_model, merge_model_config
+from flowrl.policies.models import ActionMaskedModel, get_model, merge_model_config
+from flowrl.policies.nested import Rows, map_rows, records_to_tensors
 from flowrl.policies.postprocessing import compute_advantages
 from flowrl.data.sample_batch import SampleBatch, minibatch_bounds
 
@@ -200,6 +204,10 @@ class Policy:
         #: Whether a value head is trained and used (``vf_preds``, bootstrapping).
         self.has_critic: bool = bool(merged.get("use_critic", True))
         self.device = self._choose_device(merged.get("num_gpus", 0))
+        #: Stacks per-env observations into batches (record arrays for Dict / Tuple).
+        self.obs_packer = ObservationPacker(observation_space)
+        #: How actions sit in batches and how they go to the env.
+        self.action_layout = ActionLayout(action_space)
         #: Running mean/std normalization of observations; None with ``NoFilter``.
         self.obs_filter: ObservationNormalizer | None = make_observation_normalizer(
             merged["observation_filter"], observation_space)
@@ -216,8 +224,8 @@ class Policy:
         self.global_timestep = 0
 
         self._discrete_actions = isinstance(action_space, gym.spaces.Discrete)
-        self._action_shape = tuple(action_space.shape or ())
-        self._action_dtype = np.int64 if self._discrete_actions else np.dtype(action_space.dtype)
+        self._action_shape = tuple(self.action_layout.shape)
+        self._action_dtype = np.dtype(self.action_layout.dtype)
 
     # ------------------------------------------------------------ construction
     @staticmethod
@@ -227,10 +235,20 @@ class Policy:
         return torch.device("cpu")
 
     def make_model(self) -> nn.Module:
-        """Build the model from the catalog (override for a different architecture)."""
-        return get_model(
-            self.observation_space, self.action_space, self.num_outputs, self.config["model"]
-        )
+        """Build the model from the catalog (override for a different architecture).
+
+        A masked observation space (a Dict of ``action_mask`` and ``observations``)
+        gets the model for its ``observations`` part, wrapped in an
+        :class:`~flowrl.policies.models.ActionMaskedModel` that masks the logits.
+        """
+        space = self.obs_packer.kept_space
+        mask_keys = action_mask_keys(space)
+        if mask_keys is None:
+            return get_model(space, self.action_space, self.num_outputs, self.config["model"])
+        mask_key, obs_key = mask_keys
+        inner = get_model(space[obs_key], self.action_space, self.num_outputs,
+                          self.config["model"])
+        return ActionMaskedModel(inner, obs_key, space[mask_key], self.num_outputs)
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         """Adam over all model parameters with ``config["lr"]``.
@@ -245,7 +263,10 @@ class Policy:
             return torch.optim.Adam(self._params, lr=lr)
 
     # ------------------------------------------------------------------ acting
-    def _obs_to_tensor(self, obs_batch: Any) -> torch.Tensor:
+    def _obs_to_tensor(self, obs_batch: Any) -> Rows:
+        if self.obs_packer.nested:  # records (or a list of dicts) -> nested tensors
+            return records_to_tensors(self.obs_packer.as_batch(obs_batch), self.obs_packer,
+                                      self.device)
         arr = np.asarray(obs_batch)
         if self.obs_filter is not None:
             arr = self.obs_filter.normalize(arr)  # float32
@@ -258,6 +279,9 @@ class Policy:
         if self._discrete_actions:
             return out.astype(np.int64, copy=False)
         return out.reshape((out.shape[0], *self._action_shape)).astype(self._action_dtype, copy=False)
+
+    def _obs_batch_of_one(self, obs: Any) -> np.ndarray:
+        return self.obs_packer.pack_one(obs) if self.obs_packer.nested else np.asarray(obs)[None]
 
     def compute_actions(
         self, obs_batch: np.ndarray, explore: bool = True
@@ -284,9 +308,10 @@ class Policy:
         return self._actions_to_numpy(actions), extra
 
     def compute_single_action(self, obs: Any, explore: bool = False) -> Any:
-        """The action for one unbatched observation (an ``int`` for Discrete spaces)."""
-        actions, _ = self.compute_actions(np.asarray(obs)[None], explore=explore)
-        return int(actions[0]) if self._discrete_actions else actions[0]
+        """The action for one unbatched observation, as the env takes it (an ``int`` for
+        Discrete spaces, nested for Dict / Tuple spaces; Box parts are not clipped)."""
+        actions, _ = self.compute_actions(self._obs_batch_of_one(obs), explore=explore)
+        return self.action_layout.to_env(actions[0], clip=False)
 
     def value(self, obs_batch: np.ndarray) -> np.ndarray:
         """Value estimates ``V(obs)``, shape ``[B]`` float32."""
@@ -359,6 +384,9 @@ class Policy:
                     f"the batch has {sorted(batch.keys())}"
                 )
             arr = self._normalize_column(column, np.asarray(batch[column]))
+            if arr.dtype.names is not None:  # nested observations
+                tensors[column] = records_to_tensors(arr, self.obs_packer, self.device)
+                continue
             if arr.dtype == np.float64:
                 arr = arr.astype(np.float32)
             elif column == SampleBatch.ACTIONS and self._discrete_actions and arr.dtype != np.int64:
@@ -450,11 +478,15 @@ class Policy:
             epoch_data = tensors
             if len(bounds) > 1:
                 perm = torch.from_numpy(self._rng.permutation(count)).to(self.device)
-                epoch_data = {k: v.index_select(0, perm) for k, v in tensors.items()}
+                epoch_data = {k: v.index_select(0, perm) if isinstance(v, torch.Tensor)
+                              else map_rows(lambda t: t.index_select(0, perm), v)
+                              for k, v in tensors.items()}
             for start, end in bounds:
                 # One minibatch of all rows (off-policy steps): the tensors as they are.
                 minibatch = (dict(epoch_data) if len(bounds) == 1
-                             else {k: v[start:end] for k, v in epoch_data.items()})
+                             else {k: v[start:end] if isinstance(v, torch.Tensor)
+                                   else map_rows(lambda t: t[start:end], v)
+                                   for k, v in epoch_data.items()})
                 stats = self.sgd_step(minibatch)
                 # Later epochs overwrite earlier ones: the last epoch's values remain.
                 per_row.take(stats, slice(start, end) if perm is None else perm[start:end])
@@ -630,15 +662,15 @@ class Policy:
         """
         os.makedirs(export_dir, exist_ok=True)
         path = os.path.join(export_dir, "model.pt")
-        example = np.stack([self.observation_space.sample() for _ in range(2)])
-        if example.dtype == np.float64:
-            example = example.astype(np.float32)
+        example = example_batches(self.observation_space)[-1]
+        if isinstance(example, torch.Tensor) and example.dtype == torch.float64:
+            example = example.float()
         model = self.with_obs_normalization(copy.deepcopy(self.model).cpu().eval())
         with warnings.catch_warnings():
             # torch marks jit.trace deprecated, but TorchScript is still the format
             # that loads without Python model code (torch.jit.load, libtorch).
             warnings.simplefilter("ignore", DeprecationWarning)
-            traced = torch.jit.trace(model, torch.from_numpy(example))
+            traced = torch.jit.trace(model, example)
             traced.save(path)
         return path
 
@@ -651,7 +683,6 @@ class Policy:
         observation filter's current normalization is part of it. This is what
         ``Agent.export_policy`` converts to TorchScript.
         """
-        from flowrl.policies.export import DistInputsGreedy
         model = copy.deepcopy(self.model).cpu().eval()
         return self.with_obs_normalization(DistInputsGreedy(
             model, self.action_space, self.dist_class.__name__,
@@ -659,7 +690,11 @@ class Policy:
 
     def with_obs_normalization(self, module: nn.Module) -> nn.Module:
         """``module`` (raw obs in) behind a constant copy of the current observation
-        normalization; ``module`` itself without a filter. For exports."""
+        normalization; ``module`` itself without a filter. For exports. A nested
+        observation space's module takes one tensor per leaf instead
+        (:class:`~flowrl.policies.export.LeafInputs`)."""
+        if self.obs_packer.nested:
+            return LeafInputs(module, self.observation_space)
         if self.obs_filter is None:
             return module
         return NormalizedInputs(self.obs_filter.module(), module)

@@ -154,9 +154,9 @@ class MultiAgentSampler:
                 requests[self._policy_id(i, agent)].append((i, agent))
         actions: list[dict] = [{} for _ in self.envs]
         for pid, who in requests.items():
-            batch_obs = np.stack([np.asarray(self._obs[i][a]) for i, a in who])
-            acts, extras = self.policy_map[pid].compute_actions(batch_obs,
-                                                                explore=self.explore)
+            policy = self.policy_map[pid]
+            batch_obs = policy.obs_packer.pack([self._obs[i][a] for i, a in who])
+            acts, extras = policy.compute_actions(batch_obs, explore=self.explore)
             for k, (i, agent) in enumerate(who):
                 actions[i][agent] = acts[k]
                 trajectory = self._trajectory(i, agent)
@@ -169,8 +169,9 @@ class MultiAgentSampler:
         return finished
 
     def _step_env(self, i: int, env: Any, actions: dict) -> list[tuple[str, SampleBatch]]:
-        env_actions = {a: (act.item() if np.ndim(act) == 0 and
-                           np.asarray(act).dtype.kind in "iu" else act)
+        # As the env takes them: Python ints for Discrete, nested for Dict / Tuple.
+        env_actions = {a: self.policy_map[self._policy_id(i, a)].action_layout.to_env(
+                           act, clip=False)
                        for a, act in actions.items()}
         obs, rewards, terms, truncs, infos = env.step(env_actions)
         episode = self._episodes[i]
@@ -181,10 +182,12 @@ class MultiAgentSampler:
             row = trajectory.pending
             trajectory.pending = None
             reward = float(rewards.get(agent, 0.0))
+            new_obs = row[SampleBatch.OBS] if agent not in obs else \
+                self._packed_row(trajectory.policy_id, obs[agent])
             row.update({SampleBatch.REWARDS: reward,
                         SampleBatch.TERMINATEDS: bool(terms.get(agent, False)),
                         SampleBatch.TRUNCATEDS: bool(truncs.get(agent, False)),
-                        SampleBatch.NEW_OBS: obs.get(agent, row[SampleBatch.OBS]),
+                        SampleBatch.NEW_OBS: new_obs,
                         SampleBatch.EPS_ID: episode.episode_id, SampleBatch.T: t})
             for key, value in row.items():
                 trajectory.rows[key].append(value)
@@ -229,11 +232,19 @@ class MultiAgentSampler:
             return []
         return closed
 
+    def _packed_row(self, policy_id: str, observation: Any) -> Any:
+        """One observation as its batch row (a record for Dict / Tuple spaces)."""
+        packer = self.policy_map[policy_id].obs_packer
+        return packer.pack_one(observation)[0] if packer.nested else observation
+
     def _close(self, trajectory: _Trajectory) -> tuple[str, SampleBatch]:
         """Postprocesses the trajectory's rows with its policy and empties it."""
         rows = trajectory.rows
         n = len(trajectory)
-        columns = {key: np.asarray(values) for key, values in rows.items()}
+        packer = self.policy_map[trajectory.policy_id].obs_packer
+        columns = {key: np.array(values, dtype=packer.dtype)
+                   if packer.nested and key in (SampleBatch.OBS, SampleBatch.NEW_OBS)
+                   else np.asarray(values) for key, values in rows.items()}
         columns[SampleBatch.AGENT_INDEX] = np.full(n, trajectory.agent_index, np.int64)
         columns[SampleBatch.UNROLL_ID] = np.zeros(n, np.int64)
         piece = self.policy_map[trajectory.policy_id].postprocess_trajectory(

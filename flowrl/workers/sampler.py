@@ -16,7 +16,9 @@ import numpy as np
 
 from flowrl.workers.callbacks import DefaultCallbacks, Episode, overrides_episode_hooks
 from flowrl.envs.episodes import env_reports_episodes  # also imported from here
+from flowrl.data.actions import ActionLayout
 from flowrl.data.sample_batch import SampleBatch
+from flowrl.data.spaces import ObservationPacker
 from flowrl.workers.reward_scaling import ReturnScaler
 
 _STEP_COLUMNS = (SampleBatch.REWARDS, SampleBatch.TERMINATEDS, SampleBatch.TRUNCATEDS)
@@ -144,6 +146,13 @@ class VectorSampler:
         self._clip_low = self._clip_high = None
         if clip_actions and isinstance(space, gym.spaces.Box):
             self._clip_low, self._clip_high = space.low, space.high
+        # MultiDiscrete, MultiBinary, Tuple and Dict actions go through their layout.
+        self._action_layout = None if isinstance(space, (gym.spaces.Box, gym.spaces.Discrete)) \
+            else ActionLayout(space)
+        self._clip_actions = clip_actions
+        # Dict / Tuple observations are stacked into record arrays.
+        self._packer = ObservationPacker(self.envs[0].observation_space)
+        self._nested_obs = self._packer.nested
         self.tracker = EpisodeTracker(self.num_envs, env_reports_episodes(self.envs[0]))
         self._next_eps_id = episode_id_base
         self._unroll_id = 0
@@ -155,7 +164,7 @@ class VectorSampler:
             obs, info = env.reset(seed=seed)
             first.append(obs)
             first_infos.append(info)
-        self._obs = np.stack([np.asarray(o) for o in first])
+        self._obs = self._packer.pack(first)
         self._eps_ids = np.array([self._new_eps_id() for _ in range(self.num_envs)])
         self._t = np.zeros(self.num_envs, dtype=np.int64)
         # complete_episodes: per env, the unfinished piece of the current episode
@@ -220,7 +229,9 @@ class VectorSampler:
             obs_buf[t] = obs
             eps_ids[t] = self._eps_ids
             ts[t] = self._t
-            if self._clip_low is not None:
+            if self._action_layout is not None:
+                env_actions = self._action_layout.to_env_batch(actions, self._clip_actions)
+            elif self._clip_low is not None:
                 env_actions = np.clip(actions, self._clip_low, self._clip_high)
             elif actions.dtype.kind in "iu":
                 # Python ints: gymnasium's Discrete.contains checks numpy ints slowly.
@@ -229,9 +240,13 @@ class VectorSampler:
                 env_actions = actions
             step_rewards, step_terms, step_truncs, ended = [], [], [], []
             new_obs_row = new_obs_buf[t]
+            nested_new_obs = [] if self._nested_obs else None
             for i, env in enumerate(envs):
                 o, r, term, trunc, info = env.step(env_actions[i])
-                new_obs_row[i] = o
+                if nested_new_obs is None:
+                    new_obs_row[i] = o
+                else:
+                    nested_new_obs.append(o)
                 step_rewards.append(r)
                 step_terms.append(term)
                 step_truncs.append(trunc)
@@ -241,6 +256,8 @@ class VectorSampler:
                     ended.append(i)
                     if reports_episodes and "episode" in info:
                         tracker.record_env_episode(info["episode"], i)
+            if nested_new_obs is not None:
+                new_obs_row[:] = self._packer.pack(nested_new_obs)
             rewards[t] = step_rewards
             terms[t] = step_terms
             truncs[t] = step_truncs
@@ -250,11 +267,13 @@ class VectorSampler:
             next_obs = new_obs_row.copy()
             for i in ended:  # auto-reset; the final obs stays in new_obs
                 tracker.end(i)
-                next_obs[i], reset_info = envs[i].reset()
+                reset_obs, reset_info = envs[i].reset()
+                next_obs[i] = self._packer.pack_one(reset_obs)[0] if self._nested_obs \
+                    else reset_obs
                 self._eps_ids[i] = self._new_eps_id()
                 self._t[i] = 0
                 if hooks:
-                    self._episode_reset(i, next_obs[i], reset_info)
+                    self._episode_reset(i, reset_obs, reset_info)
             self._obs = next_obs
         self._unroll_id += 1
         if self.reward_scaler is not None:  # metrics above counted the env's own rewards

@@ -1,0 +1,194 @@
+"""Any gymnasium space: records for nested observations, product actions, action
+masking, image layouts, and the error for each space an algorithm cannot take."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from flowrl import get_agent_class
+from flowrl.data.sample_batch import SampleBatch
+from flowrl.data.spaces import ObservationPacker, action_mask_keys, leaf_paths, unpack
+
+from spaces_envs import CueEnv, ImageGoalEnv, MaskedGreedEnv, TwoDialsEnv
+
+NESTED = gym.spaces.Dict({
+    "pose": gym.spaces.Tuple([gym.spaces.Discrete(3), gym.spaces.Box(-1, 1, (2,), np.float32)]),
+    "grid": gym.spaces.Box(0, 255, (7, 7, 3), np.uint8),
+    "keys": gym.spaces.MultiBinary(4),
+    "dials": gym.spaces.MultiDiscrete([2, 5]),
+    "mission": gym.spaces.Text(20),
+})
+
+
+def make(algorithm: str, env, **config):
+    return get_agent_class(algorithm)(config={"seed": 0, **config}, env=env, log_to_disk=False)
+
+
+# ----------------------------------------------------------------------------- records
+def test_packer_keeps_each_leaf_with_its_dtype_and_drops_text():
+    observations = [NESTED.sample() for _ in range(5)]
+    packer = ObservationPacker(NESTED)
+    records = packer.pack(observations)
+    # gymnasium's Dict sorts its keys; records follow the space's order.
+    assert records.shape == (5,) and records.dtype.names == ("dials", "grid", "keys", "pose")
+    assert records["grid"].dtype == np.uint8 and records["keys"].dtype == np.int8
+    assert leaf_paths(NESTED) == [("dials",), ("grid",), ("keys",), ("pose", 0), ("pose", 1)]
+    nested = unpack(records, NESTED)
+    assert set(nested) == {"pose", "grid", "keys", "dials"} and isinstance(nested["pose"], tuple)
+    for i, obs in enumerate(observations):
+        assert nested["pose"][0][i] == obs["pose"][0]
+        np.testing.assert_array_equal(nested["pose"][1][i], obs["pose"][1])
+        np.testing.assert_array_equal(nested["grid"][i], obs["grid"])
+        np.testing.assert_array_equal(nested["keys"][i], obs["keys"])
+        np.testing.assert_array_equal(nested["dials"][i], obs["dials"])
+    # Plain numpy from here on: batches concatenate, slice and fill replay storage.
+    joined = SampleBatch.concat_samples([SampleBatch(obs=records), SampleBatch(obs=records[:2])])
+    assert joined["obs"].dtype == records.dtype and joined.count == 7
+    storage = np.zeros(10, records.dtype)
+    storage[3:8] = records
+    np.testing.assert_array_equal(storage[3:8]["grid"], records["grid"])
+
+
+def test_packer_names_the_leaf_that_does_not_fit():
+    bad = NESTED.sample()
+    bad["grid"] = np.zeros((7, 7), np.uint8)
+    with pytest.raises(ValueError, match="grid"):
+        ObservationPacker(NESTED).pack([bad])
+
+
+def test_masked_observation_convention():
+    mask = gym.spaces.Box(0, 1, (4,), np.int8)
+    obs = gym.spaces.Box(-1, 1, (3,))
+    assert action_mask_keys(gym.spaces.Dict({"action_mask": mask, "observations": obs})) == \
+        ("action_mask", "observations")
+    assert action_mask_keys(gym.spaces.Dict({"action_mask": mask, "observation": obs})) == \
+        ("action_mask", "observation")
+    assert action_mask_keys(gym.spaces.Dict({"action_mask": mask, "other": obs})) is None
+
+
+def test_sampler_stores_dict_observations_as_records():
+    agent = make("PPO", CueEnv, train_batch_size=200, rollout_fragment_length=100,
+                 num_envs_per_worker=2, sgd_minibatch_size=50)
+    try:
+        batch = agent.workers.local_worker().sample()
+        assert batch["obs"].dtype.names == ("cue", "shift")
+        assert batch["new_obs"].dtype == batch["obs"].dtype
+        assert set(np.unique(batch["obs"]["cue"])) <= {0, 1, 2}
+        result = agent.train()
+        assert result["timesteps_total"] >= 200
+        action = agent.compute_action({"cue": 1, "shift": np.array([0.5, 0.0], np.float32)})
+        assert action in (0, 1, 2)
+    finally:
+        agent.stop()
+
+
+# ----------------------------------------------------------------------------- masking
+def _masked_actions_are_legal(batch: SampleBatch) -> tuple[int, int]:
+    masks = batch["obs"]["action_mask"]
+    actions = batch["actions"]
+    illegal = int(np.count_nonzero(masks[np.arange(len(actions)), actions] == 0))
+    return illegal, len(actions)
+
+
+@pytest.mark.parametrize("algorithm", ["PPO", "DQN"])
+def test_masked_actions_are_never_sampled_or_chosen(algorithm):
+    config = {"rollout_fragment_length": 500, "num_envs_per_worker": 4}
+    if algorithm == "DQN":
+        # Epsilon 1 at first: every action of the first 10k steps is a random draw.
+        config["exploration_config"] = {"epsilon_timesteps": 100_000, "initial_epsilon": 1.0}
+    agent = make(algorithm, MaskedGreedEnv, **config)
+    try:
+        worker = agent.workers.local_worker()
+        sampled = illegal = 0
+        while sampled < 10_000:  # the env itself raises on an illegal action
+            bad, count = _masked_actions_are_legal(worker.sample())
+            illegal += bad
+            sampled += count
+        assert illegal == 0
+        agent.train()  # learning on masked observations, then greedy actions
+        env = MaskedGreedEnv()
+        obs, _ = env.reset(seed=3)
+        greedy_zero = 0
+        for _ in range(500):
+            action = agent.compute_action(obs)
+            assert obs["action_mask"][action] == 1
+            greedy_zero += action == 0
+            obs, *_ = env.step(action)
+        policy = agent.get_policy()
+        records = policy.obs_packer.pack([env._observe() for _ in range(1000)])
+        actions, _ = policy.compute_actions(records, explore=False)
+        assert np.all(records["action_mask"][np.arange(1000), actions] == 1)
+    finally:
+        agent.stop()
+
+
+# ------------------------------------------------------------------- product actions
+def test_multidiscrete_actions_reach_the_env_as_the_space_wants():
+    agent = make("PPO", TwoDialsEnv, rollout_fragment_length=100, train_batch_size=200,
+                 sgd_minibatch_size=50)
+    try:
+        batch = agent.workers.local_worker().sample()  # the env asserts every action
+        assert batch["actions"].shape[1:] == (2,) and batch["actions"].dtype == np.int64
+        action = agent.compute_action(np.eye(7, dtype=np.float32)[0])
+        assert TwoDialsEnv().action_space.contains(np.asarray(action))
+    finally:
+        agent.stop()
+
+
+# ----------------------------------------------------------------------------- images
+@pytest.mark.parametrize("algorithm", ["PPO", "DQN"])
+@pytest.mark.parametrize("shape,channels_first", [((4, 84, 84), True), ((32, 32, 3), False),
+                                                  ((3, 8, 8), True)])
+def test_image_layouts_train_one_iteration(algorithm, shape, channels_first):
+    config = {"env_config": {"shape": shape, "channels_first": channels_first},
+              "rollout_fragment_length": 50}
+    if algorithm == "PPO":
+        config.update(train_batch_size=100, sgd_minibatch_size=50, num_sgd_iter=1)
+    else:
+        config.update(learning_starts=50, train_batch_size=16, buffer_size=1000)
+    agent = make(algorithm, ImageGoalEnv, **config)
+    try:
+        result = agent.train()
+        assert result["timesteps_total"] >= 50
+        assert "Conv2d" in repr(agent.get_policy().model)
+    finally:
+        agent.stop()
+
+
+# --------------------------------------------------------------- unsupported pairs
+def test_each_unsupported_space_names_itself_and_the_algorithm():
+    dials = TwoDialsEnv
+    cases = [
+        ("DQN", dials, "DQN and APEX support Discrete action spaces only"),
+        ("DDPG", dials, "DDPG, TD3 and APEX_DDPG support Box action spaces only"),
+        ("DDPG", CueEnv, "DDPG, TD3 and APEX_DDPG support Box action spaces only"),
+    ]
+    for algorithm, env, message in cases:
+        with pytest.raises(ValueError, match=message) as info:
+            make(algorithm, env)
+        assert "MultiDiscrete" in str(info.value) or "Discrete" in str(info.value)
+
+
+# --------------------------------------------------------------------------- learning
+@pytest.mark.learning
+def test_ppo_learns_from_a_dict_observation():
+    """Both leaves are needed: the cue alone scores about 5 of 10, random play 3.3."""
+    from test_learning import assert_learns
+    assert_learns("PPO", {}, 9.0, 60_000, env=CueEnv)  # about 27k steps typically
+
+
+@pytest.mark.learning
+def test_ppo_learns_multidiscrete_actions():
+    """Random play scores 5.8 of 20; 18 needs both dials right 90% of the time."""
+    from test_learning import assert_learns
+    assert_learns("PPO", {}, 18.0, 60_000, env=TwoDialsEnv)  # about 30k steps typically
+
+
+@pytest.mark.learning
+def test_ppo_minigrid_empty_default_config():
+    import minigrid  # noqa: F401  registers the MiniGrid envs (a test dependency)
+    from test_learning import assert_learns
+    # About 16k steps typically (seed 0); the issue's bar is 100k.
+    assert_learns("PPO", {}, 0.9, 50_000, env="MiniGrid-Empty-5x5-v0")
