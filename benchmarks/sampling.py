@@ -1,11 +1,15 @@
 """Env steps/s of RolloutWorker sampling on CartPole-v1, beside the raw gymnasium rate.
 
-    python benchmarks/sampling.py [--seconds 5]
+    python benchmarks/sampling.py [--seconds 5] [--obs box|dict|both] [--workers 0 1 2]
 
 Measured in one run: the raw rate of a plain ``gymnasium`` loop (one env, random
 actions, no policy) and flowrl's rate with the PPO policy (batched inference,
 GAE postprocessing) for 1 and 8 envs per worker with 0 (local), 1 and 2 remote workers.
 "Per worker" divides by the number of sampling processes. Ray runs on 2 CPUs.
+
+``--obs dict`` runs the same CartPole with a Dict observation (``position`` and
+``velocity``, two Box leaves of 2 each): the same dynamics and policy size, so the gap
+to ``--obs box`` is the cost of nested observations (records, one encoder per leaf).
 """
 
 from __future__ import annotations
@@ -32,7 +36,21 @@ def raw_gymnasium_rate(seconds: float) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def flowrl_rate(num_workers: int, num_envs: int, seconds: float) -> float:
+class DictCartPole(gym.ObservationWrapper):
+    """CartPole-v1 whose observation is ``{"position": [x, angle], "velocity": [dx, dangle]}``."""
+
+    def __init__(self, env_config: dict | None = None) -> None:
+        super().__init__(gym.make("CartPole-v1"))
+        box = self.env.observation_space
+        self.observation_space = gym.spaces.Dict({
+            "position": gym.spaces.Box(box.low[[0, 2]], box.high[[0, 2]], dtype=np.float32),
+            "velocity": gym.spaces.Box(box.low[[1, 3]], box.high[[1, 3]], dtype=np.float32)})
+
+    def observation(self, observation: np.ndarray) -> dict:
+        return {"position": observation[[0, 2]], "velocity": observation[[1, 3]]}
+
+
+def flowrl_rate(num_workers: int, num_envs: int, seconds: float, obs: str = "box") -> float:
     from flowrl.envs import make_env_creator
     from flowrl.flow import Metrics
     from flowrl.ops import ParallelRollouts
@@ -40,11 +58,12 @@ def flowrl_rate(num_workers: int, num_envs: int, seconds: float) -> float:
     from flowrl.policies.ppo import PPOTorchPolicy
     from flowrl.workers import WorkerSet
 
+    env = "CartPole-v1" if obs == "box" else DictCartPole
     config = PPOAgent.merge_config({
-        "env": "CartPole-v1", "num_workers": num_workers, "num_envs_per_worker": num_envs,
+        "env": env, "num_workers": num_workers, "num_envs_per_worker": num_envs,
         "rollout_fragment_length": max(64, 1024 // num_envs), "num_cpus_per_worker": 1,
         "seed": 0})
-    workers = WorkerSet(make_env_creator("CartPole-v1"), PPOTorchPolicy, config)
+    workers = WorkerSet(make_env_creator(env), PPOTorchPolicy, config)
     rollouts = ParallelRollouts(workers, Metrics(), mode="async" if num_workers else
                                 "bulk_sync", num_async=2)
     next(rollouts)  # warm up (actors' first call, torch lazy init)
@@ -60,20 +79,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--obs", choices=("box", "dict", "both"), default="box",
+                        help="CartPole's own Box observation, a Dict of two Box leaves, "
+                             "or both, row after row")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     import ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     raw = raw_gymnasium_rate(args.seconds)
     print(f"CartPole-v1 sampling, {os.cpu_count()} cores, {args.seconds:g} s per row")
     print(f"raw gymnasium loop (1 env, no policy): {raw:10,.0f} steps/s")
-    print("| workers | envs/worker | steps/s total | steps/s per worker | per worker vs raw |")
-    print("| --- | --- | --- | --- | --- |")
-    for num_workers in (0, 1, 2):
+    print("| obs | workers | envs/worker | steps/s total | steps/s per worker | "
+          "per worker vs raw |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    kinds = ("box", "dict") if args.obs == "both" else (args.obs,)
+    for num_workers in args.workers:
         for num_envs in (1, 8):
-            rate = flowrl_rate(num_workers, num_envs, args.seconds)
-            per_worker = rate / max(1, num_workers)
-            print(f"| {num_workers} | {num_envs} | {rate:,.0f} | {per_worker:,.0f} | "
-                  f"{per_worker / raw:.0%} |", flush=True)
+            for kind in kinds:
+                rate = flowrl_rate(num_workers, num_envs, args.seconds, kind)
+                per_worker = rate / max(1, num_workers)
+                print(f"| {kind} | {num_workers} | {num_envs} | {rate:,.0f} | "
+                      f"{per_worker:,.0f} | {per_worker / raw:.0%} |", flush=True)
     ray.shutdown()
 
 

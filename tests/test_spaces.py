@@ -6,12 +6,18 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
+import ray
+
+import spaces_envs
 
 from flowrl import get_agent_class
 from flowrl.data.sample_batch import SampleBatch
 from flowrl.data.spaces import ObservationPacker, action_mask_keys, leaf_paths, unpack
 
 from spaces_envs import CueEnv, ImageGoalEnv, MaskedGreedEnv, TwoDialsEnv
+
+# Remote workers cannot import the test folder's modules: ship the envs by value.
+ray.cloudpickle.register_pickle_by_value(spaces_envs)
 
 NESTED = gym.spaces.Dict({
     "pose": gym.spaces.Tuple([gym.spaces.Discrete(3), gym.spaces.Box(-1, 1, (2,), np.float32)]),
@@ -192,3 +198,19 @@ def test_ppo_minigrid_empty_default_config():
     from test_learning import assert_learns
     # About 16k steps typically (seed 0); the bar is 100k.
     assert_learns("PPO", {}, 0.9, 50_000, env="MiniGrid-Empty-5x5-v0")
+
+
+def test_es_acts_with_the_mode_of_a_product_distribution(ray_session):
+    agent = make("ES", TwoDialsEnv, num_workers=1, episodes_per_batch=4,
+                 train_batch_size=100, noise_size=1_000_000)
+    try:
+        agent.train()  # rollouts step the env, which asserts every action
+        action = agent.compute_action(np.eye(7, dtype=np.float32)[0])
+        assert TwoDialsEnv().action_space.contains(np.asarray(action))
+    finally:
+        agent.stop()
+
+
+def test_es_names_ppo_for_dict_observations(ray_session):
+    with pytest.raises(ValueError, match="ES takes Box or Discrete observations.*use PPO"):
+        make("ES", CueEnv, num_workers=1, noise_size=1_000_000)

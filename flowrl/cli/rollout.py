@@ -37,6 +37,9 @@ checkpoint, or next to it, or one folder up.
 all episodes' steps concatenated in order:
   obs               [N, *obs_shape]   observation each action was taken in
   actions           [N, *act_shape]   action sent to the env
+                    (Dict / Tuple spaces: [N] structured records, one field per key
+                    or index, e.g. obs["image"]; parts without an array form, such
+                    as Text, are left out)
   rewards           [N] float64
   terminateds       [N] bool          truncateds [N] bool
   episode_lengths   [E] int64         split the step arrays with
@@ -342,18 +345,39 @@ def save_episodes(path: str, episodes: list[Episode], algorithm: str, env_name: 
     _replace_atomically(path, write)
 
 
+def _clip_box_parts(space: Any, action: Any) -> Any:
+    """``action`` of a Dict / Tuple ``space`` with its Box parts clipped to their bounds."""
+    import gymnasium as gym
+    if isinstance(space, gym.spaces.Dict):
+        return {key: _clip_box_parts(sub, action[key]) for key, sub in space.spaces.items()}
+    if isinstance(space, gym.spaces.Tuple):
+        return tuple(_clip_box_parts(sub, part) for sub, part in zip(space.spaces, action))
+    if isinstance(space, gym.spaces.Box):
+        return np.clip(action, space.low, space.high)
+    return action
+
+
+def _step_row(packer: Any, value: Any) -> Any:
+    """One step's value as kept for ``--out``: a record for a Dict / Tuple space (so
+    that the steps stack into a record array), else a copied array."""
+    return packer.pack_one(value)[0] if packer.nested else np.array(value, copy=True)
+
+
 def run_rollout(setup: RolloutSetup, steps: int | None = None, episodes: int | None = None,
                 explore: bool = False, video_dir: str | None = None,
                 keep_steps: bool = False, log: Any = print) -> list[Episode]:
     """Runs the policy until ``steps`` env steps or ``episodes`` episodes (whichever
     comes first; 10 episodes when both are None); prints each episode's return.
 
-    Box actions are clipped to the bounds when ``clip_actions`` is on, as in training.
+    Box actions (and Box parts of Dict / Tuple actions) are clipped to the bounds when
+    ``clip_actions`` is on, as in training. Observations of any space the policy takes
+    (Dict / Tuple, masked observations) are passed to it as the env returns them.
     With ``video_dir`` (and an env rendering ``rgb_array``) each episode is recorded
     to ``episode_<n>.mp4`` (n from 0) by wrapping ``setup.env`` in an
     :class:`~flowrl.envs.video.EpisodeVideoRecorder`; close ``setup.env`` afterwards.
     Returns the episodes (their steps only with ``keep_steps``).
     """
+    from flowrl.data.spaces import ObservationPacker, is_nested
     from flowrl.envs.episodes import EpisodeRunner, EpisodeStep
 
     if steps is None and episodes is None:
@@ -364,7 +388,18 @@ def run_rollout(setup: RolloutSetup, steps: int | None = None, episodes: int | N
         setup.env = EpisodeVideoRecorder(setup.env, video_dir, episode_trigger=lambda i: True,
                                          name_prefix="episode", fps=_video_fps(setup.env))
     policy = setup.policy
-    runner = EpisodeRunner(setup.env, clip_actions=setup.config.get("clip_actions", True))
+    clip = bool(setup.config.get("clip_actions", True))
+    runner = EpisodeRunner(setup.env, clip_actions=clip)
+    action_space = setup.env.action_space
+    # Steps kept for --out: nested values as records, which stack without object arrays.
+    obs_packer = ObservationPacker(setup.env.observation_space)
+    action_packer = ObservationPacker(action_space)
+
+    def act(obs: Any) -> Any:
+        action = policy.compute_single_action(obs, explore=explore)
+        if clip and is_nested(action_space):  # the runner clips plain Box actions only
+            action = _clip_box_parts(action_space, action)
+        return action
     done_episodes: list[Episode] = []
     total_steps = 0
 
@@ -377,14 +412,13 @@ def run_rollout(setup: RolloutSetup, steps: int | None = None, episodes: int | N
 
         def record(step: EpisodeStep, episode: Episode = episode) -> None:
             if keep_steps:
-                episode.obs.append(np.array(step.obs, copy=True))
-                episode.actions.append(np.asarray(step.env_action))
+                episode.obs.append(_step_row(obs_packer, step.obs))
+                episode.actions.append(_step_row(action_packer, step.env_action))
                 episode.terminateds.append(step.terminated)
                 episode.truncateds.append(step.truncated)
             episode.rewards.append(step.reward)
 
-        result = runner.run(lambda obs: policy.compute_single_action(obs, explore=explore),
-                            max_steps=None if steps is None else steps - total_steps,
+        result = runner.run(act, max_steps=None if steps is None else steps - total_steps,
                             on_step=record)
         total_steps += result.num_steps
         episode.finished = result.finished

@@ -31,6 +31,9 @@ import torch
 from torch import nn
 
 # The filters live in filters.py (shared with the torch policies); re-exported here.
+from flowrl.data.actions import ActionLayout
+from flowrl.policies.distributions import get_dist_class
+from flowrl.policies.export import greedy_head
 from flowrl.policies.filters import MeanStdFilter, NoFilter, RunningStat, make_filter
 from flowrl.policies.models import get_model, merge_model_config
 from flowrl.data.sample_batch import SampleBatch
@@ -131,9 +134,11 @@ class _ESActions(nn.Module):
 
     def __init__(self, net: nn.Module, one_hot: int | None, obs_start: int,
                  mean: np.ndarray, inv_std: np.ndarray, clip: float,
-                 action_space: gym.Space) -> None:
+                 action_space: gym.Space, product_head: nn.Module | None = None) -> None:
         super().__init__()
         self.net = net
+        # MultiDiscrete, MultiBinary, Tuple, Dict: the product distribution's mode.
+        self.product_head = product_head
         self.one_hot = 0 if one_hot is None else int(one_hot)
         self.obs_start = int(obs_start)
         self.clip = float(clip)
@@ -141,8 +146,9 @@ class _ESActions(nn.Module):
         self.register_buffer("inv_std", torch.as_tensor(inv_std, dtype=torch.float32))
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
         self.action_shape = [int(d) for d in (action_space.shape or ())]
-        low = np.zeros(1) if self.discrete else action_space.low
-        high = np.zeros(1) if self.discrete else action_space.high
+        box = isinstance(action_space, gym.spaces.Box)
+        low = action_space.low if box else np.zeros(1)
+        high = action_space.high if box else np.zeros(1)
         self.register_buffer("low", torch.as_tensor(low.reshape(-1), dtype=torch.float32))
         self.register_buffer("high", torch.as_tensor(high.reshape(-1), dtype=torch.float32))
 
@@ -154,6 +160,8 @@ class _ESActions(nn.Module):
             x = obs.reshape(obs.shape[0], -1).float()
         x = torch.clamp((x - self.mean) * self.inv_std, -self.clip, self.clip)
         out = self.net(x)
+        if self.product_head is not None:
+            return self.product_head(out)
         if self.discrete:
             return torch.argmax(out, dim=-1)
         out = torch.minimum(torch.maximum(out, self.low), self.high)
@@ -177,7 +185,9 @@ class ESPolicy:
 
     Discrete actions: argmax of the logits. Box actions: the network output (the
     mean), plus ``action_noise_std`` Gaussian noise when ``explore`` is set, clipped
-    to the bounds. Reads config keys ``model`` (``fcnet_hiddens``,
+    to the bounds. MultiDiscrete, MultiBinary, Tuple and Dict actions: the mode of
+    their product distribution (argmax per discrete part, mean per Box part, no
+    noise). Observations: Box or Discrete (ES normalizes one flat vector). Reads config keys ``model`` (``fcnet_hiddens``,
     ``fcnet_activation``, ``custom_model``), ``observation_filter``, ``stepsize``,
     ``action_noise_std``, ``seed``.
 
@@ -204,19 +214,26 @@ class ESPolicy:
             self._one_hot, self._obs_start = None, 0
             self.obs_size = int(np.prod(observation_space.shape))
         else:
-            raise ValueError(f"ES needs a Box or Discrete observation space, got "
-                             f"{observation_space!r}")
+            raise ValueError(f"ES takes Box or Discrete observations (it normalizes one "
+                             f"flat vector), got {observation_space!r}; for Dict, Tuple, "
+                             "MultiDiscrete or MultiBinary observations use PPO, A2C, "
+                             "IMPALA or DQN")
+        #: MultiDiscrete / MultiBinary / Tuple / Dict actions: the product distribution.
+        self._product_dist: type | None = None
+        self._layout = ActionLayout(action_space)
         if isinstance(action_space, gym.spaces.Discrete):
             self._discrete = True
             self.num_outputs = int(action_space.n)
-        elif isinstance(action_space, gym.spaces.Box):
+        elif not isinstance(action_space, gym.spaces.Box):
+            self._discrete = False
+            # Raises for spaces without a distribution, naming the space.
+            self._product_dist, self.num_outputs = get_dist_class(action_space)
+        else:
             self._discrete = False
             self._action_shape = tuple(action_space.shape)
             self.num_outputs = int(np.prod(action_space.shape))
             self._low = action_space.low.reshape(-1).astype(np.float32)
             self._high = action_space.high.reshape(-1).astype(np.float32)
-        else:
-            raise ValueError(f"ES needs a Discrete or Box action space, got {action_space!r}")
 
         model_config = merge_model_config(config.get("model"))
         if model_config.get("custom_model") is not None:
@@ -263,6 +280,10 @@ class ESPolicy:
     def act_filtered(self, x: np.ndarray, add_noise: bool = False) -> np.ndarray:
         """Actions for already preprocessed and filtered inputs (the rollout hot path)."""
         out = self._outputs(x)
+        if self._product_dist is not None:
+            with torch.inference_mode():
+                mode = self._product_dist(torch.from_numpy(np.asarray(out, np.float32)))
+                return mode.deterministic_sample().numpy()
         if self._discrete:
             return out.argmax(axis=-1)
         if add_noise and self.action_noise_std > 0:
@@ -277,6 +298,9 @@ class ESPolicy:
         actions are always the argmax (ES explores in parameter space).
         """
         actions = self.act_filtered(self.filter(self.preprocess(obs_batch)), add_noise=explore)
+        if self._product_dist is not None:
+            rows = actions.reshape((len(actions), *self._layout.shape))
+            return rows.astype(self._layout.dtype, copy=False), {}
         if self._discrete:
             return actions.astype(np.int64), {}
         return actions.reshape((len(actions), *self._action_shape)), {}
@@ -287,6 +311,9 @@ class ESPolicy:
         The ES workers' per-step path: no batch-level conversions."""
         x = self.filter(self.preprocess(np.asarray(obs)[None]))
         action = self.act_filtered(x, add_noise=explore)[0]
+        if self._product_dist is not None:
+            return self._layout.to_env(
+                action.reshape(self._layout.shape).astype(self._layout.dtype), clip=True)
         return int(action) if self._discrete else action.reshape(self._action_shape)
 
     def postprocess_trajectory(self, batch: SampleBatch) -> SampleBatch:
@@ -380,8 +407,10 @@ class ESPolicy:
             clip = float("inf")
         else:
             mean, inv_std, clip = self.filter._mean, self.filter._inv_std, self.filter.clip
+        product_head = None if self._product_dist is None else greedy_head(
+            self.action_space, self._product_dist.__name__, clip_actions=True)
         return _ESActions(net.cpu().eval(), self._one_hot, self._obs_start, mean, inv_std,
-                          clip, self.action_space)
+                          clip, self.action_space, product_head)
 
     def __repr__(self) -> str:
         return (f"ESPolicy(obs={self.observation_space}, actions={self.action_space}, "

@@ -21,6 +21,11 @@ with ``training_enabled=False`` get actions and count in the episode metrics, bu
 of their steps reach a batch. Steps whose action was logged by the simulator
 (``log_action``, or a local-inference client) get their extra columns
 (``action_logp`` of the logged action, ``vf_preds``, ...) from the policy at batching.
+
+Columns: ``obs`` / ``new_obs`` are packed by the policy's ``obs_packer`` (record
+arrays for Dict / Tuple observation spaces); ``actions`` hold the policy's batch rows
+(its ``action_layout``): its own rows for actions it chose, and logged actions
+converted with ``action_layout.from_env`` (a Tuple / Dict action becomes one flat row).
 """
 
 from __future__ import annotations
@@ -45,9 +50,10 @@ def logged_action_extras(policy: Any, obs: np.ndarray,
                          actions: np.ndarray) -> dict[str, np.ndarray]:
     """The policy's extra columns for ``actions`` it did not choose itself.
 
-    Runs the policy on ``obs`` for its per-observation columns (``vf_preds``,
-    ``q_values``, ``action_dist_inputs``) and replaces ``action_logp`` with the
-    log-probability of the logged actions under that distribution.
+    Runs the policy on ``obs`` (a batch array: records for nested observations) for
+    its per-observation columns (``vf_preds``, ``q_values``, ``action_dist_inputs``)
+    and replaces ``action_logp`` with the log-probability of the logged actions
+    (batch rows of the policy's ``action_layout``) under that distribution.
     """
     _, extras = policy.compute_actions(obs, explore=False)
     if SampleBatch.ACTION_LOGP in extras and SampleBatch.ACTION_DIST_INPUTS in extras:
@@ -148,8 +154,12 @@ class ExternalEnvSampler:
     def _to_batches(self, pieces: list[list[Step]]) -> list[SampleBatch]:
         """One SampleBatch per piece; extras of logged actions computed in one pass."""
         rows = [step for piece in pieces for step in piece]
-        obs = np.stack([np.asarray(s.obs) for s in rows])
-        actions = np.stack([np.asarray(s.action) for s in rows])
+        packer, layout = self.policy.obs_packer, self.policy.action_layout
+        obs = packer.pack([s.obs for s in rows])
+        # The policy's own steps hold its batch rows; logged ones the simulator's action.
+        actions = np.stack([np.asarray(s.action, dtype=layout.dtype) if s.extras is not None
+                            else np.asarray(layout.from_env(s.action), dtype=layout.dtype)
+                            for s in rows])
         logged = [i for i, s in enumerate(rows) if s.extras is None]
         extras: dict[str, np.ndarray] = {}
         if logged:
@@ -169,7 +179,7 @@ class ExternalEnvSampler:
                 column[chosen] = np.stack([rows[i].extras[k] for i in chosen])
         columns = {
             SampleBatch.OBS: obs,
-            SampleBatch.NEW_OBS: np.stack([np.asarray(s.new_obs) for s in rows]),
+            SampleBatch.NEW_OBS: packer.pack([s.new_obs for s in rows]),
             SampleBatch.ACTIONS: actions,
             SampleBatch.REWARDS: np.array([s.reward for s in rows], dtype=np.float32),
             SampleBatch.TERMINATEDS: np.array([s.terminated for s in rows], dtype=bool),

@@ -18,6 +18,10 @@ every ``update_interval_s`` seconds, computes actions itself and ships the steps
 ``log_experience`` requests (at the end of each episode and every
 ``max_piece_steps`` steps), which the server feeds to its sampler as if acted there.
 
+Observations and actions of Dict / Tuple spaces are passed as ``dict`` / ``tuple``
+values (any mapping or sequence with the right parts) and actions come back that way
+(an ``int`` for Discrete parts, arrays for the others).
+
 Failures raise :class:`~flowrl.envs.serving.errors.PolicyClientError` with the
 server's status and message. The client is thread-safe: each thread gets its own
 keep-alive connection.
@@ -41,7 +45,7 @@ import numpy as np
 
 from flowrl.envs.serving.errors import (BadRequestError, EpisodeStateError, PolicyClientError,
                                         UnknownEpisodeError)
-from flowrl.envs.serving.wire import (decode_array, decode_reply_value, encode_array,
+from flowrl.envs.serving.wire import (decode_array, decode_reply_value, encode_batch,
                                       encode_value, space_from_json)
 
 #: Replies larger than this are refused (a weights reply of a big model fits easily).
@@ -193,8 +197,7 @@ class _LocalPolicy:
         policy_cls = flowrl_policy_class(spec.get("policy_class"))
         self.policy = policy_cls(self.observation_space, self.action_space, config)
         self.explore = bool(config.get("explore", True))
-        self.clip = bool(config.get("clip_actions", True)) and \
-            isinstance(self.action_space, gym.spaces.Box)
+        self.clip = bool(config.get("clip_actions", True))
         self.lock = threading.Lock()
         self.num_updates = 0
         self.last_update = 0.0
@@ -217,15 +220,17 @@ class _LocalPolicy:
             self.refresh()
 
     def act(self, obs: Any) -> tuple[Any, Any]:
-        """``(action as recorded, action for the simulator)`` for one observation."""
+        """``(action as recorded, action for the simulator)`` for one observation.
+
+        Both are in the simulator's form (nested for Dict / Tuple action spaces); the
+        recorded one is unclipped, so that the server scores the action the policy
+        sampled, while the simulator gets Box parts clipped (``clip_actions``).
+        """
         with self.lock:
-            actions, _ = self.policy.compute_actions(np.asarray(obs)[None], explore=self.explore)
-        action = actions[0]
-        if isinstance(self.action_space, gym.spaces.Discrete):
-            return int(action), int(action)
-        if self.clip:
-            return action, np.clip(action, self.action_space.low, self.action_space.high)
-        return action, action
+            batch = self.policy.obs_packer.pack_one(obs)
+            actions, _ = self.policy.compute_actions(batch, explore=self.explore)
+        layout = self.policy.action_layout
+        return layout.to_env(actions[0], clip=False), layout.to_env(actions[0], clip=self.clip)
 
 
 class _LocalEpisode:
@@ -243,23 +248,16 @@ class _LocalEpisode:
     def piece(self, observation_space: gym.Space, action_space: gym.Space,
               end_obs: Any = None, truncated: bool = False) -> dict:
         """This episode's unshipped steps as a ``log_experience`` entry (then cleared)."""
-        obs_dtype = np.int64 if isinstance(observation_space, gym.spaces.Discrete) \
-            else observation_space.dtype
-        act_dtype = np.int64 if isinstance(action_space, gym.spaces.Discrete) \
-            else action_space.dtype
-        obs_shape = tuple(observation_space.shape or ())
-        act_shape = tuple(action_space.shape or ())
         entry = {
             "episode_id": self.episode_id,
             "training_enabled": self.training_enabled,
-            "observations": encode_array(np.asarray(self.observations, dtype=obs_dtype)
-                                         .reshape((-1,) + obs_shape)),
-            "actions": encode_array(np.asarray(self.actions, dtype=act_dtype)
-                                    .reshape((-1,) + act_shape)),
+            "observations": encode_batch(observation_space, self.observations, "observations"),
+            "actions": encode_batch(action_space, self.actions, "actions"),
             "rewards": [float(r) for r in self.rewards],
         }
         if end_obs is not None:
-            entry["end_observation"] = encode_value(observation_space, end_obs)
+            entry["end_observation"] = encode_value(observation_space, end_obs,
+                                                    "end_observation")
             entry["truncated"] = bool(truncated)
         self.observations, self.actions, self.rewards = [], [], []
         return entry
@@ -312,7 +310,8 @@ class PolicyClient:
         return episode_id
 
     def get_action(self, episode_id: str, observation: Any) -> Any:
-        """The action for ``observation`` (an ``int`` for Discrete action spaces)."""
+        """The action for ``observation`` as the simulator takes it (an ``int`` for
+        Discrete action spaces, a ``dict`` / ``tuple`` for Dict / Tuple ones)."""
         if self._local is None:
             reply = self._transport.call("get_action", episode_id=episode_id,
                                          observation=self._encode_obs(observation))
@@ -425,9 +424,9 @@ class PolicyClient:
     def _encode(space: gym.Space, value: Any, what: str) -> Any:
         """JSON for ``value`` in ``space``'s dtype (so float64 lists become float32)."""
         try:
-            return encode_value(space, value)
-        except (TypeError, ValueError) as error:
-            raise BadRequestError(f"{what} cannot be converted to {space}: {error}") from None
+            return encode_value(space, value, what)
+        except ValueError as error:  # its message names the part (``what['pos']: ...``)
+            raise BadRequestError(str(error)) from None
 
     def _episode(self, episode_id: str) -> _LocalEpisode:
         episode = self._episodes.get(episode_id)
@@ -444,7 +443,7 @@ class PolicyClient:
             episode = self._episode(episode_id)
             if len(episode.actions) >= self.max_piece_steps:
                 entry = episode.piece(*self._spaces)
-            episode.observations.append(np.asarray(observation))
+            episode.observations.append(observation)  # encoded per part when shipped
             episode.actions.append(action)
             episode.rewards.append(0.0)
         if entry is not None:

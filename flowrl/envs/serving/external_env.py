@@ -32,6 +32,12 @@ Actions are computed by whoever serves the env's requests: the sampler (inside
 ``sample()``, so all policy use stays on the worker's thread) or an inference loop
 (:class:`~flowrl.envs.serving.policy_service.PolicyServiceLoop`). A ``get_action``
 call blocks until then.
+
+Spaces: any the wire format carries (:mod:`~flowrl.envs.serving.wire`): Box,
+Discrete, MultiDiscrete, MultiBinary and Dict / Tuple spaces of them. A Dict
+observation is passed as a ``dict`` (a Tuple one as a ``tuple``) and ``get_action``
+returns actions as the simulator takes them: an ``int`` for Discrete, nested
+``dict`` / ``tuple`` values for Dict / Tuple action spaces.
 """
 
 from __future__ import annotations
@@ -63,7 +69,11 @@ class Step:
 
     ``extras`` holds the policy's extra columns (``action_logp``, ``vf_preds``, ...)
     when the policy chose the action, None for actions logged by the simulator (the
-    sampler computes them). ``episode_end`` marks the episode's last step.
+    sampler computes them). ``action`` is the policy's batch row when it chose the
+    action, and the action as the simulator took it (checked against the action
+    space) when it was logged. ``obs`` / ``new_obs`` are checked values of the
+    observation space (``dict`` / ``tuple`` for nested spaces). ``episode_end``
+    marks the episode's last step.
     """
 
     eps_id: int
@@ -181,7 +191,6 @@ class ExternalEnv(gym.Env):
         self._eps_counter = itertools.count(1)
         self._eps_id_base = 0
         self._policy_spec: Callable[[], PolicySpec] | None = None
-        self._clip_actions = True
         self._served = threading.Event()
         self._closed = False
         self._close_callbacks: list[Callable[[], None]] = []
@@ -236,8 +245,10 @@ class ExternalEnv(gym.Env):
     def get_action(self, episode_id: str, observation: Any) -> Any:
         """Records ``observation`` and returns the policy's action for it.
 
-        Blocks until the sampler (or an inference loop) computes the action. Box
-        actions are clipped to the bounds when the config says ``clip_actions``.
+        Blocks until the sampler (or an inference loop) computes the action, which
+        comes as the simulator takes it (see the module docstring). Box actions (and
+        Box parts of nested ones) are clipped to the bounds when the config says
+        ``clip_actions``.
         """
         obs = self._observation(observation, "observation")
         with self._work:
@@ -346,14 +357,12 @@ class ExternalEnv(gym.Env):
         return self._closed
 
     # -- for samplers and inference loops -------------------------------------------------
-    def attach_policy(self, spec: Callable[[], PolicySpec], eps_id_base: int = 0,
-                      clip_actions: bool = True) -> None:
-        """Called by the sampler: how to describe the policy (computed on request),
-        where episode ids start, and whether Box actions are clipped for the simulator."""
+    def attach_policy(self, spec: Callable[[], PolicySpec], eps_id_base: int = 0) -> None:
+        """Called by the sampler: how to describe the policy (computed on request) and
+        where episode ids start."""
         with self._lock:
             self._policy_spec = spec
             self._eps_id_base = int(eps_id_base)
-            self._clip_actions = bool(clip_actions)
         self._served.set()
 
     def policy_spec(self, timeout_s: float = 30.0) -> PolicySpec:
@@ -405,23 +414,17 @@ class ExternalEnv(gym.Env):
         return requests
 
     def deliver_actions(self, requests: Sequence[ActionRequest], actions: np.ndarray,
-                        extras: dict[str, np.ndarray]) -> None:
-        """Answers ``requests`` with row i of ``actions`` / ``extras`` each."""
-        space = self.action_space
-        clip = self._clip_actions and isinstance(space, gym.spaces.Box)
+                        extras: dict[str, np.ndarray], env_actions: Sequence[Any]) -> None:
+        """Answers ``requests``: request i records row i of ``actions`` / ``extras``
+        (the batch columns) and gets ``env_actions[i]`` (the action as the simulator
+        takes it, already clipped where the config says so)."""
         with self._lock:
             for i, request in enumerate(requests):
-                action = actions[i]
                 episode = request.episode
-                episode.open = _OpenStep(request.obs, action,
+                episode.open = _OpenStep(request.obs, actions[i],
                                          {k: v[i] for k, v in extras.items()})
                 episode.pending = None
-                if isinstance(space, gym.spaces.Discrete):
-                    request.env_action = int(action)
-                elif clip:
-                    request.env_action = np.clip(action, space.low, space.high)
-                else:
-                    request.env_action = np.array(action)
+                request.env_action = env_actions[i]
         for request in requests:
             request.done.set()
 

@@ -14,8 +14,6 @@ import logging
 import threading
 from typing import Any
 
-import numpy as np
-
 from flowrl.envs.serving.external_env import ExternalEnv, PolicySpec
 from flowrl.envs.serving.wire import config_to_json
 
@@ -39,6 +37,11 @@ class PolicyService:
     Build it and call :meth:`serve_pending` on the one thread that uses the policy
     (the sampler's), so that actions and weight snapshots never interleave with a
     training step.
+
+    Observations are batched with the policy's ``obs_packer`` (record arrays for
+    Dict / Tuple spaces) and actions go back to the simulator through its
+    ``action_layout`` (``int`` for Discrete, nested for Dict / Tuple; Box parts
+    clipped to their bounds with ``clip_actions``).
     """
 
     def __init__(self, env: ExternalEnv, policy: Any, explore: bool = True,
@@ -46,10 +49,11 @@ class PolicyService:
         self.env = env
         self.policy = policy
         self.explore = explore
+        self.clip_actions = bool(clip_actions)
         self._spec: PolicySpec | None = None
         self._spec_lock = threading.Lock()
         self.publish_weights()  # on the policy's own thread, before any training
-        env.attach_policy(self.spec, eps_id_base=eps_id_base, clip_actions=clip_actions)
+        env.attach_policy(self.spec, eps_id_base=eps_id_base)
 
     def spec(self) -> PolicySpec:
         """Policy class path and JSON config of the policy (computed once, on request)."""
@@ -74,13 +78,15 @@ class PolicyService:
             self.publish_weights()
         requests = self.env.take_requests()
         if requests:
-            obs = np.stack([np.asarray(r.obs) for r in requests])
             try:
+                obs = self.policy.obs_packer.pack([r.obs for r in requests])
                 actions, extras = self.policy.compute_actions(obs, explore=self.explore)
+                env_actions = self.policy.action_layout.to_env_batch(actions,
+                                                                     self.clip_actions)
             except Exception as error:
                 self.env.fail_requests(requests, error)
                 raise
-            self.env.deliver_actions(requests, actions, extras)
+            self.env.deliver_actions(requests, actions, extras, env_actions)
         return len(requests)
 
 

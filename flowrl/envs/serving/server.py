@@ -18,6 +18,10 @@ reads the 413 instead of a connection reset); tokens are
 compared in constant time; every field is type-checked and observations and actions are
 checked against the env's spaces before they reach the sampler. A bad request costs
 its sender an error reply and nothing else: the server keeps serving.
+
+Observations and actions of Dict / Tuple spaces travel as JSON objects / lists of
+their parts (see :mod:`~flowrl.envs.serving.wire`); an error names the part's path,
+e.g. ``observation['pos']: shape [3] does not match ...``.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from flowrl.envs.serving.errors import (BadRequestError, PayloadTooLargeError, P
                                         ServingError, UnauthorizedError)
 from flowrl.envs.serving.external_env import ExperiencePiece, ExternalEnv
 from flowrl.envs.serving.wire import (decode_value, encode_array, encode_value, is_int,
-                                      is_number, json_type, space_to_json)
+                                      is_number, json_type, space_to_json, unbatch_value)
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +131,8 @@ class CommandDispatcher:
     def get_action(self, request: dict) -> dict:
         f = _Fields(request, "get_action", {"episode_id", "observation"})
         eid, obs = f.episode_id(), self._obs(f.raw("observation"))
-        action = self.env.get_action(eid, obs)
-        return {"action": encode_value(self.env.action_space, action)}
+        action = self.env.get_action(eid, obs)  # nested for Dict / Tuple action spaces
+        return {"action": encode_value(self.env.action_space, action, "action")}
 
     def log_action(self, request: dict) -> dict:
         f = _Fields(request, "log_action", {"episode_id", "observation", "action"})
@@ -172,7 +176,8 @@ class CommandDispatcher:
                         "a list of finite numbers")
         end = f.get("end_observation", lambda v: True, "", None)
         return ExperiencePiece(
-            episode_id=f.episode_id(), observations=list(obs), actions=list(actions),
+            episode_id=f.episode_id(), observations=unbatch_value(self.env.observation_space, obs),
+            actions=unbatch_value(self.env.action_space, actions),
             rewards=rewards, training_enabled=f.flag("training_enabled", True),
             end_obs=None if end is None else self._obs(end, f"{what}.end_observation"),
             truncated=f.flag("truncated", False))

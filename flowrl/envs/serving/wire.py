@@ -3,7 +3,21 @@
 Arrays travel as ``{"dtype": "float32", "shape": [4], "data": ...}`` where ``data`` is
 the base64 of the raw little-endian bytes (what :func:`encode_array` writes) or a
 nested JSON list of numbers. Only numeric and boolean dtypes exist on the wire.
-Spaces (Box, Discrete, MultiDiscrete, MultiBinary) and configs are plain JSON.
+Spaces and configs are plain JSON.
+
+Spaces: ``Box``, ``Discrete``, ``MultiDiscrete``, ``MultiBinary`` (the *leaves*), and
+``Dict`` / ``Tuple`` spaces of them, nested to any depth. Values of a space:
+
+* a leaf: an array object (a plain JSON integer is accepted for ``Discrete``);
+* a ``Dict``: a JSON object with exactly the space's keys, each holding its part's
+  value, e.g. ``{"pos": {"dtype": "float32", "shape": [2], "data": ...}, "mode": 2}``;
+* a ``Tuple``: a JSON list with one value per part, in order.
+
+Batched values (``log_experience``) keep that nesting and batch each leaf: a leaf is
+one array with a leading row dimension, and all leaves of one value hold equally many
+rows. Spaces without an array form (``Text``, ``Graph``, ``Sequence``, custom
+classes), also as parts of a ``Dict`` / ``Tuple``, cannot travel: serving them is
+refused with the part's path.
 
 Every decoder checks what it reads and raises
 :class:`~flowrl.envs.serving.errors.BadRequestError` with a message that names the
@@ -15,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -29,8 +44,12 @@ MAX_NDIM = 32
 #: Upper bound on elements per array; the body size limit is usually stricter.
 MAX_ELEMENTS = 1 << 26
 
-SUPPORTED_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete,
-                    gym.spaces.MultiBinary)
+#: Spaces whose values are one array (or a Discrete integer) on the wire.
+LEAF_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete,
+               gym.spaces.MultiBinary)
+#: Spaces whose values nest others: JSON objects (Dict) and lists (Tuple).
+NESTED_SPACES = (gym.spaces.Dict, gym.spaces.Tuple)
+SUPPORTED_SPACES = LEAF_SPACES + NESTED_SPACES
 
 
 def json_type(value: Any) -> str:
@@ -141,26 +160,85 @@ def decode_array(obj: Any, what: str) -> np.ndarray:
                           f"got {json_type(data)}")
 
 
-# -- values of a space --------------------------------------------------------------------
+# -- spaces: what can travel ----------------------------------------------------------------
 def check_space_supported(space: gym.Space, what: str) -> None:
-    """TypeError unless the wire format can carry values of ``space``."""
-    if not isinstance(space, SUPPORTED_SPACES):
-        raise TypeError(f"{what} {space} is not supported by the policy server: use Box, "
-                        "Discrete, MultiDiscrete or MultiBinary (flatten Dict/Tuple spaces)")
+    """TypeError unless the wire format can carry values of ``space``.
 
-
-def check_value(space: gym.Space, value: Any, what: str, strict_dtype: bool,
-                batched: bool = False) -> Any:
-    """``value`` checked against ``space``; returns it as the sampler stores it.
-
-    Discrete values come back as ``int`` (``int64`` arrays when ``batched``), others as
-    arrays of the space's dtype. ``strict_dtype``: the array's dtype must be the
-    space's (the HTTP path); otherwise same-kind casts are applied (in-process calls
-    with Python lists or float64 arrays). Float values must be finite; Discrete,
-    MultiDiscrete and MultiBinary values must lie in the space. Box bounds are not
-    enforced: simulators often step slightly outside the bounds they declare.
-    ``batched``: ``value`` holds one row per step (a leading batch dimension).
+    Every part of a ``Dict`` / ``Tuple`` is checked; the message names the first
+    unsupported part by its path (``observation space['mission']``).
     """
+    if isinstance(space, NESTED_SPACES):
+        if not space.spaces:
+            raise TypeError(f"{what}: an empty {type(space).__name__} space has no values "
+                            "to serve")
+        if isinstance(space, gym.spaces.Dict):
+            for key in space.spaces:
+                if not isinstance(key, str):
+                    raise TypeError(f"{what}: Dict keys must be strings (they become JSON "
+                                    f"object keys), got {key!r}")
+        for _, sub, path in _children(space, what):
+            check_space_supported(sub, path)
+        return
+    if not isinstance(space, LEAF_SPACES):
+        raise TypeError(f"{what} {space} is not supported by the policy server: use Box, "
+                        "Discrete, MultiDiscrete or MultiBinary, or Dict / Tuple spaces of "
+                        "them (drop parts without an array form, e.g. Text, with an "
+                        "observation wrapper)")
+
+
+def _children(space: gym.Space, what: str) -> list[tuple[Any, gym.Space, str]]:
+    """``(key, subspace, path)`` of a Dict (its key order) or a Tuple (0, 1, ...)."""
+    if isinstance(space, gym.spaces.Dict):
+        return [(key, sub, f"{what}[{key!r}]") for key, sub in space.spaces.items()]
+    return [(index, sub, f"{what}[{index}]") for index, sub in enumerate(space.spaces)]
+
+
+def _parts(space: gym.Space, value: Any, what: str,
+           error: type[Exception] = BadRequestError) -> list[tuple[Any, gym.Space, Any, str]]:
+    """``(key, subspace, part of value, path)`` of a Dict / Tuple ``value``.
+
+    Raises ``error`` when ``value`` is not an object with exactly the Dict's keys, or
+    not a list (or tuple) with one value per part of the Tuple.
+    """
+    children = _children(space, what)
+    if isinstance(space, gym.spaces.Dict):
+        keys = list(space.spaces)
+        if not isinstance(value, Mapping):
+            raise error(f"{what}: expected an object with the keys {keys} (a Dict space), "
+                        f"got {json_type(value)}")
+        missing = [key for key in keys if key not in value]
+        if missing:
+            raise error(f"{what}: missing key(s) {missing}; the Dict space has the keys {keys}")
+        if len(value) != len(keys):
+            extra = [key for key in value if key not in space.spaces]
+            raise error(f"{what}: unknown key(s) {extra!r:.120}; the Dict space has the "
+                        f"keys {keys}")
+        return [(key, sub, value[key], path) for key, sub, path in children]
+    if not isinstance(value, (list, tuple)):
+        raise error(f"{what}: expected a list of {len(children)} values (a Tuple space), "
+                    f"got {json_type(value)}")
+    if len(value) != len(children):
+        raise error(f"{what}: expected {len(children)} values (one per part of the Tuple "
+                    f"space), got {len(value)}")
+    return [(key, sub, value[key], path) for key, sub, path in children]
+
+
+def _nest(space: gym.Space, parts: dict) -> Any:
+    """A Dict's value is a ``dict``, a Tuple's a ``tuple`` (of ``parts`` in order)."""
+    return parts if isinstance(space, gym.spaces.Dict) else tuple(parts.values())
+
+
+def _leaves(space: gym.Space, value: Any, what: str) -> list[tuple[str, Any]]:
+    """``(path, leaf value)`` of a value already checked against ``space``."""
+    if not isinstance(space, NESTED_SPACES):
+        return [(what, value)]
+    return [leaf for key, sub, path in _children(space, what)
+            for leaf in _leaves(sub, value[key], path)]
+
+
+# -- values of a space --------------------------------------------------------------------
+def _check_leaf(space: gym.Space, value: Any, what: str, strict_dtype: bool,
+                batched: bool) -> Any:
     if isinstance(space, gym.spaces.Discrete):
         arr = np.asarray(value) if not isinstance(value, np.ndarray) else value
         want_shape: tuple[int, ...] = arr.shape[:1] if batched else ()
@@ -195,33 +273,159 @@ def check_value(space: gym.Space, value: Any, what: str, strict_dtype: bool,
     return arr
 
 
-def decode_value(space: gym.Space, obj: Any, what: str, batched: bool = False) -> Any:
-    """A value of ``space`` from JSON (an array object; a plain integer for Discrete)."""
+def _check(space: gym.Space, value: Any, what: str, strict_dtype: bool, batched: bool) -> Any:
+    if isinstance(space, NESTED_SPACES):
+        return _nest(space, {key: _check(sub, part, path, strict_dtype, batched)
+                             for key, sub, part, path in _parts(space, value, what)})
+    return _check_leaf(space, value, what, strict_dtype, batched)
+
+
+def check_value(space: gym.Space, value: Any, what: str, strict_dtype: bool,
+                batched: bool = False) -> Any:
+    """``value`` checked against ``space``; returns it as the sampler stores it.
+
+    Discrete values come back as ``int`` (``int64`` arrays when ``batched``), others as
+    arrays of the space's dtype. ``strict_dtype``: the array's dtype must be the
+    space's (the HTTP path); otherwise same-kind casts are applied (in-process calls
+    with Python lists or float64 arrays). Float values must be finite; Discrete,
+    MultiDiscrete and MultiBinary values must lie in the space. Box bounds are not
+    enforced: simulators often step slightly outside the bounds they declare.
+    ``batched``: ``value`` holds one row per step (a leading batch dimension).
+
+    A Dict value is a mapping with exactly the space's keys and comes back as a
+    ``dict`` in the space's key order; a Tuple value is a list or tuple with one value
+    per part and comes back as a ``tuple``. Errors name the part's path
+    (``observation['pos']``). Batched nested values must have equally many rows in
+    every leaf.
+    """
+    checked = _check(space, value, what, strict_dtype, batched)
+    if batched and isinstance(space, NESTED_SPACES):
+        batch_size(space, checked, what)
+    return checked
+
+
+def batch_size(space: gym.Space, value: Any, what: str = "value") -> int:
+    """The number of rows of a checked batched value (its leaves' leading size).
+
+    Raises BadRequestError when the leaves of a nested value disagree.
+    """
+    leaves = _leaves(space, value, "")  # paths relative to ``what``
+    first_path, first = leaves[0][0] or "the value", len(leaves[0][1])
+    for path, leaf in leaves[1:]:
+        if len(leaf) != first:
+            raise BadRequestError(f"{what}: every part of a batched value needs the same "
+                                  f"number of rows; part {first_path} has {first}, part "
+                                  f"{path} has {len(leaf)}")
+    return first
+
+
+def unbatch_value(space: gym.Space, value: Any) -> list:
+    """The rows of a checked batched value, each a value of ``space`` as
+    :func:`check_value` returns it unbatched (nested values keep their nesting)."""
+    if not isinstance(space, NESTED_SPACES):
+        return list(value)
+    return [_row(space, value, i) for i in range(batch_size(space, value))]
+
+
+def _row(space: gym.Space, value: Any, index: int) -> Any:
+    if isinstance(space, NESTED_SPACES):
+        return _nest(space, {key: _row(sub, value[key], index)
+                             for key, sub, _ in _children(space, "")})
+    if isinstance(space, gym.spaces.Discrete):
+        return int(value[index])
+    return value[index]
+
+
+def _decode(space: gym.Space, obj: Any, what: str, batched: bool) -> Any:
+    if isinstance(space, NESTED_SPACES):
+        return _nest(space, {key: _decode(sub, part, path, batched)
+                             for key, sub, part, path in _parts(space, obj, what)})
     if isinstance(space, gym.spaces.Discrete) and not batched and is_int(obj):
-        return check_value(space, np.int64(obj), what, strict_dtype=True)
-    return check_value(space, decode_array(obj, what), what, strict_dtype=True,
+        # A Python int first: JSON integers may be far beyond int64.
+        if not int(space.start) <= obj < int(space.start) + int(space.n):
+            raise BadRequestError(f"{what}: {obj!r:.40} is outside {space}")
+        return int(obj)
+    return _check_leaf(space, decode_array(obj, what), what, strict_dtype=True,
                        batched=batched)
 
 
-def encode_value(space: gym.Space, value: Any) -> Any:
-    """JSON for a value of ``space``: an ``int`` for Discrete, else an array object."""
-    if isinstance(space, gym.spaces.Discrete):
-        return int(value)
-    return encode_array(np.asarray(value, dtype=space.dtype))
+def decode_value(space: gym.Space, obj: Any, what: str, batched: bool = False) -> Any:
+    """A value of ``space`` from JSON (see the module docstring), checked as
+    :func:`check_value` does with ``strict_dtype=True``."""
+    value = _decode(space, obj, what, batched)
+    if batched and isinstance(space, NESTED_SPACES):
+        batch_size(space, value, what)
+    return value
 
 
-def decode_reply_value(space: gym.Space, obj: Any) -> Any:
-    """The client's side of :func:`encode_value` (trusts the server's shapes)."""
+def encode_value(space: gym.Space, value: Any, what: str = "value") -> Any:
+    """JSON for a value of ``space``: an ``int`` for Discrete, an array object in the
+    space's dtype for the other leaves, an object (Dict) or a list (Tuple) of those.
+
+    Raises ValueError naming (by ``what`` and its path) the part that does not fit:
+    a Dict / Tuple value of the wrong structure, or a leaf that does not convert.
+    """
+    if isinstance(space, NESTED_SPACES):
+        return _encoded_nest(space, {key: encode_value(sub, part, path) for key, sub, part, path
+                                     in _parts(space, value, what, ValueError)})
+    try:
+        if isinstance(space, gym.spaces.Discrete):
+            return int(value)
+        return encode_array(np.asarray(value, dtype=space.dtype))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{what}: cannot convert {type(value).__name__} to a value of "
+                         f"{space} ({error})") from None
+
+
+def _encoded_nest(space: gym.Space, parts: dict) -> Any:
+    return parts if isinstance(space, gym.spaces.Dict) else list(parts.values())
+
+
+def encode_batch(space: gym.Space, values: Sequence[Any], what: str = "values") -> Any:
+    """JSON for ``values`` (one value of ``space`` per row) as one batched value: each
+    leaf one array with a leading row dimension (``int64`` for Discrete leaves)."""
+    if isinstance(space, NESTED_SPACES):
+        rows = [_parts(space, v, f"{what}[row {i}]", ValueError) for i, v in enumerate(values)]
+        return _encoded_nest(space, {
+            key: encode_batch(sub, [parts[j][2] for parts in rows], path)
+            for j, (key, sub, path) in enumerate(_children(space, what))})
+    discrete = isinstance(space, gym.spaces.Discrete)
+    dtype = np.dtype(np.int64) if discrete else np.dtype(space.dtype)
+    shape = () if discrete else tuple(space.shape)
+    try:
+        arr = np.asarray(values, dtype=dtype).reshape((len(values),) + shape)
+    except ValueError as error:
+        raise ValueError(f"{what}: the values do not fit {space}: {error}") from None
+    return encode_array(arr)
+
+
+def decode_reply_value(space: gym.Space, obj: Any, what: str = "action") -> Any:
+    """The client's side of :func:`encode_value` (trusts the server's shapes):
+    ``int`` for Discrete, arrays for other leaves, ``dict`` / ``tuple`` for Dict / Tuple."""
+    if isinstance(space, NESTED_SPACES):
+        return _nest(space, {key: decode_reply_value(sub, part, path)
+                             for key, sub, part, path in _parts(space, obj, what)})
     if isinstance(space, gym.spaces.Discrete):
         return int(obj)
-    return decode_array(obj, "action")
+    return decode_array(obj, what)
 
 
-# -- spaces ---------------------------------------------------------------------------------
+# -- spaces as JSON ---------------------------------------------------------------------------
 def space_to_json(space: gym.Space) -> dict:
     """JSON description of a supported space (Box bounds as base64 arrays: they may be
-    infinite, which JSON numbers cannot express)."""
+    infinite, which JSON numbers cannot express). Dict: ``{"type": "Dict", "spaces":
+    {key: space, ...}}`` in the space's key order; Tuple: ``{"type": "Tuple",
+    "spaces": [space, ...]}``."""
     check_space_supported(space, "space")
+    return _space_json(space)
+
+
+def _space_json(space: gym.Space) -> dict:
+    if isinstance(space, gym.spaces.Dict):
+        return {"type": "Dict",
+                "spaces": {key: _space_json(sub) for key, sub in space.spaces.items()}}
+    if isinstance(space, gym.spaces.Tuple):
+        return {"type": "Tuple", "spaces": [_space_json(sub) for sub in space.spaces]}
     if isinstance(space, gym.spaces.Discrete):
         return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
     if isinstance(space, gym.spaces.Box):
@@ -233,26 +437,38 @@ def space_to_json(space: gym.Space) -> dict:
     return {"type": "MultiBinary", "n": np.asarray(space.n).tolist()}
 
 
-def space_from_json(obj: Any) -> gym.Space:
+def space_from_json(obj: Any, what: str = "space") -> gym.Space:
     """The space :func:`space_to_json` described; BadRequestError if malformed."""
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
-        raise BadRequestError(f"space: expected an object with a 'type', got {json_type(obj)}")
+        raise BadRequestError(f"{what}: expected an object with a 'type', got {json_type(obj)}")
     kind = obj["type"]
+    if kind in ("Dict", "Tuple"):
+        parts = obj.get("spaces")
+        container = dict if kind == "Dict" else list
+        if set(obj) != {"type", "spaces"} or not isinstance(parts, container) or not parts:
+            raise BadRequestError(f"{what}: a {kind} space is {{\"type\", \"spaces\"}} with a "
+                                  f"non-empty {'object' if kind == 'Dict' else 'list'} of "
+                                  "spaces")
+        if kind == "Dict":  # a list of pairs keeps the sender's key order
+            return gym.spaces.Dict([(key, space_from_json(sub, f"{what}[{key!r}]"))
+                                    for key, sub in parts.items()])
+        return gym.spaces.Tuple([space_from_json(sub, f"{what}[{i}]")
+                                 for i, sub in enumerate(parts)])
     try:
         if kind == "Discrete":
             return gym.spaces.Discrete(int(obj["n"]), start=int(obj.get("start", 0)))
         if kind == "Box":
-            return gym.spaces.Box(decode_array(obj["low"], "space.low"),
-                                  decode_array(obj["high"], "space.high"),
+            return gym.spaces.Box(decode_array(obj["low"], f"{what}.low"),
+                                  decode_array(obj["high"], f"{what}.high"),
                                   dtype=_wire_dtype(obj["dtype"]))
         if kind == "MultiDiscrete":
-            return gym.spaces.MultiDiscrete(decode_array(obj["nvec"], "space.nvec"),
+            return gym.spaces.MultiDiscrete(decode_array(obj["nvec"], f"{what}.nvec"),
                                             dtype=_wire_dtype(obj["dtype"]))
         if kind == "MultiBinary":
             return gym.spaces.MultiBinary(obj["n"])
     except (KeyError, TypeError, ValueError) as error:
-        raise BadRequestError(f"space: malformed {kind} description ({error})") from None
-    raise BadRequestError(f"space: unsupported type {kind!r:.40}")
+        raise BadRequestError(f"{what}: malformed {kind} description ({error})") from None
+    raise BadRequestError(f"{what}: unsupported type {kind!r:.40}")
 
 
 def _wire_dtype(name: Any) -> np.dtype:
