@@ -157,3 +157,16 @@ class ImageGoalEnv(gym.Env):
         reward = float(int(action) == self._side)
         self._t += 1
         return self._observe(), reward, False, self._t >= 10, {}
+
+
+class DictPendulum(gym.ObservationWrapper):
+    """Pendulum-v1 with a Dict observation: ``{"angle": [cos, sin], "speed": [w]}``."""
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(gym.make("Pendulum-v1"))
+        self.observation_space = gym.spaces.Dict({
+            "angle": gym.spaces.Box(-1.0, 1.0, (2,), np.float32),
+            "speed": gym.spaces.Box(-8.0, 8.0, (1,), np.float32)})
+
+    def observation(self, observation: np.ndarray) -> dict:
+        return {"angle": observation[:2], "speed": observation[2:]}

@@ -214,3 +214,60 @@ def test_es_acts_with_the_mode_of_a_product_distribution(ray_session):
 def test_es_names_ppo_for_dict_observations(ray_session):
     with pytest.raises(ValueError, match="ES takes Box or Discrete observations.*use PPO"):
         make("ES", CueEnv, num_workers=1, noise_size=1_000_000)
+
+
+@pytest.mark.parametrize("algorithm", ["PPO", "DQN"])
+def test_masks_hold_in_evaluation_and_in_the_torchscript_export(algorithm, tmp_path):
+    import torch
+    agent = make(algorithm, MaskedGreedEnv, rollout_fragment_length=100,
+                 evaluation_interval=1, evaluation_num_episodes=5)
+    try:
+        result = agent.train()  # evaluation episodes step the env, which raises on a leak
+        assert result["evaluation"]["episodes_this_iter"] == 5
+        path = agent.export_policy(str(tmp_path / "export"))
+        module = torch.jit.load(path)
+        env = MaskedGreedEnv()
+        env.reset(seed=5)
+        observations = [env._observe() for _ in range(1000)]
+        masks = np.stack([o["action_mask"] for o in observations])
+        exported = module(torch.as_tensor(masks),
+                          torch.as_tensor(np.stack([o["observations"] for o in observations])))
+        exported = exported.numpy()
+        assert np.all(masks[np.arange(1000), exported] == 1)
+        expected = [agent.compute_action(o) for o in observations[:50]]
+        assert exported[:50].tolist() == expected
+    finally:
+        agent.stop()
+
+
+@pytest.mark.parametrize("algorithm,env", [("DQN", CueEnv), ("APEX", CueEnv),
+                                           ("DDPG", spaces_envs.DictPendulum),
+                                           ("APEX_DDPG", spaces_envs.DictPendulum)])
+def test_replay_algorithms_store_nested_observations(algorithm, env, ray_session, tmp_path):
+    config = {"learning_starts": 100, "train_batch_size": 32, "buffer_size": 2000,
+              "rollout_fragment_length": 50, "timesteps_per_iteration": 200,
+              "min_iter_time_s": 0}
+    if algorithm.startswith("APEX"):
+        config.update(num_workers=1, num_replay_buffer_shards=1, num_cpus_per_worker=0.5,
+                      checkpoint_replay_buffer=False)
+    else:
+        config["checkpoint_replay_buffer"] = True
+    agent = make(algorithm, env, **config)
+    try:
+        for _ in range(3):
+            result = agent.train()
+        assert result["info"]["num_steps_trained"] > 0
+        checkpoint = agent.save(str(tmp_path))
+    finally:
+        agent.stop()
+    restored = make(algorithm, env, **config)
+    try:
+        restored.restore(checkpoint)
+        trained_before = result["info"]["num_steps_trained"]
+        for _ in range(5):  # APEX refills its (unsaved) replay shards first
+            if restored.train()["info"]["num_steps_trained"] > trained_before:
+                break
+        else:
+            pytest.fail(f"{algorithm} did not train after the restore")
+    finally:
+        restored.stop()

@@ -124,10 +124,34 @@ def to_tensors(state: Any) -> Any:
         except TypeError:
             return {"__ndarray__": torch.frombuffer(bytearray(state.tobytes()),
                                                     dtype=torch.uint8),
-                    "dtype": state.dtype.str, "shape": list(state.shape)}
+                    "dtype": _dtype_to_text(state.dtype), "shape": list(state.shape)}
     if isinstance(state, np.generic):
         return state.item()
     return state
+
+
+def _dtype_to_text(dtype: Any) -> str:
+    """A dtype as text: ``"<u4"``, or for a record dtype (nested observations) its
+    fields as JSON, which ``dtype.str`` (``"|V16"``) would lose."""
+    if dtype.names is None:
+        return dtype.str
+    return "record:" + json.dumps(dtype.descr)
+
+
+def _dtype_from_text(text: str) -> Any:
+    """Inverse of :func:`_dtype_to_text`."""
+    import numpy as np
+    if not text.startswith("record:"):
+        return np.dtype(text)
+
+    def fields(descr: list) -> list[tuple]:
+        # JSON made the (name, type[, shape]) tuples lists; nested records are lists too.
+        out = []
+        for name, kind, *shape in descr:
+            kind = fields(kind) if isinstance(kind, list) else kind
+            out.append((name, kind, tuple(shape[0])) if shape else (name, kind))
+        return out
+    return np.dtype(fields(json.loads(text[len("record:"):])))
 
 
 def to_numpy(state: Any) -> Any:
@@ -136,7 +160,8 @@ def to_numpy(state: Any) -> Any:
     if isinstance(state, dict):
         if "__ndarray__" in state:
             return np.frombuffer(state["__ndarray__"].numpy().tobytes(),
-                                 dtype=np.dtype(state["dtype"])).reshape(state["shape"])
+                                 dtype=_dtype_from_text(state["dtype"])
+                                 ).reshape(state["shape"])
         return {k: to_numpy(v) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
         return type(state)(to_numpy(v) for v in state)

@@ -96,8 +96,10 @@ class DDPGTorchPolicy(Policy):
       over the defaults), ``per_worker_exploration`` (False);
     * ``worker_side_prioritization`` (False): ``postprocess_trajectory`` adds ``td_error``;
     * ``worker_index`` / ``num_workers`` (set by the rollout worker), ``num_gpus``, ``seed``;
-    * ``model``: no keys are read (observations are flattened, or one-hot for
-      ``Discrete``); a ``custom_model`` is rejected rather than silently ignored.
+    * ``model``: ``conv_filters`` / ``conv_activation`` for image leaves; observations
+      go through the catalog's :class:`~flowrl.policies.models.ObservationEncoder` (any
+      Box, Discrete, MultiDiscrete, MultiBinary, Dict or Tuple); a ``custom_model`` is
+      rejected rather than silently ignored.
 
     Learning uses the base class's SGD loop (:meth:`Policy.learn_on_batch`) with
     :meth:`sgd_step`: every minibatch is one critic update; the actor is updated
