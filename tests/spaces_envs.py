@@ -170,3 +170,40 @@ class DictPendulum(gym.ObservationWrapper):
 
     def observation(self, observation: np.ndarray) -> dict:
         return {"angle": observation[:2], "speed": observation[2:]}
+
+
+class MixedActionEnv(gym.Env):
+    """A Dict action ``{"dial": Discrete(3), "knob": Box(-1, 1, (1,)), "bits":
+    MultiBinary(2)}`` and a Tuple observation ``(Discrete(3), Box(-1, 1, (1,)))``
+    naming the target dial and knob. Reward per step: dial right (1) minus the knob's
+    distance to its target, plus 0.5 per bit set; 10 steps. Every action is checked
+    against the space, so a wrongly shaped action fails the step."""
+
+    def __init__(self, config: Any = None) -> None:
+        self.observation_space = gym.spaces.Tuple((gym.spaces.Discrete(3),
+                                                   gym.spaces.Box(-1.0, 1.0, (1,), np.float32)))
+        self.action_space = gym.spaces.Dict({
+            "dial": gym.spaces.Discrete(3),
+            "knob": gym.spaces.Box(-1.0, 1.0, (1,), np.float32),
+            "bits": gym.spaces.MultiBinary(2)})
+        self._rng = np.random.default_rng(0)
+        self._t = 0
+
+    def _observe(self) -> tuple:
+        self._target = (int(self._rng.integers(3)),
+                        self._rng.uniform(-1, 1, 1).astype(np.float32))
+        return self._target
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+        self._t = 0
+        return self._observe(), {}
+
+    def step(self, action: dict):
+        assert self.action_space.contains(action), action
+        reward = (float(action["dial"] == self._target[0])
+                  - float(abs(action["knob"][0] - self._target[1][0]))
+                  + 0.5 * float(np.sum(action["bits"])))
+        self._t += 1
+        return self._observe(), reward, False, self._t >= 10, {}

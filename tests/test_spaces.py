@@ -271,3 +271,29 @@ def test_replay_algorithms_store_nested_observations(algorithm, env, ray_session
             pytest.fail(f"{algorithm} did not train after the restore")
     finally:
         restored.stop()
+
+
+@pytest.mark.parametrize("algorithm", ["PG", "A2C", "A3C", "PPO", "IMPALA"])
+@pytest.mark.parametrize("env", [CueEnv, TwoDialsEnv, spaces_envs.MixedActionEnv],
+                         ids=["dict-obs", "multidiscrete", "tuple-obs-dict-action"])
+def test_policy_gradient_family_trains_on_every_space(algorithm, env, ray_session):
+    config = {"rollout_fragment_length": 50, "train_batch_size": 200}
+    if algorithm == "PPO":
+        config.update(sgd_minibatch_size=50, num_sgd_iter=2)
+    if algorithm in ("A3C", "IMPALA"):
+        config.update(num_workers=1, num_cpus_per_worker=0.5)
+    if algorithm == "IMPALA":
+        config.update(min_iter_time_s=0, timesteps_per_iteration=200)
+    agent = make(algorithm, env, **config)
+    try:
+        steps = 0
+        for _ in range(20):  # A3C and IMPALA report trained steps a bit later
+            result = agent.train()
+            steps = result["info"].get("num_steps_trained", 0)
+            if steps:
+                break
+        assert steps > 0
+        obs, _ = env().reset(seed=1)
+        assert env().action_space.contains(agent.compute_action(obs))
+    finally:
+        agent.stop()

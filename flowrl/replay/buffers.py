@@ -23,12 +23,26 @@ Storage
   batches must have the same columns and row shapes (values are cast to the
   stored dtype). ``infos`` and ``batch_indexes`` (and, for the prioritized
   buffer, ``weights``) are not stored: they are per-sample outputs.
-* Image-stack observations ``(H, W, k)`` with ``k > 1`` go to
+* Image-stack observations ``(H, W, k)`` (channels-last, Atari) or ``(k, H, W)``
+  (channels-first, gymnasium's ``FrameStackObservation``) with ``k > 1`` go to
   :class:`~flowrl.replay.frame_storage.FrameStackStorage` (each frame stored
   once, ~1 frame per transition instead of ``2k``), chosen by
-  ``frame_stack_storage``: ``"auto"`` (uint8 stacks whose first batch shows the
-  sliding-window structure), ``True`` (any ``(H, W, k)`` obs/new_obs pair;
-  exact even for unrelated stacks) or ``False`` (plain columns).
+  ``frame_stack_storage``:
+
+  - ``"auto"``: uint8 stacks whose first batch shows the sliding-window
+    structure along the last row axis (``"HWC"``, tried first) or the first one
+    (``"CHW"``); when both axes show it (blank frames slide along any axis),
+    the layout the models would read the rows as decides (see
+    :func:`~flowrl.replay.frame_storage.stack_layout`);
+  - ``True``: any 4-D obs/new_obs pair of a plain dtype, exact even for
+    unrelated stacks; channels-first when the rows' ``shape[0] < shape[2]``
+    (the models' rule), else channels-last;
+  - ``False``: plain columns.
+
+  Nested observations (numpy records, ``dtype.names`` set) always use plain
+  columns; ``True`` rejects them. ``sample`` returns stacks in the layout
+  they were added in; ``stats()["frame_stack_layout"]`` and checkpoints
+  record it.
 * ``batch_indexes`` are *global insertion numbers*: the ``g``-th row ever
   added has index ``g`` and lives in slot ``g % capacity``. They are never
   reused, so :meth:`PrioritizedReplayBuffer.update_priorities` can tell
@@ -49,7 +63,13 @@ from typing import Any
 
 import numpy as np
 
-from flowrl.replay.frame_storage import FrameStackStorage, _ring_runs, looks_like_frame_stacks
+from flowrl.replay.frame_storage import (
+    FrameLayout,
+    FrameStackStorage,
+    _ring_runs,
+    looks_like_frame_stacks,
+    stack_layout,
+)
 from flowrl.replay.segment_tree import MinSegmentTree, SumSegmentTree, keep_last
 from flowrl.data.sample_batch import MultiAgentBatch, SampleBatch
 
@@ -73,6 +93,15 @@ def linear_schedule(t: float, t_final: float, initial: float, final: float) -> f
         return float(final)
     frac = min(max(float(t) / float(t_final), 0.0), 1.0)
     return float(initial + frac * (final - initial))
+
+
+def _frames_refused(obs: np.ndarray | None, new_obs: np.ndarray | None,
+                    need: str) -> ValueError:
+    """The error for ``frame_stack_storage=True`` on observations it cannot store."""
+    got = "; ".join(f"{name}: dtype {value.dtype}, shape {list(value.shape)}"
+                    for name, value in ((_OBS, obs), (_NEW_OBS, new_obs)) if value is not None)
+    return ValueError(f"frame_stack_storage=True needs {need}; got {got or 'neither column'} "
+                      f"(use frame_stack_storage='auto' or False)")
 
 
 class _RateMeter:
@@ -152,7 +181,8 @@ class ReplayBuffer:
         return self._head
 
     def __repr__(self) -> str:
-        mode = "frame-stack" if self._frames is not None else "plain"
+        mode = (f"frame-stack {self._frames.layout}" if self._frames is not None
+                else "plain")
         return f"{type(self).__name__}(size={len(self)}, capacity={self._capacity}, {mode})"
 
     def _dropped_columns(self) -> tuple[str, ...]:
@@ -227,28 +257,54 @@ class ReplayBuffer:
 
     def _allocate(self, cols: dict[str, np.ndarray]) -> None:
         obs, new_obs = cols.get(_OBS), cols.get(_NEW_OBS)
-        use_frames = False
-        pair = (obs is not None and new_obs is not None and obs.shape == new_obs.shape
-                and obs.dtype == new_obs.dtype and obs.ndim == 4)
-        if self._frame_mode is True:
-            if not pair or obs.dtype == object:
-                raise ValueError(
-                    "frame_stack_storage=True needs 'obs' and 'new_obs' columns of equal shape "
-                    "(N, H, W, k) and dtype; got "
-                    + ", ".join(f"{c}: {cols[c].dtype}{list(cols[c].shape)}"
-                                for c in (_OBS, _NEW_OBS) if c in cols))
-            use_frames = True
-        elif self._frame_mode == "auto":
-            use_frames = bool(pair and obs.dtype == np.uint8 and obs.shape[-1] > 1
-                              and looks_like_frame_stacks(obs, new_obs))
+        layout = self._frame_layout(obs, new_obs)
+        use_frames = layout is not None
         if use_frames:
-            self._frames = FrameStackStorage(self._capacity, obs.shape[1:], obs.dtype)
+            self._frames = FrameStackStorage(self._capacity, obs.shape[1:], obs.dtype,
+                                             layout=layout)
         for name, value in cols.items():
             if use_frames and name in (_OBS, _NEW_OBS):
                 continue
             self._columns[name] = np.zeros((self._capacity, *value.shape[1:]), dtype=value.dtype)
         self._column_order = list(cols)
         self._allocated = True
+
+    def _frame_layout(self, obs: np.ndarray | None,
+                      new_obs: np.ndarray | None) -> FrameLayout | None:
+        """The frame-stack layout the first batch's obs get, or None for plain columns."""
+        mode = self._frame_mode
+        if mode is False:
+            return None
+        if obs is None or new_obs is None:
+            if mode is True:
+                raise _frames_refused(obs, new_obs, "'obs' and 'new_obs' columns")
+            return None
+        # Records (nested obs), objects and sub-array dtypes have no frames to share.
+        records = obs.dtype.names is not None or new_obs.dtype.names is not None
+        plain_dtype = not (records or obs.dtype.hasobject or obs.dtype.subdtype is not None)
+        pair = (plain_dtype and obs.ndim == 4 and obs.shape == new_obs.shape
+                and obs.dtype == new_obs.dtype)
+        if mode is True:
+            if records:
+                raise _frames_refused(obs, new_obs, "image stacks, not records (nested "
+                                      "observations, structured dtype)")
+            if not pair:
+                raise _frames_refused(obs, new_obs, "'obs' and 'new_obs' of equal shape "
+                                      "(N, H, W, k) or (N, k, H, W) and one plain dtype")
+            return stack_layout(obs.shape[1:])
+        if not pair or obs.dtype != np.uint8:
+            return None
+        # Channels-last first: Atari's (84, 84, 4) is decided by one test, as before.
+        if obs.shape[-1] > 1 and looks_like_frame_stacks(obs, new_obs, "HWC"):
+            # Blank frames slide along every axis; where the models read the rows
+            # as channels-first, a channels-first match wins.
+            if stack_layout(obs.shape[1:]) == "CHW" \
+                    and looks_like_frame_stacks(obs, new_obs, "CHW"):
+                return "CHW"
+            return "HWC"
+        if obs.shape[1] > 1 and looks_like_frame_stacks(obs, new_obs, "CHW"):
+            return "CHW"
+        return None
 
     def _check_columns(self, cols: dict[str, np.ndarray]) -> None:
         if set(cols) != set(self._column_order):
@@ -359,7 +415,8 @@ class ReplayBuffer:
         ``sample`` over the last 100 calls. With frame storage also
         ``frames_per_transition`` (distinct frames stored per added row) and
         ``num_early_evicted`` (rows evicted to free frames before the buffer
-        was full), ``frame_ring_size`` (frame slots held).
+        was full), ``frame_ring_size`` (frame slots held) and
+        ``frame_stack_layout`` (``"HWC"`` or ``"CHW"``).
         """
         size_bytes = sum(int(a.nbytes) for a in self._columns.values()) + self._extra_nbytes()
         if self._frames is not None:
@@ -381,6 +438,7 @@ class ReplayBuffer:
                                                  / max(self._head, 1))
             out["num_early_evicted"] = self._num_early_evicted
             out["frame_ring_size"] = self._frames.num_frames
+            out["frame_stack_layout"] = self._frames.layout
         return out
 
     # -------------------------------------------------------------- state
@@ -434,8 +492,10 @@ class ReplayBuffer:
             self._columns[name] = arr
         fstate = state.get("frames")
         if fstate is not None:
+            # States written before channels-first support have no layout: HWC.
             self._frames = FrameStackStorage(self._capacity, tuple(fstate["stack_shape"]),
-                                             np.dtype(fstate["dtype"]))
+                                             np.dtype(fstate["dtype"]),
+                                             layout=fstate.get("layout", "HWC"))
             self._frames.set_state(fstate, self._tail, self._head)
 
 

@@ -1,8 +1,11 @@
 """Frame-stack storage: every distinct frame of ``obs`` / ``new_obs`` stacks is stored once.
 
 Atari observations are stacks of the last ``k`` frames, shape ``(H, W, k)``
-uint8. Storing ``obs`` and ``new_obs`` per transition costs ``2k`` frames
-(56 KB for 84x84x4), although consecutive stacks share all but one frame.
+uint8 (channels-last, ``"HWC"``) as flowrl's Atari wrappers make them, or
+``(k, H, W)`` (channels-first, ``"CHW"``) as gymnasium's
+``FrameStackObservation`` makes them. Storing ``obs`` and ``new_obs`` per
+transition costs ``2k`` frames (56 KB for 84x84x4), although consecutive
+stacks share all but one frame.
 :class:`FrameStackStorage` keeps a ring of single frames plus, per transition,
 the ids of the ``k`` frames of ``obs`` and of ``new_obs``; in steady state a
 transition costs about one frame (~7 KB), so 1M transitions fit in ~7.5 GB.
@@ -11,6 +14,10 @@ The replay buffers use it automatically for such observations::
     buffer = ReplayBuffer(1_000_000)       # frame_stack_storage="auto"
     buffer.add(batch)                      # obs/new_obs: (N, 84, 84, 4) uint8
     buffer.sample(32)["obs"]               # exactly the stacks that were added
+
+Both layouts share one implementation: the storage knows which row axis is the
+stack axis (``layout``), splits stacks into frames along it on ``add`` and
+rebuilds C-contiguous stacks in the same layout on ``get``.
 
 How frames are shared (content addressing, exact)
 -------------------------------------------------
@@ -48,11 +55,16 @@ compression, and ``frame_stack_storage=False`` restores plain storage.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["FrameStackStorage", "DEFAULT_FRAME_SLACK", "looks_like_frame_stacks"]
+__all__ = ["FrameStackStorage", "DEFAULT_FRAME_SLACK", "FrameLayout", "looks_like_frame_stacks",
+           "stack_layout"]
+
+#: Where the stack axis of one row lies: last (``(H, W, k)``) or first (``(k, H, W)``).
+FrameLayout = Literal["HWC", "CHW"]
+_LAYOUTS = ("HWC", "CHW")
 
 #: Extra frame slots, as a fraction of the transition capacity.
 DEFAULT_FRAME_SLACK = 0.06
@@ -65,17 +77,31 @@ _MAX_CHUNK_ROWS = 64
 _FINGERPRINT_SEED = 0x5EED_F4A3
 
 
-def looks_like_frame_stacks(obs: np.ndarray, new_obs: np.ndarray) -> bool:
-    """Whether ``(N, H, W, k)`` arrays show the sliding structure of frame stacks.
+def stack_layout(row_shape: tuple[int, ...]) -> FrameLayout:
+    """The layout the models read a 3-D image row as: ``"CHW"`` when
+    ``shape[0] < shape[2]`` (``(4, 84, 84)``), else ``"HWC"`` (``(84, 84, 4)``)."""
+    return "CHW" if row_shape[0] < row_shape[2] else "HWC"
+
+
+def looks_like_frame_stacks(obs: np.ndarray, new_obs: np.ndarray,
+                            layout: FrameLayout = "HWC") -> bool:
+    """Whether ``(N, H, W, k)`` (``"HWC"``) or ``(N, k, H, W)`` (``"CHW"``) arrays
+    show the sliding structure of frame stacks along the stack axis.
 
     True if some row's ``new_obs`` is its ``obs`` shifted by one frame, or some
     row's ``obs`` is the previous row's ``obs`` shifted by one frame. RGB images
     (``k = 3`` channels, not a time axis) show neither, so "auto" leaves them to
     plain storage. Only the first 64 rows are looked at.
     """
-    if obs.ndim != 4 or obs.shape != new_obs.shape or obs.shape[-1] < 2 or len(obs) == 0:
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+    if obs.ndim != 4 or obs.shape != new_obs.shape or len(obs) == 0:
         return False
     o, n = obs[:64], new_obs[:64]
+    if layout == "CHW":  # a view with the stack axis last: one test serves both
+        o, n = np.moveaxis(o, 1, -1), np.moveaxis(n, 1, -1)
+    if o.shape[-1] < 2:
+        return False
     same_row = np.all(n[..., :-1] == o[..., 1:], axis=(1, 2, 3))
     if same_row.any():
         return True
@@ -108,27 +134,37 @@ def _rows_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class FrameStackStorage:
-    """Stores ``obs`` / ``new_obs`` stacks of shape ``(H, W, k)`` as shared single frames.
+    """Stores ``obs`` / ``new_obs`` stacks of shape ``(H, W, k)`` (``layout="HWC"``)
+    or ``(k, H, W)`` (``layout="CHW"``) as shared single frames.
 
     Used by :class:`~flowrl.replay.ReplayBuffer` (it owns the transition
     slots; global transition ``g`` lives in slot ``g % capacity``)::
 
-        frames = FrameStackStorage(capacity, (84, 84, 4), np.uint8)
+        frames = FrameStackStorage(capacity, (84, 84, 4), np.uint8)   # or (4, 84, 84), "CHW"
         new_tail = frames.add(head, obs[:n], new_obs[:n], tail)  # n <= frames.chunk_rows
         # the caller evicts transitions [tail, new_tail), then rows
         # [head, head + n) are live
-        obs, new_obs = frames.get(slots)
+        obs, new_obs = frames.get(slots)   # C-contiguous, in the layout they were added in
     """
 
     def __init__(self, capacity: int, stack_shape: tuple[int, ...], dtype: Any,
-                 frame_slack: float = DEFAULT_FRAME_SLACK) -> None:
-        if len(stack_shape) != 3 or stack_shape[-1] < 1:
-            raise ValueError(f"frame stacks must have shape (H, W, k), got {stack_shape}")
+                 frame_slack: float = DEFAULT_FRAME_SLACK, layout: FrameLayout = "HWC") -> None:
+        if layout not in _LAYOUTS:
+            raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+        stack_axis = 2 if layout == "HWC" else 0
+        if len(stack_shape) != 3 or stack_shape[stack_axis] < 1:
+            want = "(H, W, k)" if layout == "HWC" else "(k, H, W)"
+            raise ValueError(f"{layout} frame stacks must have shape {want}, got {stack_shape}")
+        dtype = np.dtype(dtype)
+        if dtype.names is not None or dtype.hasobject or dtype.subdtype is not None:
+            raise ValueError(f"frame stacks need a plain numeric dtype, got {dtype}")
         self.capacity = int(capacity)
+        self.layout: FrameLayout = layout
         self.stack_shape = tuple(int(s) for s in stack_shape)
-        self.frame_shape = self.stack_shape[:2]
-        self.k = self.stack_shape[2]
-        self.dtype = np.dtype(dtype)
+        self.k = self.stack_shape[stack_axis]
+        self.frame_shape = (self.stack_shape[:2] if layout == "HWC"
+                            else self.stack_shape[1:])
+        self.dtype = dtype
         self.num_frames = self.ring_size(self.capacity, self.k, frame_slack)
         extra = self.num_frames - self.capacity
         #: How far back (in frame ids) a new transition may reference stored frames.
@@ -173,6 +209,10 @@ class FrameStackStorage:
         """``(2 n k, H*W)`` contiguous frames: obs frames of all rows, then new_obs frames."""
         n, k = len(obs), self.k
         out = np.empty((2, n, k, *self.frame_shape), dtype=self.dtype)
+        if self.layout == "CHW":  # rows are already frame after frame
+            np.copyto(out[0], obs)
+            np.copyto(out[1], new_obs)
+            return out.reshape(2 * n * k, -1)
         # Per-frame strided copies are ~3x faster than one transposing copy.
         for j in range(k):
             np.copyto(out[0, :, j], obs[..., j])
@@ -205,7 +245,9 @@ class FrameStackStorage:
         return lo
 
     def _stack(self, ids: np.ndarray) -> np.ndarray:
-        """Rebuild ``(B, H, W, k)`` stacks from ``(B, k)`` frame ids."""
+        """Rebuild C-contiguous ``(B, *stack_shape)`` stacks from ``(B, k)`` frame ids."""
+        if self.layout == "CHW":  # one gather gives (B, k, H, W) directly
+            return self._frames[ids % self.num_frames]
         out = np.empty((len(ids), *self.stack_shape), dtype=self.dtype)
         for j in range(self.k):
             out[..., j] = self._frames[ids[:, j] % self.num_frames]
@@ -324,6 +366,7 @@ class FrameStackStorage:
         frame_ids = np.arange(lo, self._pushed)
         return {
             "stack_shape": list(self.stack_shape),
+            "layout": self.layout,
             "dtype": self.dtype.str,
             "num_frames": self.num_frames,
             "pushed": self._pushed,
@@ -336,6 +379,12 @@ class FrameStackStorage:
 
     def set_state(self, state: dict[str, Any], tail: int, head: int) -> None:
         """Restore :meth:`get_state` output into a storage of the same geometry."""
+        # States written before CHW support carry no layout: they are HWC.
+        layout = state.get("layout", "HWC")
+        if layout != self.layout or tuple(state["stack_shape"]) != self.stack_shape:
+            raise ValueError(f"frame storage state holds {layout} stacks of shape "
+                             f"{tuple(state['stack_shape'])}, this storage {self.layout} "
+                             f"{self.stack_shape}")
         if int(state["num_frames"]) != self.num_frames:
             raise ValueError(f"frame ring size differs: state has {state['num_frames']} "
                              f"frames, this storage {self.num_frames}")
