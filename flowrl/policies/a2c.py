@@ -67,7 +67,7 @@ class A2CTorchPolicy(Policy):
         self.loss_columns = tuple(columns)
 
     def loss(self, train_batch: TensorDict) -> tuple[torch.Tensor, TensorDict]:
-        dist_inputs, values = self.model(train_batch[SampleBatch.OBS])
+        dist_inputs, values = self.model_outputs(train_batch)
         dist = self.dist_class(dist_inputs)
         return a2c_loss(
             logp=dist.logp(train_batch[SampleBatch.ACTIONS]),

@@ -182,6 +182,11 @@ class DDPGTorchPolicy(Policy):
                 "is not supported"
             )
         self.normalizer = ActionNormalizer(action_space)
+        if ((config or {}).get("model") or {}).get("use_lstm"):
+            raise ValueError(
+                "DDPG, TD3 and APEX_DDPG replay single transitions and have no recurrent replay; "
+                "model.use_lstm is for the on-policy algorithms PPO, A2C, A3C, PG and "
+                "IMPALA")
         super().__init__(observation_space, action_space, config)
         cfg = self.config
         self.act_dim = int(np.prod(action_space.shape))

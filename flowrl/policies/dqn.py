@@ -249,6 +249,11 @@ class DQNTorchPolicy(Policy):
                 "for MultiDiscrete, MultiBinary, Tuple or Dict actions use PPO, A2C, A3C, "
                 "PG, IMPALA or ES, for Box actions DDPG, TD3 or APEX_DDPG"
             )
+        if ((config or {}).get("model") or {}).get("use_lstm"):
+            raise ValueError(
+                "DQN and APEX replay single transitions and have no recurrent replay; "
+                "model.use_lstm is for the on-policy algorithms PPO, A2C, A3C, PG and "
+                "IMPALA")
         super().__init__(observation_space, action_space, config)
         cfg = self.config
         self.num_actions = int(action_space.n)

@@ -195,6 +195,10 @@ class ESPolicy:
     (acting, weights, state); it has no loss, so ``learn_on_batch`` raises.
     """
 
+    #: ES policies carry no state from step to step.
+    recurrent = False
+
+
     def __init__(self, observation_space: gym.Space, action_space: gym.Space,
                  config: dict[str, Any]):
         self.observation_space = observation_space
@@ -202,6 +206,10 @@ class ESPolicy:
         self.config = config
         self.device = torch.device("cpu")  # evaluation only: small nets, batch size 1
         self.global_timestep = 0
+        model_config = merge_model_config(config.get("model"))
+        if model_config.get("use_lstm"):
+            raise ValueError("ES evolves stateless policies; model.use_lstm is for PG, A2C, "
+                             "A3C, PPO and IMPALA")
         seed = config.get("seed")
         self._rng = np.random.default_rng(seed)
         self.action_noise_std = float(config.get("action_noise_std", 0.0))

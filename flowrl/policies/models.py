@@ -75,6 +75,15 @@ MODEL_DEFAULTS: dict[str, Any] = {
     # (starts at 0, std 1). False: the policy head outputs a log-std per state. Ignored
     # for other action spaces.
     "free_log_std": True,
+    # Recurrent policies (PG, A2C, A3C, PPO, IMPALA): wrap the model's encoder and MLP
+    # in an LSTM of lstm_cell_size units; training cuts episodes into sequences of at
+    # most max_seq_len steps (flowrl.policies.recurrent).
+    "use_lstm": False,
+    "lstm_cell_size": 256,
+    "max_seq_len": 20,
+    # Feed the previous action / reward to the LSTM along with the observation.
+    "lstm_use_prev_action": False,
+    "lstm_use_prev_reward": False,
     # A name given to register_custom_model (or the model class itself).
     "custom_model": None,
     "custom_model_config": {},

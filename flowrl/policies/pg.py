@@ -38,7 +38,7 @@ class PGTorchPolicy(Policy):
         self.has_critic = False  # PG never uses a value function, whatever the config says
 
     def loss(self, train_batch: TensorDict) -> tuple[torch.Tensor, TensorDict]:
-        dist_inputs, _ = self.model(train_batch[SampleBatch.OBS])
+        dist_inputs, _ = self.model_outputs(train_batch)
         logp = self.dist_class(dist_inputs).logp(train_batch[SampleBatch.ACTIONS])
         policy_loss = pg_loss(logp, train_batch[SampleBatch.ADVANTAGES])
         return policy_loss, {"policy_loss": policy_loss.detach()}

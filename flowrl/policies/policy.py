@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -41,7 +41,10 @@ from flowrl.policies.export import DistInputsGreedy, LeafInputs, example_batches
 from flowrl.policies.filters import (NormalizedInputs, ObservationNormalizer, RunningStat,
                                      make_observation_normalizer, split_filter_weights)
 from flowrl.policies.models import ActionMaskedModel, get_model, merge_model_config
-from flowrl.policies.nested import Rows, map_rows, records_to_tensors
+from flowrl.policies.nested import Rows, map_rows, num_rows, records_to_tensors
+from flowrl.policies.recurrent import LSTMWrapper, RecurrentModel
+from flowrl.data.sequences import (PREV_ACTIONS, PREV_REWARDS, STATE_OUT, padded_layout,
+                                   sequence_lengths, state_in_key, state_out_key)
 from flowrl.policies.postprocessing import compute_advantages
 from flowrl.data.sample_batch import SampleBatch, minibatch_bounds
 
@@ -52,6 +55,11 @@ TensorDict = dict[str, torch.Tensor]
 #: Batch columns holding observations: normalized on their way to tensors (the batch
 #: itself keeps the raw values).
 OBS_COLUMNS = frozenset({SampleBatch.OBS, SampleBatch.NEW_OBS})
+
+#: Tensor-batch entries that describe sequences, not rows (recurrent policies).
+SEQ_INDEX = "_seq_index"
+SEQ_MASK = "_seq_mask"
+_SEQUENCE_KEYS = frozenset({SampleBatch.SEQ_LENS, SEQ_INDEX, SEQ_MASK})
 
 #: Where a minibatch's rows sit in the whole batch: a contiguous slice, or the
 #: shuffle permutation's entries for that minibatch.
@@ -145,6 +153,33 @@ def _writable(arr: np.ndarray) -> np.ndarray:
     return arr if arr.flags.writeable else arr.copy()
 
 
+class _StepInputs(NamedTuple):
+    """A recurrent model's previous actions / rewards for one step: the tensors it
+    takes (None where unused) and the batch columns they become."""
+
+    tensors: list[torch.Tensor | None]
+    columns: dict[str, np.ndarray]
+
+
+def sequence_groups(seq_lens: np.ndarray, size: int) -> list[np.ndarray]:
+    """Positions of ``seq_lens`` grouped into minibatches of about ``size`` rows.
+
+    Sequences stay whole and in the given order; a group closes once it holds ``size``
+    rows or more, and a last group under half of ``size`` joins the one before.
+    """
+    groups: list[list[int]] = [[]]
+    rows = 0
+    for position, length in enumerate(seq_lens.tolist()):
+        if rows >= size:
+            groups.append([])
+            rows = 0
+        groups[-1].append(position)
+        rows += length
+    if len(groups) > 1 and rows * 2 < size:
+        groups[-2].extend(groups.pop())
+    return [np.asarray(group, dtype=np.int64) for group in groups]
+
+
 class Policy:
     """A torch policy for one (observation space, action space) pair.
 
@@ -219,6 +254,15 @@ class Policy:
 
         self.dist_class, self.num_outputs = get_dist_class(action_space)
         self.model: nn.Module = self.make_model().to(self.device)
+        #: Whether the model carries a state from step to step (flowrl.policies.recurrent).
+        self.recurrent: bool = isinstance(self.model, RecurrentModel)
+        model_config = self.config["model"]
+        self.max_seq_len = int(model_config.get("max_seq_len", 20))
+        if self.recurrent and self.max_seq_len < 1:
+            raise ValueError(f"model.max_seq_len must be >= 1, got {self.max_seq_len}")
+        #: Extra per-row inputs of a recurrent model: the previous action / reward.
+        self.uses_prev_actions = self.recurrent and bool(model_config.get("lstm_use_prev_action"))
+        self.uses_prev_rewards = self.recurrent and bool(model_config.get("lstm_use_prev_reward"))
         self._params: list[nn.Parameter] = list(self.model.parameters())
         self.optimizer: torch.optim.Optimizer = self.make_optimizer()
         self.global_timestep = 0
@@ -243,8 +287,19 @@ class Policy:
         """
         space = self.obs_packer.kept_space
         mask_keys = action_mask_keys(space)
+        model_config = self.config["model"]
+        if model_config.get("use_lstm"):
+            if mask_keys is not None:
+                raise ValueError("model.use_lstm with an action_mask observation is not "
+                                 "supported; drop the mask or use_lstm")
+            if model_config.get("custom_model") is not None:
+                raise ValueError(
+                    "model.use_lstm wraps the built-in encoder; for a custom recurrent "
+                    "model, subclass flowrl.policies.recurrent.RecurrentModel and set "
+                    "custom_model without use_lstm")
+            return LSTMWrapper(space, self.action_space, self.num_outputs, model_config)
         if mask_keys is None:
-            return get_model(space, self.action_space, self.num_outputs, self.config["model"])
+            return get_model(space, self.action_space, self.num_outputs, model_config)
         mask_key, obs_key = mask_keys
         inner = get_model(space[obs_key], self.action_space, self.num_outputs,
                           self.config["model"])
@@ -284,7 +339,9 @@ class Policy:
         return self.obs_packer.pack_one(obs) if self.obs_packer.nested else np.asarray(obs)[None]
 
     def compute_actions(
-        self, obs_batch: np.ndarray, explore: bool = True
+        self, obs_batch: np.ndarray, explore: bool = True,
+        state: list[np.ndarray] | None = None, prev_actions: np.ndarray | None = None,
+        prev_rewards: np.ndarray | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Actions for a batch of observations, plus extra columns for the sample batch.
 
@@ -292,7 +349,16 @@ class Policy:
         [B, num_outputs], "vf_preds": [B]})`` (``vf_preds`` only with a critic).
         ``explore=False`` gives the deterministic (greedy / mean) action. Box
         actions are raw samples, not clipped to the space bounds.
+
+        A recurrent policy also takes ``state`` (one ``[B, size]`` array per part; None:
+        the initial state) and, when its model uses them, ``prev_actions`` /
+        ``prev_rewards`` (None: zeros); its extras add ``state_in_<i>`` (the state
+        given), ``state_out_<i>`` (the state after this step) and the previous
+        actions / rewards given, so that a sampler stores them as columns.
         """
+        if self.recurrent:
+            return self._compute_recurrent_actions(obs_batch, explore, state, prev_actions,
+                                                   prev_rewards)
         obs = self._obs_to_tensor(obs_batch)
         with torch.inference_mode():
             dist_inputs, values = self.model(obs)
@@ -307,14 +373,102 @@ class Policy:
             extra[SampleBatch.VF_PREDS] = values.cpu().numpy()
         return self._actions_to_numpy(actions), extra
 
+    def _compute_recurrent_actions(
+        self, obs_batch: Any, explore: bool, state: list[np.ndarray] | None,
+        prev_actions: np.ndarray | None, prev_rewards: np.ndarray | None,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """:meth:`compute_actions` of a recurrent policy: one step of each row's sequence."""
+        obs = self._obs_to_tensor(obs_batch)
+        batch_size = num_rows(obs)
+        state_np = self._state_batch(state, batch_size)
+        inputs = self._step_inputs(batch_size, prev_actions, prev_rewards)
+        with torch.inference_mode():
+            dist_inputs, values, state_out = self.model(
+                map_rows(lambda t: t.unsqueeze(1), obs),
+                [torch.from_numpy(part).to(self.device) for part in state_np],
+                torch.ones(batch_size, dtype=torch.int64), *inputs.tensors)
+            dist_inputs, values = dist_inputs[:, 0], values[:, 0]
+            dist = self.dist_class(dist_inputs)
+            actions = dist.sample() if explore else dist.deterministic_sample()
+            logp = dist.logp(actions)
+        extra = {
+            SampleBatch.ACTION_LOGP: logp.cpu().numpy(),
+            SampleBatch.ACTION_DIST_INPUTS: dist_inputs.cpu().numpy(),
+            **inputs.columns,
+        }
+        if self.has_critic:
+            extra[SampleBatch.VF_PREDS] = values.cpu().numpy()
+        for index, (before, after) in enumerate(zip(state_np, state_out)):
+            extra[state_in_key(index)] = before
+            extra[state_out_key(index)] = after.cpu().numpy()
+        return self._actions_to_numpy(actions), extra
+
+    def get_initial_state(self) -> list[np.ndarray]:
+        """The state before an episode's first step, one float32 array per part
+        (empty for a policy that is not recurrent)."""
+        if not self.recurrent:
+            return []
+        return [part.detach().cpu().numpy().astype(np.float32)
+                for part in self.model.get_initial_state()]
+
+    def _state_batch(self, state: list[np.ndarray] | None, batch_size: int
+                     ) -> list[np.ndarray]:
+        """``state`` as float32 ``[B, size]`` arrays; None: the initial state per row."""
+        if state is None:
+            return [np.repeat(part[None], batch_size, axis=0)
+                    for part in self.get_initial_state()]
+        initial = self.get_initial_state()
+        if len(state) != len(initial):
+            raise ValueError(f"{type(self).__name__} has {len(initial)} state parts, got "
+                             f"{len(state)}")
+        parts = []
+        for part, init in zip(state, initial):
+            arr = np.asarray(part, dtype=np.float32)
+            if arr.shape == init.shape:  # one unbatched state
+                arr = arr[None]
+            if arr.shape != (batch_size, *init.shape):
+                raise ValueError(f"state part of shape {arr.shape}; expected "
+                                 f"{(batch_size, *init.shape)} for {batch_size} observations")
+            parts.append(np.ascontiguousarray(arr))
+        return parts
+
+    def _step_inputs(self, batch_size: int, prev_actions: np.ndarray | None,
+                     prev_rewards: np.ndarray | None) -> "_StepInputs":
+        """The previous actions / rewards a recurrent model takes, as ``[B, 1, ...]``
+        tensors and as batch columns (zeros where not given)."""
+        tensors: list[torch.Tensor | None] = [None, None]
+        columns: dict[str, np.ndarray] = {}
+        if self.uses_prev_actions:
+            if prev_actions is None:
+                prev_actions = np.zeros((batch_size, *self._action_shape), self._action_dtype)
+            prev_actions = np.asarray(prev_actions, dtype=self._action_dtype).reshape(
+                (batch_size, *self._action_shape))
+            columns[PREV_ACTIONS] = prev_actions
+            tensors[0] = torch.from_numpy(np.ascontiguousarray(prev_actions)).to(
+                self.device).unsqueeze(1)
+        if self.uses_prev_rewards:
+            if prev_rewards is None:
+                prev_rewards = np.zeros(batch_size, np.float32)
+            prev_rewards = np.asarray(prev_rewards, dtype=np.float32).reshape(batch_size)
+            columns[PREV_REWARDS] = prev_rewards
+            tensors[1] = torch.from_numpy(prev_rewards.copy()).to(self.device).unsqueeze(1)
+        return _StepInputs(tensors, columns)
+
     def compute_single_action(self, obs: Any, explore: bool = False) -> Any:
         """The action for one unbatched observation, as the env takes it (an ``int`` for
         Discrete spaces, nested for Dict / Tuple spaces; Box parts are not clipped)."""
         actions, _ = self.compute_actions(self._obs_batch_of_one(obs), explore=explore)
         return self.action_layout.to_env(actions[0], clip=False)
 
-    def value(self, obs_batch: np.ndarray) -> np.ndarray:
-        """Value estimates ``V(obs)``, shape ``[B]`` float32."""
+    def value(self, obs_batch: np.ndarray, state: list[np.ndarray] | None = None,
+              prev_actions: np.ndarray | None = None,
+              prev_rewards: np.ndarray | None = None) -> np.ndarray:
+        """Value estimates ``V(obs)``, shape ``[B]`` float32 (a recurrent policy's from
+        ``state`` and the previous actions / rewards, as in :meth:`compute_actions`)."""
+        if self.recurrent:
+            _, extra = self._compute_recurrent_actions(obs_batch, False, state,
+                                                       prev_actions, prev_rewards)
+            return extra[SampleBatch.VF_PREDS]
         obs = self._obs_to_tensor(obs_batch)
         with torch.inference_mode():
             _, values = self.model(obs)
@@ -346,7 +500,7 @@ class Policy:
                 )
         if self.has_critic and SampleBatch.VF_PREDS not in batch:
             batch[SampleBatch.VF_PREDS] = self.value(batch[SampleBatch.OBS])
-        return compute_advantages(
+        batch = compute_advantages(
             batch,
             last_r=self._bootstrap_value(batch),
             gamma=float(self.config["gamma"]),
@@ -354,6 +508,15 @@ class Policy:
             use_gae=bool(self.config["use_gae"]) and self.has_critic,
             use_critic=self.has_critic,
         )
+        return self.drop_state_out(batch)
+
+    def drop_state_out(self, batch: SampleBatch) -> SampleBatch:
+        """``batch`` without its ``state_out_*`` columns: a recurrent policy needs the
+        state after a fragment's last step only to bootstrap it, and learns from the
+        ``state_in_*`` columns alone."""
+        for key in [k for k in batch if k.startswith(STATE_OUT)]:
+            del batch[key]
+        return batch
 
     def _bootstrap_value(self, batch: SampleBatch) -> float:
         terminated = SampleBatch.TERMINATEDS in batch and bool(batch[SampleBatch.TERMINATEDS][-1])
@@ -363,6 +526,13 @@ class Policy:
             raise ValueError(
                 "postprocess_trajectory needs 'new_obs' to bootstrap a fragment that did not terminate"
             )
+        if self.recurrent:  # from the state after the last step, which it then fed
+            state = [np.asarray(batch[state_out_key(i)][-1:])
+                     for i in range(len(self.get_initial_state()))]
+            return float(self.value(
+                batch[SampleBatch.NEW_OBS][-1:], state,
+                np.asarray(batch[SampleBatch.ACTIONS][-1:]),
+                np.asarray(batch[SampleBatch.REWARDS][-1:]))[0])
         return float(self.value(batch[SampleBatch.NEW_OBS][-1:])[0])
 
     # ---------------------------------------------------------------- learning
@@ -374,10 +544,54 @@ class Policy:
         """
         raise NotImplementedError(f"{type(self).__name__} must implement loss()")
 
+    def recurrent_columns(self) -> tuple[str, ...]:
+        """The per-row inputs a recurrent model learns from besides ``obs``: the state
+        each step started with, and the previous actions / rewards it uses."""
+        if not self.recurrent:
+            return ()
+        columns = [state_in_key(i) for i in range(len(self.get_initial_state()))]
+        if self.uses_prev_actions:
+            columns.append(PREV_ACTIONS)
+        if self.uses_prev_rewards:
+            columns.append(PREV_REWARDS)
+        return tuple(columns)
+
+    def model_outputs(self, train_batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dist_inputs [N, num_outputs], values [N])`` for the rows of a tensor batch.
+
+        A recurrent model runs on the batch's sequences (``seq_lens``: contiguous rows,
+        each sequence starting from its first row's ``state_in_*``), padded to the
+        longest; the outputs of the valid steps come back in row order, so losses never
+        see the padding.
+        """
+        obs = train_batch[SampleBatch.OBS]
+        if not self.recurrent:
+            return self.model(obs)
+        index, mask = train_batch[SEQ_INDEX], train_batch[SEQ_MASK]
+        starts = index[:, 0]
+        state = [train_batch[state_in_key(i)].index_select(0, starts)
+                 for i in range(len(self.get_initial_state()))]
+        prev_actions = train_batch[PREV_ACTIONS][index] if self.uses_prev_actions else None
+        prev_rewards = train_batch[PREV_REWARDS][index] if self.uses_prev_rewards else None
+        dist_inputs, values, _ = self.model(map_rows(lambda t: t[index], obs), state,
+                                            train_batch[SampleBatch.SEQ_LENS],
+                                            prev_actions, prev_rewards)
+        return dist_inputs[mask], values[mask]
+
+    def _add_sequences(self, tensors: TensorDict, seq_lens: np.ndarray) -> TensorDict:
+        """``tensors`` (rows of whole sequences of ``seq_lens``, in order) plus the
+        padded layout :meth:`model_outputs` reads."""
+        index, mask = padded_layout(seq_lens)
+        tensors[SampleBatch.SEQ_LENS] = torch.from_numpy(seq_lens)  # CPU, for packing
+        tensors[SEQ_INDEX] = torch.from_numpy(index).to(self.device)
+        tensors[SEQ_MASK] = torch.from_numpy(mask).to(self.device)
+        return tensors
+
     def _batch_to_tensors(self, batch: SampleBatch) -> TensorDict:
-        """The loss columns of ``batch`` as tensors on the learner device (one copy each)."""
+        """The loss columns of ``batch`` as tensors on the learner device (one copy each);
+        a recurrent policy's also hold the whole batch's sequence layout."""
         tensors: TensorDict = {}
-        for column in self.loss_columns:
+        for column in (*self.loss_columns, *self.recurrent_columns()):
             if column not in batch:
                 raise KeyError(
                     f"{type(self).__name__}.learn_on_batch needs column {column!r}; "
@@ -392,6 +606,8 @@ class Policy:
             elif column == SampleBatch.ACTIONS and self._discrete_actions and arr.dtype != np.int64:
                 arr = arr.astype(np.int64)
             tensors[column] = torch.from_numpy(_writable(arr)).to(self.device)
+        if self.recurrent:
+            self._add_sequences(tensors, sequence_lengths(batch, self.max_seq_len))
         return tensors
 
     def _normalize_column(self, column: str, arr: np.ndarray) -> np.ndarray:
@@ -471,6 +687,9 @@ class Policy:
         if not self.model.training:  # Module.train() walks every submodule: ~0.1 ms
             self.model.train()
         per_row = _PerRowStats(type(self).__name__, self.per_row_stats, count)
+        if self.recurrent:
+            return self._learn_on_sequences(batch, tensors, num_sgd_iter,
+                                            sgd_minibatch_size, per_row)
         last_epoch: list[TensorDict] = []
         for _ in range(max(1, int(num_sgd_iter))):
             last_epoch = []
@@ -490,6 +709,45 @@ class Policy:
                 stats = self.sgd_step(minibatch)
                 # Later epochs overwrite earlier ones: the last epoch's values remain.
                 per_row.take(stats, slice(start, end) if perm is None else perm[start:end])
+                last_epoch.append(stats)
+        summary = self._summarize(last_epoch, per_row.values)
+        self._update_obs_filter(batch)
+        return summary
+
+    def _learn_on_sequences(self, batch: SampleBatch, tensors: TensorDict, num_sgd_iter: int,
+                            sgd_minibatch_size: int, per_row: _PerRowStats) -> dict[str, Any]:
+        """:meth:`learn_on_batch` of a recurrent policy: minibatches of whole sequences.
+
+        Each epoch shuffles the sequences (not the rows) and fills minibatches of about
+        ``sgd_minibatch_size`` rows with whole sequences (a minibatch may run over by
+        less than one sequence; a last one under half the size joins the one before).
+        """
+        seq_lens = tensors[SampleBatch.SEQ_LENS].numpy()
+        starts = np.cumsum(seq_lens) - seq_lens
+        rows_only = {k: v for k, v in tensors.items() if k not in _SEQUENCE_KEYS}
+        count = batch.count
+        last_epoch: list[TensorDict] = []
+        for _ in range(max(1, int(num_sgd_iter))):
+            last_epoch = []
+            if sgd_minibatch_size <= 0 or sgd_minibatch_size >= count:
+                groups = [None]  # the whole batch in order: the tensors as they are
+            else:
+                order = self._rng.permutation(len(seq_lens))
+                groups = sequence_groups(seq_lens[order], int(sgd_minibatch_size))
+                groups = [order[group] for group in groups]
+            for group in groups:
+                if group is None:
+                    minibatch, positions = dict(tensors), slice(0, count)
+                else:
+                    lens = seq_lens[group]
+                    offsets = np.cumsum(lens) - lens
+                    rows = np.repeat(starts[group] - offsets, lens) + np.arange(int(lens.sum()))
+                    positions = torch.from_numpy(rows).to(self.device)
+                    minibatch = self._add_sequences(
+                        {k: map_rows(lambda t: t.index_select(0, positions), v)
+                         for k, v in rows_only.items()}, lens)
+                stats = self.sgd_step(minibatch)
+                per_row.take(stats, positions)
                 last_epoch.append(stats)
         summary = self._summarize(last_epoch, per_row.values)
         self._update_obs_filter(batch)

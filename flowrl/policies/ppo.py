@@ -112,7 +112,7 @@ class PPOTorchPolicy(Policy):
         self.loss_columns = tuple(columns)
 
     def loss(self, train_batch: TensorDict) -> tuple[torch.Tensor, TensorDict]:
-        dist_inputs, values = self.model(train_batch[SampleBatch.OBS])
+        dist_inputs, values = self.model_outputs(train_batch)
         dist = self.dist_class(dist_inputs)
         old_dist = self.dist_class(train_batch[SampleBatch.ACTION_DIST_INPUTS])
         logp = dist.logp(train_batch[SampleBatch.ACTIONS])

@@ -18,6 +18,7 @@ from flowrl.workers.callbacks import DefaultCallbacks, Episode, overrides_episod
 from flowrl.envs.episodes import env_reports_episodes  # also imported from here
 from flowrl.data.actions import ActionLayout
 from flowrl.data.sample_batch import SampleBatch
+from flowrl.data.sequences import state_out_key
 from flowrl.data.spaces import ObservationPacker
 from flowrl.workers.reward_scaling import ReturnScaler
 
@@ -166,6 +167,15 @@ class VectorSampler:
             first_infos.append(info)
         self._obs = self._packer.pack(first)
         self._eps_ids = np.array([self._new_eps_id() for _ in range(self.num_envs)])
+        # Recurrent policies: each env's state and previous action / reward, carried
+        # from step to step (and across fragments), reset when its episode ends.
+        self._recurrent = bool(policy.recurrent)
+        if self._recurrent:
+            self._initial_state = policy.get_initial_state()
+            self._state = [np.repeat(part[None], self.num_envs, axis=0)
+                           for part in self._initial_state]
+            self._prev_actions: np.ndarray | None = None
+            self._prev_rewards = np.zeros(self.num_envs, np.float32)
         self._t = np.zeros(self.num_envs, dtype=np.int64)
         # complete_episodes: per env, the unfinished piece of the current episode
         self._pending: list[SampleBatch | None] = [None] * self.num_envs
@@ -218,7 +228,15 @@ class VectorSampler:
             self._first_infos = None
         for t in range(T):
             obs = self._obs
-            actions, extras = self.policy.compute_actions(obs, explore=self.explore)
+            if self._recurrent:
+                actions, extras = self.policy.compute_actions(
+                    obs, explore=self.explore, state=self._state,
+                    prev_actions=self._prev_actions, prev_rewards=self._prev_rewards)
+                self._state = [extras[state_out_key(i)].copy()
+                               for i in range(len(self._state))]
+                self._prev_actions = actions.copy()
+            else:
+                actions, extras = self.policy.compute_actions(obs, explore=self.explore)
             if actions_buf is None:
                 actions_buf = np.empty((T,) + actions.shape, dtype=actions.dtype)
                 extras_buf = {k: np.empty((T,) + v.shape, dtype=v.dtype)
@@ -265,6 +283,13 @@ class VectorSampler:
             tracker.lengths += 1
             self._t += 1
             next_obs = new_obs_row.copy()
+            if self._recurrent:
+                self._prev_rewards = rewards[t].copy()
+                for i in ended:  # a new episode starts from the initial state
+                    for part, initial in zip(self._state, self._initial_state):
+                        part[i] = initial
+                    self._prev_actions[i] = 0
+                    self._prev_rewards[i] = 0.0
             for i in ended:  # auto-reset; the final obs stays in new_obs
                 tracker.end(i)
                 reset_obs, reset_info = envs[i].reset()
