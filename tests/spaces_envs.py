@@ -207,3 +207,38 @@ class MixedActionEnv(gym.Env):
                   + 0.5 * float(np.sum(action["bits"])))
         self._t += 1
         return self._observe(), reward, False, self._t >= 10, {}
+
+
+class StatelessCartPole(gym.ObservationWrapper):
+    """CartPole-v1 with the velocities zeroed: ``[x, 0, angle, 0]``. A policy without
+    memory cannot tell which way the pole moves; one with memory can."""
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(gym.make("CartPole-v1"))
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        observation = np.array(observation, dtype=np.float32)
+        observation[1] = 0.0
+        observation[3] = 0.0
+        return observation
+
+
+class AnySpacesEnv(gym.Env):
+    """Samples of ``env_config["observation_space"]``; takes ``env_config["action_space"]``
+    (defaults: a Box observation, Discrete(2) actions). For checks that need only spaces."""
+
+    def __init__(self, config: Any = None) -> None:
+        config = dict(config or {})
+        self.observation_space = config.get("observation_space",
+                                            gym.spaces.Box(-1.0, 1.0, (3,), np.float32))
+        self.action_space = config.get("action_space", gym.spaces.Discrete(2))
+        self._t = 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        self.observation_space.seed(seed)
+        self._t = 0
+        return self.observation_space.sample(), {}
+
+    def step(self, action: Any):
+        self._t += 1
+        return self.observation_space.sample(), 0.0, False, self._t >= 10, {}

@@ -164,17 +164,39 @@ def test_image_layouts_train_one_iteration(algorithm, shape, channels_first):
 
 
 # --------------------------------------------------------------- unsupported pairs
-def test_each_unsupported_space_names_itself_and_the_algorithm():
-    dials = TwoDialsEnv
-    cases = [
-        ("DQN", dials, "DQN and APEX support Discrete action spaces only"),
-        ("DDPG", dials, "DDPG, TD3 and APEX_DDPG support Box action spaces only"),
-        ("DDPG", CueEnv, "DDPG, TD3 and APEX_DDPG support Box action spaces only"),
-    ]
-    for algorithm, env, message in cases:
-        with pytest.raises(ValueError, match=message) as info:
-            make(algorithm, env)
-        assert "MultiDiscrete" in str(info.value) or "Discrete" in str(info.value)
+BOX = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+MASKED = gym.spaces.Dict({"action_mask": gym.spaces.Box(0, 1, (3,), np.int8),
+                          "observations": BOX})
+UNSUPPORTED = [
+    # (algorithm, observation space, action space, words the message must hold)
+    ("DQN", BOX, gym.spaces.MultiDiscrete([3, 4]), ["DQN and APEX", "MultiDiscrete", "PPO"]),
+    ("DQN", BOX, gym.spaces.Box(-1, 1, (2,)), ["DQN and APEX", "Box", "DDPG"]),
+    ("DQN", BOX, gym.spaces.Tuple([gym.spaces.Discrete(2)] * 2), ["DQN and APEX", "Tuple"]),
+    ("APEX", BOX, gym.spaces.MultiBinary(3), ["DQN and APEX", "MultiBinary"]),
+    ("DDPG", BOX, gym.spaces.Discrete(3), ["DDPG, TD3 and APEX_DDPG", "Discrete", "DQN"]),
+    ("DDPG", BOX, gym.spaces.Dict({"a": gym.spaces.Discrete(2)}), ["DDPG", "Dict"]),
+    ("DDPG", MASKED, gym.spaces.Box(-1, 1, (3,)), ["action_mask", "PPO or DQN"]),
+    ("APEX_DDPG", BOX, gym.spaces.MultiDiscrete([2]), ["APEX_DDPG", "MultiDiscrete"]),
+    ("ES", gym.spaces.Dict({"a": BOX}), gym.spaces.Discrete(2), ["ES takes Box or Discrete",
+                                                                 "Dict", "PPO"]),
+    ("PPO", BOX, gym.spaces.Text(5), ["Text"]),
+    ("PPO", BOX, gym.spaces.Tuple([gym.spaces.Text(5)]), ["Text"]),
+    ("IMPALA", gym.spaces.Text(5), gym.spaces.Discrete(2), ["Text"]),
+]
+
+
+@pytest.mark.parametrize("algorithm,obs_space,action_space,words", UNSUPPORTED,
+                         ids=[f"{a}-{type(s).__name__}" for a, _, s, _ in UNSUPPORTED])
+def test_each_unsupported_space_names_itself_and_the_algorithm(
+        algorithm, obs_space, action_space, words, ray_session):
+    config = {"env_config": {"observation_space": obs_space, "action_space": action_space}}
+    if algorithm.startswith("APEX") or algorithm in ("ES", "IMPALA"):
+        config.update(num_workers=1, num_cpus_per_worker=0.5)
+    with pytest.raises((ValueError, TypeError)) as info:
+        agent = make(algorithm, spaces_envs.AnySpacesEnv, **config)
+        agent.stop()
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
 
 
 # --------------------------------------------------------------------------- learning
