@@ -5,10 +5,15 @@ Each env is a class taking the env context (a dict), so Agents build them direct
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import ray
+
+# Remote workers cannot import the test folder's modules: ship these envs by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 class CueEnv(gym.Env):

@@ -192,3 +192,25 @@ def test_ppo_lstm_learns_stateless_cartpole_and_the_mlp_does_not():
     assert_learns("PPO", {"model": {"use_lstm": True}}, 150, 100_000, env=StatelessCartPole)
     reached, history = reaches("PPO", {}, 100, 300_000, 0, env=StatelessCartPole)
     assert not reached, history[-5:]
+
+
+@pytest.mark.parametrize("algorithm", ["PG", "A2C", "A3C"])
+def test_on_policy_algorithms_train_with_an_lstm(algorithm, ray_session):
+    config = {"seed": 0, "model": LSTM, "rollout_fragment_length": 50,
+              "train_batch_size": 200}
+    if algorithm == "A3C":
+        config.update(num_workers=1, num_cpus_per_worker=0.5)
+    agent = get_agent_class(algorithm)(config=config, env=StatelessCartPole,
+                                       log_to_disk=False)
+    try:
+        before = agent.get_policy().get_weights()
+        trained = 0
+        for _ in range(10):  # A3C reports its first gradients a little later
+            trained = agent.train()["info"].get("num_steps_trained", 0)
+            if trained:
+                break
+        assert trained > 0
+        after = agent.get_policy().get_weights()
+        assert not np.allclose(before["lstm.weight_hh_l0"], after["lstm.weight_hh_l0"])
+    finally:
+        agent.stop()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
-import ray
 
 import spaces_envs
 
@@ -15,9 +14,6 @@ from flowrl.data.sample_batch import SampleBatch
 from flowrl.data.spaces import ObservationPacker, action_mask_keys, leaf_paths, unpack
 
 from spaces_envs import CueEnv, ImageGoalEnv, MaskedGreedEnv, TwoDialsEnv
-
-# Remote workers cannot import the test folder's modules: ship the envs by value.
-ray.cloudpickle.register_pickle_by_value(spaces_envs)
 
 NESTED = gym.spaces.Dict({
     "pose": gym.spaces.Tuple([gym.spaces.Discrete(3), gym.spaces.Box(-1, 1, (2,), np.float32)]),
