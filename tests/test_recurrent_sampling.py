@@ -17,7 +17,6 @@ from collections import defaultdict
 
 import gymnasium as gym
 import numpy as np
-import pytest
 import ray
 
 from flowrl import register_env
@@ -204,7 +203,8 @@ def play_interleaved(client: PolicyClient, errors: list, pairs: int | None = Non
         for p in itertools.count():
             if p == pairs or (stop is not None and stop.is_set()):
                 break
-            cues = {client.start_episode(f"pair{p}-A"): 1.0, client.start_episode(f"pair{p}-B"): -1.0}
+            cues = {client.start_episode(f"pair{p}-A"): 1.0,
+                    client.start_episode(f"pair{p}-B"): -1.0}
             history = {eid: [] for eid in cues}
             for t in range(EPISODE_LEN):
                 for k, (eid, cue) in enumerate(cues.items()):

@@ -22,6 +22,15 @@ of their steps reach a batch. Steps whose action was logged by the simulator
 (``log_action``, or a local-inference client) get their extra columns
 (``action_logp`` of the logged action, ``vf_preds``, ...) from the policy at batching.
 
+Recurrent policies: the :class:`~flowrl.envs.serving.policy_service.PolicyService`
+keeps the state per episode (server side), so each row holds the ``state_in_*`` its
+step started from and the ``state_out_*`` after it (and ``prev_actions`` /
+``prev_rewards`` when the model uses them), logged steps included: the service
+scores them from the episode's state as it goes. Consecutive rows of an episode
+chain (row t+1's ``state_in`` is row t's ``state_out``), across fragments too, so the
+batches cut into sequences and train like VectorSampler's; postprocessing
+bootstraps a cut piece from its last row's ``state_out_*`` and then drops them.
+
 Columns: ``obs`` / ``new_obs`` are packed by the policy's ``obs_packer`` (record
 arrays for Dict / Tuple observation spaces); ``actions`` hold the policy's batch rows
 (its ``action_layout``): its own rows for actions it chose, and logged actions
@@ -35,37 +44,17 @@ from collections import OrderedDict
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from flowrl.envs.serving.external_env import ExternalEnv, Step
-from flowrl.envs.serving.policy_service import PolicyService
+# logged_action_extras: also importable from here, where it lived first.
+from flowrl.envs.serving.policy_service import PolicyService, logged_action_extras
 from flowrl.data.sample_batch import SampleBatch
 from flowrl.workers.sampler import EpisodeStats
 
+__all__ = ["ExternalEnvSampler", "logged_action_extras"]
+
 # How long one wait for new requests or steps lasts before the sampler checks the env.
 _POLL_S = 0.2
-
-
-def logged_action_extras(policy: Any, obs: np.ndarray,
-                         actions: np.ndarray) -> dict[str, np.ndarray]:
-    """The policy's extra columns for ``actions`` it did not choose itself.
-
-    Runs the policy on ``obs`` (a batch array: records for nested observations) for
-    its per-observation columns (``vf_preds``, ``q_values``, ``action_dist_inputs``)
-    and replaces ``action_logp`` with the log-probability of the logged actions
-    (batch rows of the policy's ``action_layout``) under that distribution.
-    """
-    _, extras = policy.compute_actions(obs, explore=False)
-    if SampleBatch.ACTION_LOGP in extras and SampleBatch.ACTION_DIST_INPUTS in extras:
-        dist = policy.dist_class(torch.as_tensor(extras[SampleBatch.ACTION_DIST_INPUTS]))
-        acts = torch.as_tensor(np.asarray(actions))
-        acts = acts.long() if acts.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
-                                             torch.uint8) else acts.float()
-        with torch.inference_mode():
-            logp = dist.logp(acts)
-        extras[SampleBatch.ACTION_LOGP] = logp.cpu().numpy().astype(
-            extras[SampleBatch.ACTION_LOGP].dtype, copy=False)
-    return extras
 
 
 class ExternalEnvSampler:
@@ -116,7 +105,7 @@ class ExternalEnvSampler:
         while True:
             self.env.raise_if_failed()
             self.service.serve_pending()
-            self._absorb(self.env.drain_steps())
+            self._absorb(self.service.drain_steps())
             if self._ready_count() >= self.fragment_length:
                 return self._emit()
             wait = _POLL_S
@@ -152,7 +141,8 @@ class ExternalEnvSampler:
                                            for b in batches])
 
     def _to_batches(self, pieces: list[list[Step]]) -> list[SampleBatch]:
-        """One SampleBatch per piece; extras of logged actions computed in one pass."""
+        """One SampleBatch per piece; extras of logged actions computed in one pass
+        (a recurrent policy's logged steps come scored by the service already)."""
         rows = [step for piece in pieces for step in piece]
         packer, layout = self.policy.obs_packer, self.policy.action_layout
         obs = packer.pack([s.obs for s in rows])

@@ -10,6 +10,15 @@ agent's rows form its own trajectory (``agent_index`` column = its position in
 agent leaves the episode or the fragment ends (``truncate_episodes``: cut pieces are
 bootstrapped by the policy) or kept until the episode ends (``complete_episodes``).
 ``fragment_length`` counts env steps per env.
+
+Recurrent policies: each agent's trajectory keeps the policy's state and its previous
+action / reward. They go into the policy's batched call, the extras store them per row
+(``state_in_*``, ``state_out_*``, ``prev_actions`` / ``prev_rewards`` when the model
+uses them), and they carry over from one fragment to the next (``truncate_episodes``),
+so the cut pieces chain. They start from the initial state (and zeros) whenever the
+agent's trajectory starts: in a new env episode, and when an agent acts for the first
+time or again after it left (a respawned agent acts two env steps after its last row
+at the earliest, so the ``t`` gap also starts a new training sequence there).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import numpy as np
 from flowrl.workers.callbacks import Episode
 from flowrl.envs.multi_agent import ALL
 from flowrl.data.sample_batch import MultiAgentBatch, SampleBatch
+from flowrl.data.sequences import state_out_key
 from flowrl.workers.sampler import EpisodeStats
 
 _ROW_KEYS = (SampleBatch.OBS, SampleBatch.ACTIONS, SampleBatch.REWARDS,
@@ -30,14 +40,25 @@ _ROW_KEYS = (SampleBatch.OBS, SampleBatch.ACTIONS, SampleBatch.REWARDS,
 
 
 class _Trajectory:
-    """Rows of one agent in one episode, not yet postprocessed."""
+    """Rows of one agent in one episode, not yet postprocessed.
 
-    def __init__(self, policy_id: str, agent_index: int):
+    For a recurrent policy it also holds what the agent's next step starts from: the
+    state and the previous action / reward (the initial state and zeros at first).
+    """
+
+    def __init__(self, policy_id: str, agent_index: int, policy: Any):
         self.policy_id = policy_id
         self.agent_index = agent_index
         self.rows: dict[str, list] = defaultdict(list)
         self.pending: dict | None = None  # the last action's row, waiting for its reward
         self.episode_return = 0.0         # this agent-episode's summed reward
+        self.state: list[np.ndarray] = []
+        self.prev_action: np.ndarray | None = None
+        self.prev_reward = 0.0
+        if policy.recurrent:
+            layout = policy.action_layout
+            self.state = policy.get_initial_state()
+            self.prev_action = np.zeros(layout.shape, layout.dtype)
 
     def __len__(self) -> int:
         return len(self.rows[SampleBatch.OBS])
@@ -122,8 +143,9 @@ class MultiAgentSampler:
     def _trajectory(self, i: int, agent: Any) -> _Trajectory:
         trajectories = self._trajectories[i]
         if agent not in trajectories:
-            trajectories[agent] = _Trajectory(self._policy_id(i, agent),
-                                              self._agent_index.get(agent, 0))
+            pid = self._policy_id(i, agent)
+            trajectories[agent] = _Trajectory(pid, self._agent_index.get(agent, 0),
+                                              self.policy_map[pid])
         return trajectories[agent]
 
     # ------------------------------------------------------------------ sampling
@@ -156,10 +178,21 @@ class MultiAgentSampler:
         for pid, who in requests.items():
             policy = self.policy_map[pid]
             batch_obs = policy.obs_packer.pack([self._obs[i][a] for i, a in who])
-            acts, extras = policy.compute_actions(batch_obs, explore=self.explore)
-            for k, (i, agent) in enumerate(who):
+            trajectories = [self._trajectory(i, agent) for i, agent in who]
+            if policy.recurrent:
+                acts, extras = policy.compute_actions(
+                    batch_obs, explore=self.explore,
+                    state=[np.stack(parts) for parts in zip(*(tr.state for tr in trajectories))],
+                    prev_actions=np.stack([tr.prev_action for tr in trajectories]),
+                    prev_rewards=np.array([tr.prev_reward for tr in trajectories], np.float32))
+                state_out = [extras[state_out_key(p)] for p in range(len(trajectories[0].state))]
+                for k, trajectory in enumerate(trajectories):
+                    trajectory.state = [part[k].copy() for part in state_out]
+                    trajectory.prev_action = np.array(acts[k])
+            else:
+                acts, extras = policy.compute_actions(batch_obs, explore=self.explore)
+            for k, ((i, agent), trajectory) in enumerate(zip(who, trajectories)):
                 actions[i][agent] = acts[k]
-                trajectory = self._trajectory(i, agent)
                 trajectory.pending = {SampleBatch.OBS: batch_obs[k],
                                       SampleBatch.ACTIONS: acts[k],
                                       **{name: v[k] for name, v in extras.items()}}
@@ -192,6 +225,7 @@ class MultiAgentSampler:
             for key, value in row.items():
                 trajectory.rows[key].append(value)
             trajectory.episode_return += reward
+            trajectory.prev_reward = reward
             if row[SampleBatch.TERMINATEDS] or row[SampleBatch.TRUNCATEDS]:
                 self._policy_rewards[i][trajectory.policy_id].append(trajectory.episode_return)
                 closed.append(self._close(trajectory))

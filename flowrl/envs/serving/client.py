@@ -18,6 +18,14 @@ every ``update_interval_s`` seconds, computes actions itself and ships the steps
 ``log_experience`` requests (at the end of each episode and every
 ``max_piece_steps`` steps), which the server feeds to its sampler as if acted there.
 
+Recurrent policies: the state lives where the actions are computed. In remote mode
+the server keeps it per episode. In local mode the client does: each episode starts
+from the initial state, every ``get_action`` continues from its episode's state (and
+previous action / reward), and a ``log_action`` advances it by running the local
+policy on the logged observation (the logged action becomes the previous action).
+The shipped steps carry no state: the server recomputes it from the episode's start
+with its own policy, as for any logged action.
+
 Observations and actions of Dict / Tuple spaces are passed as ``dict`` / ``tuple``
 values (any mapping or sequence with the right parts) and actions come back that way
 (an ``int`` for Discrete parts, arrays for the others).
@@ -43,6 +51,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from flowrl.data.sequences import state_out_key
 from flowrl.envs.serving.errors import (BadRequestError, EpisodeStateError, PolicyClientError,
                                         UnknownEpisodeError)
 from flowrl.envs.serving.wire import (decode_array, decode_reply_value, encode_batch,
@@ -219,8 +228,10 @@ class _LocalPolicy:
         if time.monotonic() - self.last_update >= self.update_interval_s:
             self.refresh()
 
-    def act(self, obs: Any) -> tuple[Any, Any]:
-        """``(action as recorded, action for the simulator)`` for one observation.
+    def act(self, obs: Any, episode: "_LocalEpisode") -> tuple[Any, Any]:
+        """``(action as recorded, action for the simulator)`` for one observation of
+        ``episode`` (a recurrent policy continues from the episode's state, which it
+        then advances).
 
         Both are in the simulator's form (nested for Dict / Tuple action spaces); the
         recorded one is unclipped, so that the server scores the action the policy
@@ -228,22 +239,62 @@ class _LocalPolicy:
         """
         with self.lock:
             batch = self.policy.obs_packer.pack_one(obs)
-            actions, _ = self.policy.compute_actions(batch, explore=self.explore)
+            if self.policy.recurrent:
+                actions, extras = self.policy.compute_actions(
+                    batch, explore=self.explore, **episode.recurrent_inputs())
+                episode.advance(extras, actions[0])
+            else:
+                actions, _ = self.policy.compute_actions(batch, explore=self.explore)
         layout = self.policy.action_layout
         return layout.to_env(actions[0], clip=False), layout.to_env(actions[0], clip=self.clip)
 
+    def advance(self, obs: Any, action: Any, episode: "_LocalEpisode") -> None:
+        """A recurrent policy's state after ``episode`` logged ``action`` (as the
+        simulator took it) for ``obs``: the policy runs on ``obs`` from the episode's
+        state. Nothing to do for other policies."""
+        if not self.policy.recurrent:
+            return
+        with self.lock:
+            batch = self.policy.obs_packer.pack_one(obs)
+            _, extras = self.policy.compute_actions(batch, explore=False,
+                                                    **episode.recurrent_inputs())
+            layout = self.policy.action_layout
+            episode.advance(extras, np.asarray(layout.from_env(action), dtype=layout.dtype))
+
 
 class _LocalEpisode:
-    """Steps of one episode acted locally and not shipped yet."""
+    """Steps of one episode acted locally and not shipped yet, and (for a recurrent
+    policy) what its next step starts from."""
 
-    __slots__ = ("episode_id", "training_enabled", "observations", "actions", "rewards")
+    __slots__ = ("episode_id", "training_enabled", "observations", "actions", "rewards",
+                 "state", "prev_action")
 
-    def __init__(self, episode_id: str, training_enabled: bool):
+    def __init__(self, episode_id: str, training_enabled: bool, policy: Any = None):
         self.episode_id = episode_id
         self.training_enabled = training_enabled
         self.observations: list = []
         self.actions: list = []
         self.rewards: list[float] = []
+        recurrent = policy is not None and policy.recurrent
+        self.state: list[np.ndarray] = policy.get_initial_state() if recurrent else []
+        self.prev_action: np.ndarray | None = None
+        if recurrent:
+            layout = policy.action_layout
+            self.prev_action = np.zeros(layout.shape, layout.dtype)
+
+    def recurrent_inputs(self) -> dict[str, Any]:
+        """``compute_actions`` keywords for the episode's next step (a batch of one).
+        The previous reward is the latest step's, complete once a new step comes (the
+        latest step stays in the lists when earlier ones are shipped)."""
+        prev_reward = self.rewards[-1] if self.rewards else 0.0
+        return {"state": [part[None] for part in self.state],
+                "prev_actions": self.prev_action[None],
+                "prev_rewards": np.array([prev_reward], np.float32)}
+
+    def advance(self, extras: dict[str, np.ndarray], action_row: np.ndarray) -> None:
+        """Moves the state to the one after the step just computed (row 0 of extras)."""
+        self.state = [np.array(extras[state_out_key(p)][0]) for p in range(len(self.state))]
+        self.prev_action = np.array(action_row)
 
     def piece(self, observation_space: gym.Space, action_space: gym.Space,
               end_obs: Any = None, truncated: bool = False) -> dict:
@@ -306,7 +357,8 @@ class PolicyClient:
         with self._lock:
             if episode_id in self._episodes or episode_id in self._finished:
                 raise EpisodeStateError(f"episode {episode_id!r} was already started")
-            self._episodes[episode_id] = _LocalEpisode(episode_id, bool(training_enabled))
+            self._episodes[episode_id] = _LocalEpisode(episode_id, bool(training_enabled),
+                                                       self._local.policy)
         return episode_id
 
     def get_action(self, episode_id: str, observation: Any) -> Any:
@@ -317,17 +369,23 @@ class PolicyClient:
                                          observation=self._encode_obs(observation))
             return decode_reply_value(self._action_space(), reply["action"])
         self._local.maybe_refresh()
-        action, env_action = self._local.act(observation)
+        with self._lock:
+            episode = self._episode(episode_id)
+        action, env_action = self._local.act(observation, episode)
         self._record(episode_id, observation, action)
         return env_action
 
     def log_action(self, episode_id: str, observation: Any, action: Any) -> None:
-        """Records an action the simulator chose itself for ``observation``."""
+        """Records an action the simulator chose itself for ``observation`` (local mode,
+        recurrent policy: the episode's state advances by running the policy on it)."""
         if self._local is None:
             self._transport.call("log_action", episode_id=episode_id,
                                  observation=self._encode_obs(observation),
                                  action=self._encode(self._action_space(), action, "action"))
             return
+        with self._lock:
+            episode = self._episode(episode_id)
+        self._local.advance(observation, action, episode)
         self._record(episode_id, observation, action)
 
     def log_returns(self, episode_id: str, reward: float, info: dict | None = None) -> None:
@@ -370,6 +428,15 @@ class PolicyClient:
     def num_weight_updates(self) -> int:
         """Local mode: how many times weights were fetched (0 in remote mode)."""
         return 0 if self._local is None else self._local.num_updates
+
+    def episode_state(self, episode_id: str) -> list[np.ndarray]:
+        """Local mode: copies of the recurrent state the episode's next step starts from
+        (the initial state before its first step; empty for other policies)."""
+        if self._local is None:
+            raise RuntimeError("episode_state() needs inference_mode='local': in remote mode "
+                               "the server keeps the state")
+        with self._lock:
+            return [part.copy() for part in self._episode(episode_id).state]
 
     @property
     def policy(self) -> Any:

@@ -33,6 +33,13 @@ Actions are computed by whoever serves the env's requests: the sampler (inside
 (:class:`~flowrl.envs.serving.policy_service.PolicyServiceLoop`). A ``get_action``
 call blocks until then.
 
+Recurrent policies: whoever serves the requests keeps the policy's state per episode
+(:class:`~flowrl.envs.serving.policy_service.PolicyService`): each ``get_action``
+continues from its episode's state, a new episode starts from the initial state, and
+an episode's state is dropped when it ends. Logged actions advance it too (the
+service runs the policy on their observations), so the env hands the service the
+completed steps of every episode, trained on or not (:meth:`ExternalEnv.take_work`).
+
 Spaces: any the wire format carries (:mod:`~flowrl.envs.serving.wire`): Box,
 Discrete, MultiDiscrete, MultiBinary and Dict / Tuple spaces of them. A Dict
 observation is passed as a ``dict`` (a Tuple one as a ``tuple``) and ``get_action``
@@ -74,6 +81,12 @@ class Step:
     space) when it was logged. ``obs`` / ``new_obs`` are checked values of the
     observation space (``dict`` / ``tuple`` for nested spaces). ``episode_end``
     marks the episode's last step.
+
+    A recurrent policy's service scores logged steps as it advances their episode's
+    state: it sets ``extras`` (with ``state_in_*`` / ``state_out_*``) and turns
+    ``action`` into the policy's batch row, so that the step then reads like one the
+    policy acted. ``training_enabled`` is False for steps of episodes that are not
+    trained on (only a recurrent policy's service receives those, for the state).
     """
 
     eps_id: int
@@ -86,6 +99,7 @@ class Step:
     terminated: bool
     truncated: bool
     episode_end: bool
+    training_enabled: bool = True
 
 
 @dataclass
@@ -190,6 +204,8 @@ class ExternalEnv(gym.Env):
         self._episode_stats: collections.deque = collections.deque(maxlen=100_000)
         self._eps_counter = itertools.count(1)
         self._eps_id_base = 0
+        # A recurrent policy's service needs every episode's steps to carry its state.
+        self._keep_untrained_steps = False
         self._policy_spec: Callable[[], PolicySpec] | None = None
         self._served = threading.Event()
         self._closed = False
@@ -357,12 +373,17 @@ class ExternalEnv(gym.Env):
         return self._closed
 
     # -- for samplers and inference loops -------------------------------------------------
-    def attach_policy(self, spec: Callable[[], PolicySpec], eps_id_base: int = 0) -> None:
+    def attach_policy(self, spec: Callable[[], PolicySpec], eps_id_base: int = 0,
+                      keep_untrained_steps: bool = False) -> None:
         """Called by the sampler: how to describe the policy (computed on request) and
-        where episode ids start."""
+        where episode ids start. ``keep_untrained_steps``: steps of episodes started
+        with ``training_enabled=False`` are queued too (marked so), for a service that
+        carries a recurrent state through every episode; :meth:`drain_steps` still
+        returns only the trained ones."""
         with self._lock:
             self._policy_spec = spec
             self._eps_id_base = int(eps_id_base)
+            self._keep_untrained_steps = bool(keep_untrained_steps)
         self._served.set()
 
     def policy_spec(self, timeout_s: float = 30.0) -> PolicySpec:
@@ -441,7 +462,17 @@ class ExternalEnv(gym.Env):
         """Completed steps of training episodes since the last call, in arrival order."""
         with self._lock:
             steps, self._steps = self._steps, []
-        return steps
+        return [step for step in steps if step.training_enabled]
+
+    def take_work(self) -> tuple[list[ActionRequest], list[Step]]:
+        """The pending ``get_action`` requests (the caller must answer all of them) and
+        the completed steps (see ``keep_untrained_steps`` of :meth:`attach_policy`),
+        taken together: every step an episode completed before one of its requests is
+        among the steps, so a service can bring the episode's state up to date first."""
+        with self._lock:
+            requests, self._action_requests = self._action_requests, []
+            steps, self._steps = self._steps, []
+        return requests, steps
 
     def pop_episode_stats(self) -> list[tuple[float, int]]:
         """``(return, length)`` of episodes finished since the last call."""
@@ -543,10 +574,11 @@ class ExternalEnv(gym.Env):
         if step is None:
             return
         episode.open = None
-        if episode.training_enabled:
+        if episode.training_enabled or self._keep_untrained_steps:
             self._steps.append(Step(episode.eps_id, episode.t, step.obs, step.action,
                                     step.extras, step.reward, new_obs,
-                                    end and not truncated, end and truncated, end))
+                                    end and not truncated, end and truncated, end,
+                                    episode.training_enabled))
             self._work.notify_all()
         episode.t += 1
 

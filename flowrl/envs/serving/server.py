@@ -19,6 +19,11 @@ compared in constant time; every field is type-checked and observations and acti
 checked against the env's spaces before they reach the sampler. A bad request costs
 its sender an error reply and nothing else: the server keeps serving.
 
+The server carries a recurrent policy's state per episode (the env's serving
+:class:`~flowrl.envs.serving.policy_service.PolicyService` keeps it): clients send
+observations only, each ``get_action`` continues its episode's state, and ending the
+episode frees it.
+
 Observations and actions of Dict / Tuple spaces travel as JSON objects / lists of
 their parts (see :mod:`~flowrl.envs.serving.wire`); an error names the part's path,
 e.g. ``observation['pos']: shape [3] does not match ...``.
