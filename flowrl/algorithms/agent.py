@@ -23,7 +23,7 @@ import os
 import random
 import string
 import time
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -37,6 +37,8 @@ from flowrl.envs.registry import EnvContext, make_env_creator
 from flowrl.flow import Metrics, Plan, as_plan
 from flowrl.algorithms.resources import check_cluster_fits
 from flowrl.data.sample_batch import DEFAULT_POLICY_ID
+from flowrl.data.sequences import state_out_key
+from flowrl.envs.episodes import EpisodeStep
 from flowrl.workers.worker_set import WorkerSet
 
 logger = logging.getLogger(__name__)
@@ -242,7 +244,7 @@ class Agent:
         sees what it was trained on.
         """
         from flowrl.workers.callbacks import Episode, overrides_episode_hooks
-        from flowrl.envs.episodes import EpisodeRunner, EpisodeStep
+        from flowrl.envs.episodes import EpisodeRunner
         from flowrl.envs.multi_agent import MultiAgentEnv
         if isinstance(self.workers.local_worker().env, MultiAgentEnv):
             raise ValueError("evaluate() / evaluation_interval runs single-agent envs; for "
@@ -269,11 +271,20 @@ class Agent:
             episodes[-1].add_step(s.next_obs, s.action, s.reward, s.info)
             callbacks.on_episode_step(worker=None, episode=episodes[-1], env_index=0)
 
+        # A recurrent policy's state (and previous action / reward) is carried from
+        # step to step and reset at each episode start, as in training.
+        actor = EpisodeActor(self.compute_action, self.get_policy().recurrent, explore)
+
+        def observe(s: EpisodeStep) -> None:
+            actor.observe(s)
+            if hooks:
+                step(s)
+
         returns, lengths = [], []
         for index in range(config["evaluation_num_episodes"]):
-            result = runner.run(lambda obs: self.compute_action(obs, explore=explore),
-                                seed=None if seed is None else seed + 10_000_000 + index,
-                                on_start=start, on_step=step if hooks else None)
+            actor.reset()
+            result = runner.run(actor, seed=None if seed is None else seed + 10_000_000 + index,
+                                on_start=start, on_step=observe)
             if hooks:
                 callbacks.on_episode_end(worker=None, episode=episodes[-1], env_index=0)
             returns.append(result.episode_return)
@@ -290,10 +301,45 @@ class Agent:
     def get_policy(self, policy_id: str = DEFAULT_POLICY_ID):
         return self.workers.local_worker().get_policy(policy_id)
 
-    def compute_action(self, obs: Any, explore: bool = False,
-                       policy_id: str = DEFAULT_POLICY_ID) -> Any:
-        """The action of one observation (greedy / mean action unless ``explore``)."""
-        return self.get_policy(policy_id).compute_single_action(obs, explore=explore)
+    def compute_action(self, obs: Any, state: list[np.ndarray] | None = None,
+                       prev_action: Any = None, prev_reward: float | None = None,
+                       explore: bool = False, policy_id: str = DEFAULT_POLICY_ID) -> Any:
+        """The action for one observation (greedy / mean action unless ``explore``).
+
+        A policy that is not recurrent returns the action alone, as the env takes it
+        (Box actions are not clipped); it takes no ``state``, ``prev_action`` or
+        ``prev_reward`` (a ``ValueError`` if given). A recurrent policy
+        (``model.use_lstm``, or a ``RecurrentModel`` custom model) returns
+        ``(action, state_out)``: thread ``state_out`` into the next call, and start each
+        episode from ``state=None`` (the initial state, as :meth:`get_initial_state`)::
+
+            state, prev_action, prev_reward = None, None, None
+            obs, _ = env.reset()
+            while True:
+                action, state = agent.compute_action(obs, state, prev_action, prev_reward)
+                obs, reward, terminated, truncated, _ = env.step(action)
+                if terminated or truncated:
+                    break
+                prev_action, prev_reward = action, reward
+
+        ``state``: one unbatched float32 array per state part (LSTM: ``[h, c]``, each
+        ``[lstm_cell_size]``); a list of another length or shape is a ``ValueError``
+        that says what is expected. ``prev_action`` (the action this method returned
+        the step before, unclipped, as the training sampler feeds it back) and
+        ``prev_reward`` are inputs only when the model uses them
+        (``lstm_use_prev_action`` / ``lstm_use_prev_reward``); None means zero, as at
+        an episode's first step, and the model ignores them otherwise. :meth:`evaluate`
+        and ``scripts/rollout.py`` carry all three this way (:class:`EpisodeActor`).
+        """
+        return compute_policy_action(self.get_policy(policy_id), obs, state, prev_action,
+                                     prev_reward, explore=explore, policy_id=policy_id)
+
+    def get_initial_state(self, policy_id: str = DEFAULT_POLICY_ID) -> list[np.ndarray]:
+        """A recurrent policy's state before an episode's first step: one unbatched
+        float32 array per part (LSTM: ``[zeros(cell), zeros(cell)]``); ``[]`` for a
+        policy that is not recurrent. ``compute_action(obs, state=None)`` starts from it."""
+        policy = self.get_policy(policy_id)
+        return policy.get_initial_state() if policy.recurrent else []
 
     def export_policy(self, export_dir: str, policy_id: str = DEFAULT_POLICY_ID) -> str:
         """Writes the policy's greedy actions as TorchScript; returns the module's path.
@@ -302,7 +348,14 @@ class Agent:
         them) to the actions ``compute_action(obs, explore=False)`` gives (Box actions
         clipped to the bounds when ``clip_actions`` is on). It loads with torch alone:
         ``torch.jit.load(path)(torch.as_tensor(obs_batch))``. ``policy.json`` next to
-        it records the algorithm, env, and observation / action spaces.
+        it records the algorithm, env, observation / action spaces, and the module's
+        arguments and outputs.
+
+        A recurrent policy's module takes one step with the state:
+        ``module(obs, *state_in[, prev_actions][, prev_rewards]) -> (actions,
+        *state_out)``, each state part a float32 ``[B, size]`` tensor (``policy.json``
+        lists them under ``"state"`` with their initial values; see
+        :mod:`flowrl.policies.export`).
         """
         from flowrl.policies.export import write_export
         policy = self.get_policy(policy_id)
@@ -469,3 +522,104 @@ class Agent:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(env={self.config['env']!r}, iteration={self.iteration})"
+
+
+def compute_policy_action(policy: Any, obs: Any, state: list[np.ndarray] | None = None,
+                          prev_action: Any = None, prev_reward: float | None = None,
+                          explore: bool = False, policy_id: str = DEFAULT_POLICY_ID) -> Any:
+    """:meth:`Agent.compute_action` for a policy object (``scripts/rollout.py`` has no
+    agent); ``policy_id`` only names the policy in error messages."""
+    if isinstance(state, bool):
+        raise TypeError("compute_action(obs, state, prev_action, prev_reward, ...): the "
+                        "second argument is a recurrent policy's state; pass explore "
+                        "by keyword (explore=True)")
+    if not policy.recurrent:
+        given = [name for name, value in (("state", state), ("prev_action", prev_action),
+                                          ("prev_reward", prev_reward)) if value is not None]
+        if given:
+            raise ValueError(
+                f"Policy {policy_id!r} is not recurrent: compute_action takes no "
+                f"{' / '.join(given)} for it. Recurrent policies come from "
+                "model.use_lstm or a RecurrentModel custom_model.")
+        return policy.compute_single_action(obs, explore=explore)
+    state = _checked_state(policy, policy_id, state)
+    batch = policy.obs_packer.pack_one(obs) if policy.obs_packer.nested \
+        else np.asarray(obs)[None]
+    prev_actions = None if prev_action is None \
+        else policy.action_layout.from_env(prev_action)[None]
+    actions, extra = policy.compute_actions(
+        batch, explore=explore, state=[part[None] for part in state],
+        prev_actions=prev_actions,
+        prev_rewards=np.array([0.0 if prev_reward is None else prev_reward], np.float32))
+    state_out = [extra[state_out_key(i)][0] for i in range(len(state))]
+    # Not clipped, as compute_single_action's: fed back as prev_action, it gives the
+    # model the action row the sampler gives it in training.
+    return policy.action_layout.to_env(actions[0], clip=False), state_out
+
+
+def _checked_state(policy: Any, policy_id: str, state: Any) -> list[np.ndarray]:
+    """``state`` as unbatched float32 arrays, checked against the policy's initial state
+    (None: the initial state)."""
+    initial = policy.get_initial_state()
+    if state is None:
+        return initial
+    expected = (f"policy {policy_id!r} takes a list of {len(initial)} unbatched float32 "
+                f"arrays of shapes {[tuple(part.shape) for part in initial]} (the "
+                "state_out of the previous compute_action call; None at an episode's start)")
+    if not isinstance(state, (list, tuple)):
+        raise TypeError(f"state must be a list, got {type(state).__name__}: {expected}")
+    if len(state) != len(initial):
+        raise ValueError(f"state has {len(state)} parts; {expected}")
+    parts = []
+    for index, (part, init) in enumerate(zip(state, initial)):
+        arr = np.asarray(part, dtype=np.float32)
+        if arr.shape != init.shape:
+            raise ValueError(f"state[{index}] has shape {arr.shape}; {expected}")
+        parts.append(arr)
+    return parts
+
+
+class EpisodeActor:
+    """The action function of an episode loop, stepping a policy as training does::
+
+        actor = EpisodeActor(agent.compute_action, agent.get_policy().recurrent)
+        actor.reset()                                   # at each episode start
+        runner.run(actor, on_step=actor.observe)        # flowrl.envs.episodes
+
+    ``compute_action`` has :meth:`Agent.compute_action`'s signature (or is
+    :func:`compute_policy_action` bound to a policy). For a ``recurrent`` policy the
+    state, the previous action and the previous reward are carried from step to step;
+    :meth:`reset`, and :meth:`observe` when an env step ends an episode (an Atari lost
+    life included, as in the sampler), go back to the initial state and zeros.
+    Used by :meth:`Agent.evaluate` and ``scripts/rollout.py``.
+    """
+
+    def __init__(self, compute_action: Callable[..., Any], recurrent: bool,
+                 explore: bool = False) -> None:
+        self.compute_action = compute_action
+        self.recurrent = bool(recurrent)
+        self.explore = explore
+        self.state: list[np.ndarray] | None = None
+        self.prev_action: Any = None
+        self.prev_reward: float | None = None
+
+    def reset(self) -> None:
+        """Starts an episode: the initial state, no previous action or reward."""
+        self.state = self.prev_action = self.prev_reward = None
+
+    def __call__(self, obs: Any) -> Any:
+        """The action for ``obs``, as the env takes it (Box actions not clipped)."""
+        if not self.recurrent:
+            return self.compute_action(obs, explore=self.explore)
+        action, self.state = self.compute_action(
+            obs, state=self.state, prev_action=self.prev_action,
+            prev_reward=self.prev_reward, explore=self.explore)
+        self.prev_action = action
+        return action
+
+    def observe(self, step: EpisodeStep) -> None:
+        """After each env step: its reward is the next step's previous reward; an
+        ended episode starts over."""
+        self.prev_reward = step.reward
+        if step.terminated or step.truncated:
+            self.reset()

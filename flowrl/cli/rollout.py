@@ -7,12 +7,15 @@ Only the policy is rebuilt (no Ray, no remote workers, no replay actors): the en
 ``config["env"]``, the algorithm's policy class with the stored config, and the
 policy's weights from the checkpoint. Atari short names (``"Pong"``) run with
 ``training=False``: unclipped rewards and whole games, so the printed returns are
-game scores. See ``--help`` for every option and the ``--out`` file format.
+game scores. A recurrent policy (``model.use_lstm``) carries its state, previous action
+and reward from step to step, from the initial state at each episode's start, as in
+training. See ``--help`` for every option and the ``--out`` file format.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -28,6 +31,7 @@ ROLLOUT_EXAMPLES = """examples:
   python scripts/rollout.py CHECKPOINT --run DQN --env Pong --steps 2000 --no-render
   python scripts/rollout.py CHECKPOINT --episodes 3 --video-dir videos/ --out episodes.npz
   python scripts/rollout.py CHECKPOINT --config '{"env_config": {"max_episode_steps": 200}}'
+  python scripts/rollout.py CHECKPOINT --episodes 3 --seed 7 --out episodes.npz
 
 CHECKPOINT is a directory written by Agent.save() or a Tune trial (checkpoint_<n>/);
 a trial directory picks its latest checkpoint. The config comes from params.json in the
@@ -85,6 +89,9 @@ def make_rollout_parser() -> argparse.ArgumentParser:
                    help="config overrides as a JSON object, merged over the stored config")
     p.add_argument("--explore", action="store_true",
                    help="act with exploration (default: greedy / deterministic actions)")
+    p.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="reset episode i (from 0) with seed N + i, so that the episodes "
+                   "can be replayed (default: unseeded)")
     return p
 
 
@@ -365,9 +372,15 @@ def _step_row(packer: Any, value: Any) -> Any:
 
 def run_rollout(setup: RolloutSetup, steps: int | None = None, episodes: int | None = None,
                 explore: bool = False, video_dir: str | None = None,
-                keep_steps: bool = False, log: Any = print) -> list[Episode]:
+                keep_steps: bool = False, log: Any = print,
+                seed: int | None = None) -> list[Episode]:
     """Runs the policy until ``steps`` env steps or ``episodes`` episodes (whichever
     comes first; 10 episodes when both are None); prints each episode's return.
+
+    A recurrent policy's state (and previous action / reward, when its model uses
+    them) is carried step by step and reset at each episode's start (and at an Atari
+    lost life, as in training). With ``seed``, episode ``i`` (from 0) is reset with
+    ``seed + i``.
 
     Box actions (and Box parts of Dict / Tuple actions) are clipped to the bounds when
     ``clip_actions`` is on, as in training. Observations of any space the policy takes
@@ -377,6 +390,7 @@ def run_rollout(setup: RolloutSetup, steps: int | None = None, episodes: int | N
     :class:`~flowrl.envs.video.EpisodeVideoRecorder`; close ``setup.env`` afterwards.
     Returns the episodes (their steps only with ``keep_steps``).
     """
+    from flowrl.algorithms.agent import EpisodeActor, compute_policy_action
     from flowrl.data.spaces import ObservationPacker, is_nested
     from flowrl.envs.episodes import EpisodeRunner, EpisodeStep
 
@@ -395,8 +409,11 @@ def run_rollout(setup: RolloutSetup, steps: int | None = None, episodes: int | N
     obs_packer = ObservationPacker(setup.env.observation_space)
     action_packer = ObservationPacker(action_space)
 
+    actor = EpisodeActor(functools.partial(compute_policy_action, policy), policy.recurrent,
+                         explore)
+
     def act(obs: Any) -> Any:
-        action = policy.compute_single_action(obs, explore=explore)
+        action = actor(obs)
         if clip and is_nested(action_space):  # the runner clips plain Box actions only
             action = _clip_box_parts(action_space, action)
         return action
@@ -411,6 +428,7 @@ def run_rollout(setup: RolloutSetup, steps: int | None = None, episodes: int | N
         episode = Episode()
 
         def record(step: EpisodeStep, episode: Episode = episode) -> None:
+            actor.observe(step)
             if keep_steps:
                 episode.obs.append(_step_row(obs_packer, step.obs))
                 episode.actions.append(_step_row(action_packer, step.env_action))
@@ -418,7 +436,9 @@ def run_rollout(setup: RolloutSetup, steps: int | None = None, episodes: int | N
                 episode.truncateds.append(step.truncated)
             episode.rewards.append(step.reward)
 
+        actor.reset()
         result = runner.run(act, max_steps=None if steps is None else steps - total_steps,
+                            seed=None if seed is None else seed + len(done_episodes),
                             on_step=record)
         total_steps += result.num_steps
         episode.finished = result.finished
@@ -471,7 +491,7 @@ def rollout_main(argv: list[str] | None = None) -> int:
         episodes = run_rollout(setup, steps=args.steps, episodes=args.episodes,
                                explore=args.explore, video_dir=args.video_dir,
                                keep_steps=args.out is not None,
-                               log=lambda line: print(line, flush=True))
+                               log=lambda line: print(line, flush=True), seed=args.seed)
     except KeyboardInterrupt:  # the usual way to end a long on-screen rollout
         print("Interrupted.", file=sys.stderr)
         return 130

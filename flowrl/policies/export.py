@@ -20,6 +20,33 @@ class builds its eager module with ``export_module()``; this file holds the shar
 head modules, the conversion to TorchScript (``torch.jit.script`` where the model
 allows it, else ``torch.jit.trace``, checked on several batch sizes) and the atomic
 writing of the two files.
+
+Recurrent policies (``model.use_lstm`` or a ``RecurrentModel`` custom model) export a
+module that takes the state with the observations and returns the next state with the
+actions, one step per call::
+
+    module(obs, *state_in[, prev_actions][, prev_rewards]) -> (actions, *state_out)
+
+    state = [torch.zeros(B, 256), torch.zeros(B, 256)]    # LSTM [h, c]: the initial state
+    prev_actions, prev_rewards = torch.zeros(B, dtype=torch.int64), torch.zeros(B)
+    for t in range(T):
+        actions, *state = module(obs, *state, prev_actions, prev_rewards)
+        ...                                               # step the envs with actions
+        prev_actions, prev_rewards = actions, rewards
+
+``state_in`` is one float32 ``[B, size]`` tensor per state part (``policy.json`` lists
+the parts, their sizes and initial values, and the traced module keeps them as buffers
+``initial_state_0``, ``initial_state_1``, ...); at an episode's start a row's state is
+the initial state and its previous action and reward are zeros. ``prev_actions``
+(actions as the module returns them, ``[B, *action_shape]``) and ``prev_rewards``
+(float32 ``[B]``) are arguments only when the model was configured to use them
+(``lstm_use_prev_action`` / ``lstm_use_prev_reward``). A ``Dict`` / ``Tuple``
+observation takes one tensor per leaf, as for other policies, before the state.
+Box actions come out clipped to the bounds when the agent clips, and that is what the
+module expects back as ``prev_actions``; ``Agent.compute_action`` and the training
+sampler feed back the unclipped action, so the two agree while the mean stays inside
+the bounds. Recurrent exports are traced (the model's single-step path; checked on several batch
+sizes against the eager module).
 """
 
 from __future__ import annotations
@@ -40,11 +67,13 @@ from torch import nn
 from flowrl.data.actions import ActionLayout
 from flowrl.policies.distributions import ProductDistribution, get_dist_class
 from flowrl.data.spaces import ObservationPacker, array_leaf_spaces, is_nested, leaf_paths
+from flowrl.policies.nested import map_rows
 from flowrl.version import __version__
 
 __all__ = [
     "EXPORT_FILE", "METADATA_FILE", "ArgmaxHead", "DistInputsGreedy", "BoxActionHead",
-    "MultiArgmaxHead", "ProductGreedyHead", "greedy_head", "describe_space",
+    "MultiArgmaxHead", "ProductGreedyHead", "RecurrentStep", "RecurrentGreedy",
+    "greedy_head", "describe_space",
     "describe_action_row", "to_torchscript", "write_export",
 ]
 
@@ -249,15 +278,135 @@ class LeafInputs(nn.Module):
         self.module = module
         self.kept_space = array_leaf_spaces(observation_space)
 
-    def _nest(self, space: gym.Space, leaves: list[torch.Tensor]) -> Any:
-        if isinstance(space, gym.spaces.Dict):
-            return {key: self._nest(sub, leaves) for key, sub in space.spaces.items()}
-        if isinstance(space, gym.spaces.Tuple):
-            return tuple(self._nest(sub, leaves) for sub in space.spaces)
-        return leaves.pop(0)
-
     def forward(self, *leaves: torch.Tensor) -> torch.Tensor:
-        return self.module(self._nest(self.kept_space, list(leaves)))
+        return self.module(_nest_leaves(self.kept_space, list(leaves)))
+
+
+def _nest_leaves(space: gym.Space, leaves: list[torch.Tensor]) -> Any:
+    """The nested observation of ``space`` from its leaf tensors in leaf order (consumes
+    ``leaves`` from the front)."""
+    if isinstance(space, gym.spaces.Dict):
+        return {key: _nest_leaves(sub, leaves) for key, sub in space.spaces.items()}
+    if isinstance(space, gym.spaces.Tuple):
+        return tuple(_nest_leaves(sub, leaves) for sub in space.spaces)
+    return leaves.pop(0)
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
+
+
+class RecurrentStep(nn.Module):
+    """One step of a recurrent model on raw observations, for exports::
+
+        module(*obs, *state_in[, prev_actions][, prev_rewards])
+            -> (dist_inputs [B, num_outputs], values [B], *state_out)
+
+    ``obs`` is one batch (one tensor per leaf for a ``Dict`` / ``Tuple`` space, see
+    :class:`LeafInputs`), normalized by ``normalize`` when given (the observation
+    filter); ``state_in`` one float32 ``[B, size]`` tensor per part of the model's
+    state; ``prev_actions`` (``[B, *action_shape]``, cast to the batch's action
+    dtype) and ``prev_rewards`` (``[B]``) only when ``uses_prev_actions`` /
+    ``uses_prev_rewards``. The initial state is kept as buffers ``initial_state_<i>``.
+    """
+
+    def __init__(self, model: nn.Module, observation_space: gym.Space,
+                 action_space: gym.Space, initial_state: list[torch.Tensor],
+                 uses_prev_actions: bool, uses_prev_rewards: bool,
+                 normalize: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.normalize = normalize
+        # Plain spaces: None (one obs tensor); nested: the space the leaves rebuild.
+        self.kept_space = array_leaf_spaces(observation_space) \
+            if is_nested(observation_space) else None
+        self.num_obs_inputs = len(leaf_paths(observation_space)) \
+            if self.kept_space is not None else 1
+        self.num_state = len(initial_state)
+        for index, part in enumerate(initial_state):
+            self.register_buffer(f"initial_state_{index}",
+                                 part.detach().cpu().to(torch.float32).clone())
+        self.uses_prev_actions = bool(uses_prev_actions)
+        self.uses_prev_rewards = bool(uses_prev_rewards)
+        self.action_space = action_space
+        layout = ActionLayout(action_space)
+        self.action_shape = [int(d) for d in layout.shape]
+        self.action_dtype = _torch_dtype(layout.dtype)
+
+    @property
+    def num_inputs(self) -> int:
+        """How many tensors :meth:`forward` takes."""
+        return (self.num_obs_inputs + self.num_state + int(self.uses_prev_actions)
+                + int(self.uses_prev_rewards))
+
+    def initial_state(self) -> list[torch.Tensor]:
+        """The unbatched initial state, one tensor per part."""
+        return [self.get_buffer(f"initial_state_{i}") for i in range(self.num_state)]
+
+    def extra_inputs(self, batch_size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Sample ``state_in`` / ``prev_actions`` / ``prev_rewards`` for ``batch_size``
+        rows (random values, to check an export against the eager module)."""
+        generator = torch.Generator().manual_seed(seed)
+        inputs: list[torch.Tensor] = [
+            torch.randn((batch_size, *part.shape), generator=generator)
+            for part in self.initial_state()]
+        if self.uses_prev_actions:
+            sampler = copy.deepcopy(self.action_space)
+            sampler.seed(seed)
+            rows = ActionLayout(self.action_space).from_env_batch(
+                [sampler.sample() for _ in range(batch_size)])
+            inputs.append(torch.from_numpy(np.ascontiguousarray(rows)))
+        if self.uses_prev_rewards:
+            inputs.append(torch.randn(batch_size, generator=generator))
+        return tuple(inputs)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(inputs) != self.num_inputs:
+            raise TypeError(f"expected {self.num_inputs} tensors (obs, *state_in"
+                            f"{', prev_actions' if self.uses_prev_actions else ''}"
+                            f"{', prev_rewards' if self.uses_prev_rewards else ''}), "
+                            f"got {len(inputs)}")
+        count = self.num_obs_inputs
+        if self.kept_space is None:
+            obs: Any = inputs[0]
+        else:
+            obs = _nest_leaves(self.kept_space, list(inputs[:count]))
+        if self.normalize is not None:
+            obs = self.normalize(obs)
+        state = list(inputs[count:count + self.num_state])
+        position = count + self.num_state
+        batch_size = inputs[0].shape[0]
+        prev_actions = prev_rewards = None
+        if self.uses_prev_actions:
+            prev_actions = inputs[position].to(self.action_dtype).reshape(
+                [-1, 1] + self.action_shape)
+            position += 1
+        if self.uses_prev_rewards:
+            prev_rewards = inputs[position].to(torch.float32).reshape(-1, 1)
+        # Each row is a sequence of one step: [B, 1, ...].
+        dist_inputs, values, state_out = self.model(
+            map_rows(lambda t: t.unsqueeze(1), obs), state,
+            torch.ones(batch_size, dtype=torch.int64), prev_actions, prev_rewards)
+        return (dist_inputs[:, 0], values[:, 0], *state_out)
+
+
+class RecurrentGreedy(nn.Module):
+    """A :class:`RecurrentStep` followed by a greedy head (:func:`greedy_head`)::
+
+        module(*obs, *state_in[, prev_actions][, prev_rewards]) -> (actions, *state_out)
+    """
+
+    def __init__(self, step: RecurrentStep, head: nn.Module) -> None:
+        super().__init__()
+        self.step = step
+        self.head = head
+        # Top-level copies: torch.jit.load(path).initial_state_0 reads them.
+        for index, part in enumerate(step.initial_state()):
+            self.register_buffer(f"initial_state_{index}", part.clone())
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.step(*inputs)
+        return (self.head(outputs[0]), *outputs[2:])
 
 
 def example_batches(space: gym.Space) -> list[Any]:
@@ -292,12 +441,24 @@ def _flat_leaves(nested: Any) -> list[Any]:
     return [nested]
 
 
-def _outputs_match(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape or a.dtype != b.dtype:
+def _outputs_match(a: Any, b: Any) -> bool:
+    if isinstance(a, (tuple, list)):  # recurrent exports: (actions, *state_out)
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(
+            _outputs_match(x, y) for x, y in zip(a, b))
+    if not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
         return False
     if a.is_floating_point():
         return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True))
     return bool(torch.equal(a, b))
+
+
+def _step_of(module: nn.Module) -> RecurrentStep | None:
+    """The recurrent step inside an export module (None for a stateless one)."""
+    if isinstance(module, RecurrentStep):
+        return module
+    if isinstance(module, RecurrentGreedy):
+        return module.step
+    return None
 
 
 def to_torchscript(module: nn.Module, observation_space: gym.Space) -> torch.jit.ScriptModule:
@@ -306,32 +467,56 @@ def to_torchscript(module: nn.Module, observation_space: gym.Space) -> torch.jit
     ``torch.jit.script`` when the module compiles (its control flow is kept);
     otherwise ``torch.jit.trace`` on a sampled observation batch. Either way the
     result is run on batches of 1, 2 and 3 observations and must give the eager
-    module's outputs, so a size baked in by tracing fails here.
+    module's outputs, so a size baked in by tracing fails here. A recurrent module
+    (:class:`RecurrentStep` / :class:`RecurrentGreedy`) is traced, with sampled
+    states (and previous actions / rewards) after the observations.
     """
     # Inference only: outputs then need no .detach() before .numpy().
     module = module.cpu().eval().requires_grad_(False)
-    batches = example_batches(observation_space)
+    step = _step_of(module)
+    examples = [batch if isinstance(batch, tuple) else (batch,)
+                for batch in example_batches(observation_space)]
+    if step is not None:
+        examples = [(*inputs, *step.extra_inputs(inputs[0].shape[0], seed=index))
+                    for index, inputs in enumerate(examples)]
     with warnings.catch_warnings():
         # torch marks TorchScript deprecated, but it is still the format that loads
         # without Python model code (torch.jit.load, libtorch).
         warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            exported = torch.jit.script(module)
-        except Exception:  # noqa: BLE001  Python-only constructs: fall back to tracing
+        exported = None
+        if step is None:
+            try:
+                exported = torch.jit.script(module)
+            except Exception:  # noqa: BLE001  Python-only constructs: fall back to tracing
+                exported = None
+        if exported is None:
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             with torch.no_grad():
-                exported = torch.jit.trace(module, batches[-1], check_trace=False)
+                exported = torch.jit.trace(module, examples[-1], check_trace=False)
     with torch.no_grad():
-        for batch in batches:
-            inputs = batch if isinstance(batch, tuple) else (batch,)
-            expected, got = module(*inputs), exported(*inputs)
+        for inputs in examples:
+            expected = module(*inputs)
+            try:
+                got = exported(*inputs)
+            except RuntimeError as e:
+                raise RuntimeError(
+                    f"The TorchScript export of {type(module).__name__} fails on a batch of "
+                    f"{inputs[0].shape[0]} observations; the model may not be traceable "
+                    f"(a batch size turned into a Python int is baked in): "
+                    f"{str(e).strip().splitlines()[-1]}") from e
             if not _outputs_match(expected, got):
                 raise RuntimeError(
                     f"The TorchScript export of {type(module).__name__} differs from the "
                     f"eager module on a batch of {inputs[0].shape[0]} observations (expected "
-                    f"{tuple(expected.shape)} {expected.dtype}, got {tuple(got.shape)} "
-                    f"{got.dtype}); the model may not be traceable.")
+                    f"{_shapes(expected)}, got {_shapes(got)}); the model may not be "
+                    "traceable (a batch size turned into a Python int is baked in).")
     return exported
+
+
+def _shapes(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_shapes(v) for v in value) + ")"
+    return f"{tuple(value.shape)} {value.dtype}"
 
 
 def _json_number(value: float) -> float | str:
@@ -448,6 +633,57 @@ def _input_text(space: gym.Space, desc: dict[str, Any]) -> Any:
                          "an array form, e.g. Text, are not taken)", "leaves": leaves}
 
 
+def _describe_state(step: RecurrentStep) -> list[dict[str, Any]]:
+    """Each state part's shape, dtype and initial value (``"zeros"`` when all zero)."""
+    parts = []
+    for index, part in enumerate(step.initial_state()):
+        values = part.numpy()
+        parts.append({"index": index, "shape": ["B", *(int(d) for d in values.shape)],
+                      "dtype": "float32",
+                      "initial": "zeros" if not values.any() else values.tolist()})
+    return parts
+
+
+def _recurrent_input_text(space: gym.Space, desc: dict[str, Any],
+                          step: RecurrentStep) -> dict[str, Any]:
+    """The arguments of a recurrent export, in order, for ``policy.json``."""
+    names = ["obs"] if not is_nested(space) else ["*obs_leaves"]
+    info: dict[str, Any] = {"obs": _input_text(space, desc)}
+    for part in _describe_state(step):
+        index, dims = part["index"], ", ".join(str(d) for d in part["shape"])
+        names.append(f"state_in_{index}")
+        info[f"state_in_{index}"] = (
+            f"state part {index}, float32 [{dims}]: state_out_{index} of the previous "
+            "call, or the initial state (see 'state') at an episode's first step")
+    if step.uses_prev_actions:
+        names.append("prev_actions")
+        info["prev_actions"] = ("the previous step's actions as this module returned them, "
+                                f"{_batch_shape({'shape': step.action_shape})}; zeros at an "
+                                "episode's first step")
+    if step.uses_prev_rewards:
+        names.append("prev_rewards")
+        info["prev_rewards"] = ("the previous step's rewards, float32 [B]; zeros at an "
+                                "episode's first step")
+    info["arguments"] = names
+    return info
+
+
+def _recurrent_usage(space: gym.Space, step: RecurrentStep) -> str:
+    """A one-line recipe for ``policy.json``: the initial state, then the step loop."""
+    obs = "*leaf_batches" if is_nested(space) else "torch.as_tensor(obs_batch)"
+    parts = []
+    for index, part in enumerate(step.initial_state()):
+        dims = ", ".join(str(d) for d in part.shape)
+        ones = ", ".join(["1"] * part.dim())
+        parts.append(f"torch.zeros(B, {dims})" if not part.any() else
+                     f"m.initial_state_{index}.unsqueeze(0).repeat(B, {ones})")
+    extra = (", prev_actions" if step.uses_prev_actions else "") + \
+        (", prev_rewards" if step.uses_prev_rewards else "")
+    return (f"m = torch.jit.load('{EXPORT_FILE}'); state = [{', '.join(parts)}]; then at "
+            f"each step: actions, *state = m({obs}, *state{extra}); a row whose episode "
+            "ended starts again from the initial state (and zero previous action / reward)")
+
+
 def write_export(export_dir: str, module: nn.Module, observation_space: gym.Space,
                  action_space: gym.Space, metadata: dict[str, Any] | None = None) -> str:
     """Converts ``module`` with :func:`to_torchscript` and writes ``policy.pt`` and
@@ -461,6 +697,7 @@ def write_export(export_dir: str, module: nn.Module, observation_space: gym.Spac
     exported = to_torchscript(module, observation_space)
     obs_desc = describe_space(observation_space)
     act_desc = describe_space(action_space)
+    step = _step_of(module)
     info = {
         **(metadata or {}),
         "file": EXPORT_FILE,
@@ -471,10 +708,21 @@ def write_export(export_dir: str, module: nn.Module, observation_space: gym.Spac
         "output": _output_text(action_space, act_desc),
         "usage": (f"torch.jit.load('{EXPORT_FILE}')(*leaf_batches)" if is_nested(
             observation_space) else f"torch.jit.load('{EXPORT_FILE}')(torch.as_tensor(obs_batch))"),
+        "recurrent": step is not None,
         "flowrl_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
     }
+    if step is not None:
+        info["input"] = _recurrent_input_text(observation_space, obs_desc, step)
+        info["output"] = {
+            "returns": "a tuple (actions, *state_out)",
+            "actions": info["output"],
+            "state_out": "the state after this step, one float32 [B, size] tensor per "
+                         "part (as state_in): pass it back in at the next step",
+        }
+        info["state"] = _describe_state(step)
+        info["usage"] = _recurrent_usage(observation_space, step)
     if isinstance(action_space, (gym.spaces.Tuple, gym.spaces.Dict)):
         info["action_row"] = describe_action_row(action_space)
     path = os.path.join(export_dir, EXPORT_FILE)

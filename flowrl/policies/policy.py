@@ -37,7 +37,8 @@ from torch import nn
 from flowrl.data.actions import ActionLayout
 from flowrl.data.spaces import ObservationPacker, action_mask_keys
 from flowrl.policies.distributions import get_dist_class
-from flowrl.policies.export import DistInputsGreedy, LeafInputs, example_batches
+from flowrl.policies.export import (DistInputsGreedy, LeafInputs, RecurrentGreedy, RecurrentStep,
+                                    example_batches, greedy_head, to_torchscript)
 from flowrl.policies.filters import (NormalizedInputs, ObservationNormalizer, RunningStat,
                                      make_observation_normalizer, split_filter_weights)
 from flowrl.policies.models import ActionMaskedModel, get_model, merge_model_config
@@ -916,10 +917,20 @@ class Policy:
 
         The traced CPU module takes a batch of raw observations (the observation
         filter's current normalization is baked in) and returns ``(dist_inputs,
-        value)``. Returns the file path.
+        value)``. A recurrent policy's takes one step with the state,
+        ``(obs, *state_in[, prev_actions][, prev_rewards])``, and returns
+        ``(dist_inputs, value, *state_out)`` (see :mod:`flowrl.policies.export`).
+        Returns the file path.
         """
         os.makedirs(export_dir, exist_ok=True)
         path = os.path.join(export_dir, "model.pt")
+        if self.recurrent:
+            traced = to_torchscript(self.with_obs_normalization(
+                copy.deepcopy(self.model).cpu().eval()), self.observation_space)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # see below
+                traced.save(path)
+            return path
         example = example_batches(self.observation_space)[-1]
         if isinstance(example, torch.Tensor) and example.dtype == torch.float64:
             example = example.float()
@@ -940,17 +951,37 @@ class Policy:
         (as the sampler does before stepping the env), ``[B, *action_shape]``. The
         observation filter's current normalization is part of it. This is what
         ``Agent.export_policy`` converts to TorchScript.
+
+        A recurrent policy's module takes and returns the state:
+        ``(obs, *state_in[, prev_actions][, prev_rewards]) -> (actions, *state_out)``
+        (:class:`~flowrl.policies.export.RecurrentGreedy`).
         """
         model = copy.deepcopy(self.model).cpu().eval()
+        clip = bool(self.config.get("clip_actions", True))
+        if self.recurrent:
+            return RecurrentGreedy(self.with_obs_normalization(model),
+                                   greedy_head(self.action_space, self.dist_class.__name__,
+                                               clip))
         return self.with_obs_normalization(DistInputsGreedy(
-            model, self.action_space, self.dist_class.__name__,
-            bool(self.config.get("clip_actions", True))))
+            model, self.action_space, self.dist_class.__name__, clip))
 
     def with_obs_normalization(self, module: nn.Module) -> nn.Module:
         """``module`` (raw obs in) behind a constant copy of the current observation
         normalization; ``module`` itself without a filter. For exports. A nested
         observation space's module takes one tensor per leaf instead
-        (:class:`~flowrl.policies.export.LeafInputs`)."""
+        (:class:`~flowrl.policies.export.LeafInputs`).
+
+        A recurrent policy's model (given as ``module``) becomes a
+        :class:`~flowrl.policies.export.RecurrentStep`: one step on raw observations
+        (leaves for a nested space, normalized by the filter) with the state and the
+        previous action / reward the model uses.
+        """
+        if self.recurrent:
+            return RecurrentStep(
+                module, self.observation_space, self.action_space,
+                [torch.as_tensor(part) for part in self.get_initial_state()],
+                self.uses_prev_actions, self.uses_prev_rewards,
+                normalize=None if self.obs_filter is None else self.obs_filter.module())
         if self.obs_packer.nested:
             return LeafInputs(module, self.observation_space)
         if self.obs_filter is None:

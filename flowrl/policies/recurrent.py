@@ -143,4 +143,4 @@ def _leading_dims(obs: Any) -> tuple[int, int]:
     """``(S, L)`` of a padded observation batch (a tensor or nested tensors)."""
     while not isinstance(obs, torch.Tensor):
         obs = next(iter(obs.values())) if isinstance(obs, dict) else obs[0]
-    return int(obs.shape[0]), int(obs.shape[1])
+    return obs.shape[0], obs.shape[1]  # not int(): traced exports keep the batch size free
