@@ -115,7 +115,20 @@ def _rows() -> list[Row]:
     return rows
 
 
-ROWS: list[Row] = _rows()
+SB3_ALGO["SAC"] = "SAC"
+
+
+def _sac_rows() -> list[Row]:
+    """SAC (default config and tuned examples) at the off-policy budgets, beside SB3's SAC."""
+    rows = [Row("SAC", env, CONTINUOUS_OFF_POLICY[env]) for env in ("Pendulum-v1",
+                                                                    "HalfCheetah-v5")]
+    for env, name in (("Pendulum-v1", "pendulum-sac.yaml"),
+                      ("HalfCheetah-v5", "halfcheetah-sac.yaml")):
+        rows.append(Row("SAC", env, CONTINUOUS_OFF_POLICY[env], os.path.join(TUNED, name)))
+    return rows
+
+
+ROWS: list[Row] = _rows() + _sac_rows()
 
 
 # -- flowrl runs ------------------------------------------------------------------------

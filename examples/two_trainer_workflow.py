@@ -48,6 +48,8 @@ DQN_POLICY_CONFIG = {"lr": 1e-3, "train_batch_size": 32, "grad_clip": 40.0,
 DEFAULT_CONFIG = {
     **{k: v for k, v in dqn.DEFAULT_CONFIG.items() if k not in ppo.DEFAULT_CONFIG},
     **ppo.DEFAULT_CONFIG,
+    # Both policies' model: DQN's small relu net (the PPO policy learns fine with it).
+    "model": dqn.DEFAULT_CONFIG["model"],
     "env": "two_cartpoles",
     "num_envs_per_worker": 1,
     "rollout_fragment_length": 16,

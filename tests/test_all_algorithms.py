@@ -27,6 +27,8 @@ TINY = {
                              "model": {"fcnet_hiddens": [32]}, "hiddens": [32]}),
     "IMPALA": ("CartPole-v1", {**REMOTE, "train_batch_size": 100,
                                "timesteps_per_iteration": 300}),
+    "APPO": ("CartPole-v1", {**REMOTE, "train_batch_size": 100, "timesteps_per_iteration": 300,
+                             "target_update_frequency": 200}),
     "ES": ("CartPole-v1", {"num_workers": 1, "num_cpus_per_worker": 0.5}),
     "DDPG": ("Pendulum-v1", {"learning_starts": 100, "timesteps_per_iteration": 300}),
     "APEX_DDPG": ("Pendulum-v1", {**REMOTE, "num_gpus": 0, "num_replay_buffer_shards": 1,

@@ -261,11 +261,16 @@ def test_compute_gradients_and_fixed_batch_learning():
 @pytest.mark.learning
 def test_recurrent_impala_learns_cartpole_without_velocities(ray_session):
     """IMPALA with an LSTM on CartPole-v1 whose velocities are zeroed reaches a mean
-    return of 150 within 250k steps (budget; see the report for the steps per seed)."""
+    return of 150 within a budget of 250k steps. Measured on 2 shared cores: seed 0 at
+    125k steps (41 s), seed 1 at 176k (60 s), seed 2 at 144k (70 s).
+
+    The LSTM's policy and value heads share the network, so the value targets are kept
+    near unit scale (``normalize_rewards``); with raw CartPole returns (lr 1e-3, batches
+    of 500) the value loss swamped the policy gradient and the mean return stayed near
+    random play (about 22) for 250k steps."""
     config = {"num_workers": 2, "num_cpus_per_worker": 0.5, "num_envs_per_worker": 4,
-              "rollout_fragment_length": 50, "train_batch_size": 500, "lr": 1e-3,
-              "entropy_coeff": 0.01, "vf_loss_coeff": 0.5, "grad_clip": 40.0,
-              "min_iter_time_s": 1,
+              "rollout_fragment_length": 50, "train_batch_size": 200, "lr": 2e-3,
+              "normalize_rewards": True, "min_iter_time_s": 1,
               "model": {"use_lstm": True, "lstm_cell_size": 64, "fcnet_hiddens": [64],
                         "max_seq_len": 20}}
     assert_learns("IMPALA", config, 150, 250_000, env=VelocitylessCartPole)

@@ -17,13 +17,14 @@ registered under the algorithm's short name.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import os
 import random
 import string
 import time
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from flowrl.algorithms.resources import check_cluster_fits
 from flowrl.data.sample_batch import DEFAULT_POLICY_ID
 from flowrl.data.sequences import state_out_key
 from flowrl.envs.episodes import EpisodeStep
-from flowrl.workers.worker_set import WorkerSet
+from flowrl.workers.worker_set import DeprecatedOptimizerAliases, WorkerSet
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,11 @@ class Agent:
                                  self.config,
                                  num_workers=self.worker_set_num_workers(self.config),
                                  monitor_dir=self.video_dir if self.config["monitor"] else None)
+        try:
+            self.evaluation_workers: WorkerSet | None = self._make_evaluation_workers()
+        except BaseException:
+            self.workers.stop()
+            raise
         self.iteration = 0
         self.time_total_s = 0.0
         self._seeds_reported = False
@@ -150,17 +156,20 @@ class Agent:
             if not torch.cuda.is_available():
                 logger.warning("num_gpus=%s but no CUDA device is visible: the learner "
                                "runs on the CPU.", c["num_gpus"])
-        if c["num_workers"] == 0:
+        actors = c["num_workers"] + c["evaluation_num_workers"]
+        if actors == 0:
             return
         import ray
         if not ray.is_initialized():
             ray.init(include_dashboard=False, ignore_reinit_error=True)
         if ray.get_runtime_context().get_placement_group_id() is not None:
             return  # inside a Tune trial: its placement group already holds the workers
+        evaluation = (f" + evaluation_num_workers={c['evaluation_num_workers']}"
+                      if c["evaluation_num_workers"] else "")
         check_cluster_fits(
-            {"CPU": c["num_workers"] * c["num_cpus_per_worker"],
-             "GPU": c["num_workers"] * c["num_gpus_per_worker"]},
-            f"num_workers={c['num_workers']} with num_cpus_per_worker="
+            {"CPU": actors * c["num_cpus_per_worker"],
+             "GPU": actors * c["num_gpus_per_worker"]},
+            f"num_workers={c['num_workers']}{evaluation} with num_cpus_per_worker="
             f"{c['num_cpus_per_worker']} and num_gpus_per_worker={c['num_gpus_per_worker']}",
             "Use fewer workers or smaller per-worker resources (fractions are allowed).")
 
@@ -169,8 +178,15 @@ class Agent:
         """One training iteration without bookkeeping fields (what Tune calls).
 
         Adds ``result["evaluation"]`` every ``evaluation_interval`` iterations, then
-        calls ``callbacks.on_train_result(agent=self, result=result)``.
+        calls ``callbacks.on_train_result(agent=self, result=result)``. With evaluation
+        workers, that evaluation runs on them while this iteration trains (see
+        :meth:`evaluate`).
         """
+        interval = self.config["evaluation_interval"]
+        evaluating = bool(interval) and (self.iteration + 1) % interval == 0
+        # Evaluation workers play while the iteration samples and learns.
+        pending = self._start_evaluation() \
+            if evaluating and self.evaluation_workers is not None else None
         if self.plan is not None:
             result = next(self.plan)
         else:
@@ -180,9 +196,9 @@ class Agent:
             # Recorded once per agent (result.json): which env seeds each worker used.
             result.setdefault("info", {})["worker_seeds"] = self.worker_seeds()
             self._seeds_reported = True
-        interval = self.config["evaluation_interval"]
-        if interval and self.iteration % interval == 0:
-            result["evaluation"] = self.evaluate()
+        if evaluating:
+            result["evaluation"] = self.evaluate() if pending is None \
+                else self._finish_evaluation(pending)
         self.callbacks.on_train_result(agent=self, result=result)
         return result
 
@@ -222,8 +238,11 @@ class Agent:
         training ones).
 
         Evaluation honors ``env``, ``env_config``, ``explore``, ``clip_actions``,
-        ``callbacks`` and ``seed``; other keys are accepted (they are validated like
-        the top level) but have no effect on the driver's evaluation loop.
+        ``callbacks`` and ``seed``. Evaluation workers (``evaluation_num_workers > 0``)
+        are RolloutWorkers built with this config, so keys that shape the policy
+        (``model``, ``multiagent``) must stay as in training: they receive the
+        learner's weights. Other keys are accepted (they are validated like the top
+        level) but do not change how the episodes are played.
         """
         overrides = self.config["evaluation_config"]
         config = merge_config(self.config, {"explore": False, **overrides})
@@ -232,8 +251,16 @@ class Agent:
         return config
 
     def evaluate(self) -> dict:
-        """Runs ``evaluation_num_episodes`` episodes on a separate env in this process
-        with :meth:`evaluation_config` (default: no exploration).
+        """Plays ``evaluation_num_episodes`` episodes with :meth:`evaluation_config`
+        (default: no exploration) and returns their statistics.
+
+        With ``evaluation_num_workers=0`` (default) they run here, on a separate env.
+        With N > 0 they run on the N evaluation workers (remote RolloutWorkers built
+        with the evaluation config), split among them (10 episodes on 2 workers: 5
+        each), after the learner's current weights were sent to them; this call waits
+        for all of them. ``train()`` at an evaluation iteration starts them *before*
+        the iteration trains and collects them after it, so they run in parallel with
+        sampling and learning; they play the weights the iteration started from.
 
         Returns ``episode_reward_mean|min|max``, ``episode_len_mean``,
         ``episodes_this_iter`` and ``custom_metrics`` (from the episode callbacks).
@@ -241,61 +268,117 @@ class Agent:
         (Atari training envs end an "episode" at each lost life) the loop plays on
         across lost lives and reports the game's unclipped score and length, as the
         training results do. The env keeps the training preprocessing, so the policy
-        sees what it was trained on.
+        sees what it was trained on. Episode ``i`` is seeded ``seed + 10_000_000 + i``
+        (with ``seed`` set), wherever it runs.
         """
-        from flowrl.workers.callbacks import Episode, overrides_episode_hooks
-        from flowrl.envs.episodes import EpisodeRunner
-        from flowrl.envs.multi_agent import MultiAgentEnv
-        if isinstance(self.workers.local_worker().env, MultiAgentEnv):
-            raise ValueError("evaluate() / evaluation_interval runs single-agent envs; for "
-                             f"the multi-agent env {self.config['env']!r} read the "
-                             "policy_reward_mean of the training results instead")
+        if self.evaluation_workers is not None:
+            return self._finish_evaluation(self._start_evaluation())
+        self._check_evaluation_env()
         config = self.evaluation_config()
         if self._eval_env is None:
             creator = self.env_creator if config["env"] == self.config["env"] \
                 else make_env_creator(config["env"])
             self._eval_env = creator(EnvContext(config["env_config"], worker_index=0))
             self._eval_callbacks = config["callbacks"]()
-        callbacks = self._eval_callbacks
-        hooks = overrides_episode_hooks(callbacks)
-        runner = EpisodeRunner(self._eval_env, clip_actions=config["clip_actions"])
-        explore, seed = config["explore"], config["seed"]
-        episodes: list[Episode] = []  # the callbacks' view of each episode
+        episodes = play_episodes(
+            self._eval_env, self.compute_action, self.get_policy().recurrent,
+            self._eval_callbacks, range(config["evaluation_num_episodes"]),
+            explore=config["explore"], clip_actions=config["clip_actions"],
+            seed=config["seed"])
+        return summarize_evaluation(episodes)
 
-        def start(obs: Any, info: dict) -> None:
-            episodes.append(Episode(len(episodes), 0, obs, info))
-            if hooks:
-                callbacks.on_episode_start(worker=None, episode=episodes[-1], env_index=0)
+    def _check_evaluation_env(self) -> None:
+        from flowrl.envs.multi_agent import MultiAgentEnv
+        if isinstance(self.workers.local_worker().env, MultiAgentEnv):
+            raise ValueError("evaluate() / evaluation_interval runs single-agent envs; for "
+                             f"the multi-agent env {self.config['env']!r} read the "
+                             "policy_reward_mean of the training results instead")
 
-        def step(s: EpisodeStep) -> None:
-            episodes[-1].add_step(s.next_obs, s.action, s.reward, s.info)
-            callbacks.on_episode_step(worker=None, episode=episodes[-1], env_index=0)
+    def _make_evaluation_workers(self) -> WorkerSet | None:
+        """``evaluation_num_workers`` remote RolloutWorkers with the evaluation config
+        (one env each, no videos); None when it is 0."""
+        num = self.config["evaluation_num_workers"]
+        if num == 0:
+            return None
+        self._check_evaluation_env()
+        config = merge_config(self.evaluation_config(),
+                              {"num_workers": num, "num_envs_per_worker": 1,
+                               "monitor": False})
+        creator = self.env_creator if config["env"] == self.config["env"] \
+            else make_env_creator(config["env"])
+        return WorkerSet(creator, self.get_policy_class(self.config), config,
+                         num_workers=num, scheduling_strategy=self._evaluation_scheduling(),
+                         label="Evaluation worker")
 
-        # A recurrent policy's state (and previous action / reward) is carried from
-        # step to step and reset at each episode start, as in training.
-        actor = EpisodeActor(self.compute_action, self.get_policy().recurrent, explore)
+    def _evaluation_scheduling(self) -> str | None:
+        """Ray's scheduling strategy for the evaluation workers.
 
-        def observe(s: EpisodeStep) -> None:
-            actor.observe(s)
-            if hooks:
-                step(s)
+        Inside a Tune trial, actors go into the trial's placement group; when its
+        resource request holds no bundles for the evaluation workers they would wait
+        forever there, so they start outside it (``"DEFAULT"``) with a warning.
+        """
+        import ray
+        group = ray.util.get_current_placement_group()
+        if group is None:
+            return None
+        c = self.config
+        needed = 1 + c["num_workers"] + c["evaluation_num_workers"]
+        if len(group.bundle_specs) >= needed:
+            return None
+        logger.warning("%s: the Tune trial's resource request has no bundles for "
+                       "evaluation_num_workers=%d; they start outside the trial's "
+                       "placement group, on the cluster's free CPUs.", self._name,
+                       c["evaluation_num_workers"])
+        return "DEFAULT"
 
-        returns, lengths = [], []
-        for index in range(config["evaluation_num_episodes"]):
-            actor.reset()
-            result = runner.run(actor, seed=None if seed is None else seed + 10_000_000 + index,
-                                on_start=start, on_step=observe)
-            if hooks:
-                callbacks.on_episode_end(worker=None, episode=episodes[-1], env_index=0)
-            returns.append(result.episode_return)
-            lengths.append(result.length)
-        customs = [episode.custom_metrics for episode in episodes]
-        return {"episode_reward_mean": float(np.mean(returns)),
-                "episode_reward_min": float(np.min(returns)),
-                "episode_reward_max": float(np.max(returns)),
-                "episode_len_mean": float(np.mean(lengths)),
-                "episodes_this_iter": len(returns),
-                "custom_metrics": summarize_custom_metrics(customs)}
+    def _start_evaluation(self) -> list[tuple[Any, list[int], Any]]:
+        """Sends the learner's current weights to the evaluation workers (one
+        ``ray.put``) and starts each one's share of the episodes; returns
+        ``[(worker, episode indexes, result ref)]`` for :meth:`_finish_evaluation`."""
+        self._check_evaluation_env()
+        self.evaluation_workers.sync_weights(
+            weights=self.workers.local_worker().get_weights())
+        config = self.evaluation_workers.config
+        workers = self.evaluation_workers.remote_workers()
+        if not workers:
+            raise RuntimeError("no evaluation worker is left to evaluate on (they died and "
+                               "were not replaced; see recreate_failed_workers)")
+        shares = np.array_split(np.arange(config["evaluation_num_episodes"]), len(workers))
+        pending = []
+        for worker, share in zip(workers, shares):
+            if len(share):
+                indexes = [int(i) for i in share]
+                pending.append((worker, indexes, worker.apply.remote(
+                    play_worker_episodes, indexes, config["explore"],
+                    config["clip_actions"], config["seed"])))
+        return pending
+
+    def _finish_evaluation(self, pending: list[tuple[Any, list[int], Any]]) -> dict:
+        """Waits for the evaluation workers' episodes and summarizes them. A worker that
+        died is replaced (current weights, same index) and its share played again."""
+        import ray
+        from ray.exceptions import RayActorError
+        config = self.evaluation_workers.config
+        episodes = []
+        for worker, indexes, ref in pending:
+            try:
+                episodes += ray.get(ref)
+            except RayActorError as error:
+                replacement = self.evaluation_workers.handle_actor_failure(worker, error)
+                if replacement is None:
+                    raise
+                episodes += ray.get(replacement.apply.remote(
+                    play_worker_episodes, indexes, config["explore"],
+                    config["clip_actions"], config["seed"]))
+        return summarize_evaluation(episodes)
+
+    @property
+    def optimizer(self) -> DeprecatedOptimizerAliases:
+        """RLlib 0.x's ``agent.optimizer`` (deprecated): ``foreach_evaluator(fn)``,
+        ``foreach_evaluator_with_index(fn)``, ``local_evaluator`` and
+        ``remote_evaluators`` run the :attr:`workers` methods of the same meaning
+        (``foreach_worker``, ...), each warning once with a ``DeprecationWarning``."""
+        return DeprecatedOptimizerAliases(self.workers)
 
     # -- acting -------------------------------------------------------------------------
     def get_policy(self, policy_id: str = DEFAULT_POLICY_ID):
@@ -341,30 +424,52 @@ class Agent:
         policy = self.get_policy(policy_id)
         return policy.get_initial_state() if policy.recurrent else []
 
-    def export_policy(self, export_dir: str, policy_id: str = DEFAULT_POLICY_ID) -> str:
-        """Writes the policy's greedy actions as TorchScript; returns the module's path.
+    def export_policy(self, export_dir: str, policy_id: str = DEFAULT_POLICY_ID,
+                      format: str = "torchscript") -> str:  # noqa: A002  the public name
+        """Writes the policy's greedy actions as TorchScript or ONNX; returns the file's path.
 
-        ``<export_dir>/policy.pt`` maps a batch of raw observations (as the env returns
-        them) to the actions ``compute_action(obs, explore=False)`` gives (Box actions
-        clipped to the bounds when ``clip_actions`` is on). It loads with torch alone:
-        ``torch.jit.load(path)(torch.as_tensor(obs_batch))``. ``policy.json`` next to
-        it records the algorithm, env, observation / action spaces, and the module's
-        arguments and outputs.
+        ``format="torchscript"`` (default): ``<export_dir>/policy.pt`` maps a batch of
+        raw observations (as the env returns them) to the actions
+        ``compute_action(obs, explore=False)`` gives (Box actions clipped to the bounds
+        when ``clip_actions`` is on). It loads with torch alone:
+        ``torch.jit.load(path)(torch.as_tensor(obs_batch))``.
+
+        ``format="onnx"``: ``<export_dir>/policy.onnx``, the same module as an ONNX
+        graph (input ``obs``, or ``obs.<key>`` per leaf of a nested observation; output
+        ``actions``; a dynamic batch axis), for onnxruntime and other ONNX runtimes:
+        ``onnxruntime.InferenceSession(path).run(None, {"obs": obs_batch})``. It is
+        checked with onnxruntime against the eager module before this returns. Needs the
+        optional ``onnx`` extra (``pip install 'flowrl[onnx]'``); without it this raises
+        ImportError. See :mod:`flowrl.policies.onnx_export`.
+
+        ``policy.json`` next to the file records the format, the algorithm, env,
+        observation / action spaces, and the module's arguments and outputs (for ONNX
+        also each input's and output's name, shape and dtype).
 
         A recurrent policy's module takes one step with the state:
         ``module(obs, *state_in[, prev_actions][, prev_rewards]) -> (actions,
         *state_out)``, each state part a float32 ``[B, size]`` tensor (``policy.json``
         lists them under ``"state"`` with their initial values; see
-        :mod:`flowrl.policies.export`).
+        :mod:`flowrl.policies.export`); in ONNX the inputs ``state_in_<i>`` and outputs
+        ``state_out_<i>``.
         """
-        from flowrl.policies.export import write_export
+        if format not in ("torchscript", "onnx"):
+            raise ValueError(f"export format must be 'torchscript' or 'onnx', got {format!r}")
+        if format == "onnx":
+            # Before any work: without the optional extra this is an ImportError.
+            from flowrl.policies.onnx_export import require_onnx, write_onnx_export
+            require_onnx()
+            write = write_onnx_export
+        else:
+            from flowrl.policies.export import write_export
+            write = write_export
         policy = self.get_policy(policy_id)
         env = self.config["env"]
         metadata = {"algorithm": self._name, "policy_id": policy_id,
                     "env": env if isinstance(env, str) else repr(env),
                     "iteration": self.iteration}
-        return write_export(export_dir, policy.export_module(), policy.observation_space,
-                            policy.action_space, metadata)
+        return write(export_dir, policy.export_module(), policy.observation_space,
+                     policy.action_space, metadata)
 
     # -- checkpoints --------------------------------------------------------------------
     @property
@@ -506,7 +611,11 @@ class Agent:
             if self.plan is not None:
                 self.plan.stop()  # what the plan started (threads, replay actors), newest first
         finally:
-            self.workers.stop()
+            try:
+                self.workers.stop()
+            finally:
+                if self.evaluation_workers is not None:
+                    self.evaluation_workers.stop()
         if self._result_logger is not None:
             self._result_logger.close()
             self._result_logger = None
@@ -623,3 +732,73 @@ class EpisodeActor:
         self.prev_reward = step.reward
         if step.terminated or step.truncated:
             self.reset()
+
+
+# One finished evaluation episode: (return, length, custom metrics of the callbacks).
+EvaluationEpisode = tuple[float, int, dict]
+
+
+def play_episodes(env: Any, compute_action: Callable[..., Any], recurrent: bool,
+                  callbacks: DefaultCallbacks, episode_indexes: Iterable[int], *,
+                  explore: bool, clip_actions: bool, seed: int | None,
+                  worker: Any = None) -> list[EvaluationEpisode]:
+    """Plays one evaluation episode per index on ``env``.
+
+    The loop of :meth:`Agent.evaluate`, in the driver and on evaluation workers alike.
+    ``compute_action`` has :meth:`Agent.compute_action`'s signature; a ``recurrent``
+    policy's state is carried through each episode (:class:`EpisodeActor`). Episode
+    ``i`` is seeded ``seed + 10_000_000 + i`` (unseeded without ``seed``), and the
+    episode callbacks see it with ``worker`` (None in the driver).
+    """
+    from flowrl.envs.episodes import EpisodeRunner
+    from flowrl.workers.callbacks import Episode, overrides_episode_hooks
+    hooks = overrides_episode_hooks(callbacks)
+    runner = EpisodeRunner(env, clip_actions=clip_actions)
+    actor = EpisodeActor(compute_action, recurrent, explore)
+    played: list[EvaluationEpisode] = []
+    for index in episode_indexes:
+        episode: Episode | None = None
+
+        def start(obs: Any, info: dict) -> None:
+            nonlocal episode
+            episode = Episode(index, 0, obs, info)
+            if hooks:
+                callbacks.on_episode_start(worker=worker, episode=episode, env_index=0)
+
+        def observe(s: EpisodeStep) -> None:
+            actor.observe(s)
+            if hooks:
+                episode.add_step(s.next_obs, s.action, s.reward, s.info)
+                callbacks.on_episode_step(worker=worker, episode=episode, env_index=0)
+
+        actor.reset()
+        result = runner.run(actor, seed=None if seed is None else seed + 10_000_000 + index,
+                            on_start=start, on_step=observe)
+        if hooks:
+            callbacks.on_episode_end(worker=worker, episode=episode, env_index=0)
+        played.append((float(result.episode_return), int(result.length),
+                       dict(episode.custom_metrics)))
+    return played
+
+
+def play_worker_episodes(worker: Any, episode_indexes: list[int], explore: bool,
+                         clip_actions: bool, seed: int | None) -> list[EvaluationEpisode]:
+    """:func:`play_episodes` on an evaluation worker (a RolloutWorker, through
+    ``worker.apply``): its env, its default policy and its callbacks."""
+    policy = worker.get_policy()
+    return play_episodes(worker.env, functools.partial(compute_policy_action, policy),
+                         policy.recurrent, worker.callbacks, episode_indexes,
+                         explore=explore, clip_actions=clip_actions, seed=seed,
+                         worker=worker)
+
+
+def summarize_evaluation(episodes: list[EvaluationEpisode]) -> dict:
+    """The ``result["evaluation"]`` dict of some evaluation episodes."""
+    returns = [ret for ret, _, _ in episodes]
+    lengths = [length for _, length, _ in episodes]
+    return {"episode_reward_mean": float(np.mean(returns)),
+            "episode_reward_min": float(np.min(returns)),
+            "episode_reward_max": float(np.max(returns)),
+            "episode_len_mean": float(np.mean(lengths)),
+            "episodes_this_iter": len(episodes),
+            "custom_metrics": summarize_custom_metrics([c for _, _, c in episodes])}

@@ -3,15 +3,18 @@
     config = merge_config(COMMON_CONFIG, PPO_DEFAULT_CONFIG)  # algorithm defaults
     config = merge_config(config, {"lr": 1e-3}, check_keys=True)  # user config
 
-Unknown keys fail with the closest valid key; wrong types fail naming the key, the
-value and the expected type. All of it happens before any worker starts.
+Unknown keys fail with the closest valid key, or, for keys of RLlib's configs that
+flowrl spells differently (:data:`RENAMED_KEYS`), with flowrl's name for them; wrong
+types fail naming the key, the value and the expected type. All of it happens before
+any worker starts.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-from typing import Any
+import json
+from typing import Any, NamedTuple
 
 from flowrl.workers.callbacks import DefaultCallbacks, resolve_callbacks
 from flowrl.policies.filters import check_filter_name
@@ -36,9 +39,15 @@ COMMON_CONFIG: dict[str, Any] = {
     "batch_mode": "truncate_episodes",  # or "complete_episodes"
     "explore": True,
     "seed": None,
+    # Accepted for RLlib configs; flowrl's models and losses are PyTorch only.
+    "framework": "torch",
     # -- training -----------------------------------------------------------------
     "gamma": 0.99,
     "lr": 1e-4,
+    # Piecewise-linear [[timestep, value], ...] over sampled steps; overrides lr (every
+    # optimizer of the policy) and entropy_coeff where set (flowrl.policies.schedules).
+    "lr_schedule": None,
+    "entropy_coeff_schedule": None,
     "train_batch_size": 200,
     "grad_clip": None,
     "model": copy.deepcopy(MODEL_DEFAULTS),
@@ -58,6 +67,10 @@ COMMON_CONFIG: dict[str, Any] = {
     "metrics_smoothing_episodes": 100,
     "evaluation_interval": None,   # run evaluation every N train() calls
     "evaluation_num_episodes": 10,
+    # 0: evaluate in this process (train() waits for it). N > 0: N remote RolloutWorkers
+    # with the evaluation config play the episodes, split among them, while the
+    # iteration trains (see Agent.evaluate).
+    "evaluation_num_workers": 0,
     # Overrides of this config for evaluation: same keys (unknown ones fail), e.g.
     # {"env_config": {...}, "explore": True}; "explore" defaults to False there.
     "evaluation_config": {},
@@ -135,6 +148,115 @@ def _check_type(key: str, value: Any, default: Any) -> None:
                          f"(like the default {default!r}).")
 
 
+class Renamed(NamedTuple):
+    """A key of RLlib's old configs and what flowrl calls it.
+
+    ``new``: flowrl's keys, in order of preference; the message names the first one the
+    algorithm has (``sgd_stepsize`` is ``stepsize`` for ES, ``lr`` elsewhere). Empty for
+    settings that have no counterpart. ``origin``: where the old name comes from.
+    ``note``: what to write instead, when more than the new name is needed.
+    """
+
+    new: tuple[str, ...]
+    origin: str
+    note: str = ""
+
+
+# Keys of RLlib's configs (0.x to 2.x) that flowrl spells differently, each checked
+# against RLlib's own configs and deprecation messages. Only keys that the algorithm
+# does not know are looked up here, so a flowrl key is never reported as renamed.
+# Nested keys are written as paths ("model.custom_options").
+RENAMED_KEYS: dict[str, Renamed] = {
+    # RLlib 0.x PPO (and the policy-gradient agents of that time)
+    "sgd_stepsize": Renamed(("stepsize", "lr"), "RLlib 0.x's name for the SGD step size"),
+    "sgd_batchsize": Renamed(("sgd_minibatch_size",), "RLlib 0.x PPO's SGD minibatch size"),
+    "timesteps_per_batch": Renamed(("train_batch_size",), "RLlib 0.x's train batch size"),
+    # RLlib 0.x common config
+    "sample_batch_size": Renamed(("rollout_fragment_length",),
+                                 "RLlib's name before 0.8 for the rollout fragment length"),
+    "gpu": Renamed(("num_gpus",), "an old RLlib switch", "It takes 0, 1 or a fraction."),
+    "gpu_fraction": Renamed(("num_gpus",), "an old RLlib setting",
+                            "It takes a fraction such as 0.5 as well."),
+    "use_gpu_for_workers": Renamed(("num_gpus_per_worker",), "an old RLlib switch",
+                                   "It takes a number, e.g. 1."),
+    "multiagent.policy_graphs": Renamed(("multiagent.policies",),
+                                        "RLlib's name before 0.7 for the policy map"),
+    "optimizer": Renamed(
+        (), "RLlib's policy-optimizer sub-dict",
+        "its settings are top-level keys in flowrl: write e.g. "
+        "\"num_replay_buffer_shards\": 4 and \"max_weight_sync_delay\": 400 next to "
+        "\"num_workers\" (APEX), and drop the dict."),
+    # Deep-learning framework switches: flowrl runs PyTorch only.
+    "use_pytorch": Renamed(("framework",), "RLlib 0.8's torch switch",
+                           "flowrl always runs PyTorch: drop the key, or write "
+                           "\"framework\": \"torch\"."),
+    "eager": Renamed(("framework",), "RLlib 0.8's TensorFlow-eager switch",
+                     "flowrl runs PyTorch only: drop the key, or write "
+                     "\"framework\": \"torch\"."),
+    "eager_tracing": Renamed((), "a TensorFlow-only RLlib setting",
+                             "flowrl runs PyTorch only: drop the key."),
+    "tf_session_args": Renamed((), "a TensorFlow-only RLlib setting",
+                               "flowrl runs PyTorch only: drop the key."),
+    "local_tf_session_args": Renamed((), "a TensorFlow-only RLlib setting",
+                                     "flowrl runs PyTorch only: drop the key."),
+    # RLlib 1.x model config
+    "model.custom_options": Renamed(("model.custom_model_config",),
+                                    "RLlib's name before 1.0 for custom model options"),
+    "model.lstm_use_prev_action_reward": Renamed(
+        ("model.lstm_use_prev_action",),
+        "RLlib's one switch (before 1.x) for the previous action and reward",
+        "Set model.lstm_use_prev_reward as well."),
+    # RLlib 1.x / 2.x names of settings whose flowrl names are the older RLlib ones
+    "record_env": Renamed(("monitor",), "RLlib 1.x's name for recording videos"),
+    "metrics_num_episodes_for_smoothing": Renamed(("metrics_smoothing_episodes",),
+                                                  "RLlib 1.x/2.x's name"),
+    "min_time_s_per_reporting": Renamed(("min_iter_time_s",), "RLlib 1.x's name"),
+    "min_time_s_per_iteration": Renamed(("min_iter_time_s",), "RLlib 2.x's name"),
+    "min_sample_timesteps_per_reporting": Renamed(("timesteps_per_iteration",),
+                                                  "RLlib 1.x's name"),
+    "min_sample_timesteps_per_iteration": Renamed(("timesteps_per_iteration",),
+                                                  "RLlib 2.x's name"),
+    "evaluation_duration": Renamed(("evaluation_num_episodes",), "RLlib 1.x/2.x's name",
+                                   "flowrl always counts whole episodes."),
+    "num_rollout_workers": Renamed(("num_workers",), "RLlib 2.x's name"),
+    "num_env_runners": Renamed(("num_workers",), "RLlib 2.x's name"),
+    "num_envs_per_env_runner": Renamed(("num_envs_per_worker",), "RLlib 2.x's name"),
+    "num_cpus_per_env_runner": Renamed(("num_cpus_per_worker",), "RLlib 2.x's name"),
+    "num_gpus_per_env_runner": Renamed(("num_gpus_per_worker",), "RLlib 2.x's name"),
+    "evaluation_num_env_runners": Renamed(("evaluation_num_workers",), "RLlib 2.x's name"),
+    "num_epochs": Renamed(("num_sgd_iter",), "RLlib 2.x's name for PPO's SGD epochs"),
+    "num_steps_sampled_before_learning_starts": Renamed(("learning_starts",),
+                                                        "RLlib 2.x's name"),
+}
+
+
+def _rename_error(name: str, value: Any, known: list[str]) -> ValueError | None:
+    """The error for an RLlib key that flowrl spells differently (None if it is not one).
+
+    ``name``: the key's path (``"model.custom_options"``; ``evaluation_config.`` in
+    front is ignored). ``known``: the keys of the dict it was found in.
+    """
+    path = name.removeprefix(f"{EVALUATION_CONFIG_KEY}.")
+    renamed = RENAMED_KEYS.get(path)
+    if renamed is None:
+        return None
+    prefix = path.rpartition(".")[0]
+    local = {f"{prefix}.{k}" if prefix else k for k in known}
+    has = [new for new in renamed.new if new in local]
+    note = f" {renamed.note}" if renamed.note else ""
+    if has:
+        new = has[0]
+        example = ""
+        if isinstance(value, (bool, int, float, str)) and not note:
+            example = f": write {{{json.dumps(new.rpartition('.')[2])}: {json.dumps(value)}}}"
+        return ValueError(f"Config key {name!r} is {renamed.origin}; flowrl calls it "
+                          f"{new!r}{example}.{note}")
+    if renamed.new:
+        return ValueError(f"Config key {name!r} is {renamed.origin}; flowrl calls it "
+                          f"{renamed.new[0]!r}, a setting this algorithm does not have.{note}")
+    return ValueError(f"Config key {name!r} is {renamed.origin}; {renamed.note}")
+
+
 def _unknown_key_error(key: str, known: list[str], where: str) -> ValueError:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.4)
     hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -154,8 +276,8 @@ def merge_config(base: dict, overrides: dict | None, check_keys: bool = False,
     for key, value in (overrides or {}).items():
         name = f"{_path}{key}"
         if check_keys and key not in base:
-            raise _unknown_key_error(name, list(base),
-                                     f" in {_path.rstrip('.')!r}" if _path else "")
+            raise _rename_error(name, value, list(base)) or _unknown_key_error(
+                name, list(base), f" in {_path.rstrip('.')!r}" if _path else "")
         default = base.get(key)
         if check_keys:
             _check_type(name, value, default)
@@ -179,12 +301,35 @@ def _check_evaluation_config(top: dict, overrides: dict) -> None:
     for key, value in overrides.items():
         name = f"{EVALUATION_CONFIG_KEY}.{key}"
         if key == EVALUATION_CONFIG_KEY or key not in top:
-            raise _unknown_key_error(key, [k for k in top if k != EVALUATION_CONFIG_KEY],
-                                     where)
+            raise _rename_error(name, value, list(top)) or _unknown_key_error(
+                key, [k for k in top if k != EVALUATION_CONFIG_KEY], where)
         _check_type(name, value, top[key])
         if isinstance(top[key], dict) and isinstance(value, dict) and \
                 key not in FREE_FORM_KEYS:
             merge_config(top[key], value, check_keys=True, _path=f"{name}.")
+
+
+def with_common_config(algorithm_defaults: dict) -> dict:
+    """:data:`COMMON_CONFIG` deep-merged with an algorithm's defaults: the full config a
+    plan module exposes as ``DEFAULT_CONFIG`` (so ``DEFAULT_CONFIG["model"]`` works).
+
+        DEFAULT_CONFIG = with_common_config({"lr": 3e-4, "num_sgd_iter": 10})
+    """
+    return merge_config(COMMON_CONFIG, algorithm_defaults)
+
+
+# Frameworks of RLlib configs that flowrl cannot run, named in the error.
+OTHER_FRAMEWORKS = ("tf", "tf2", "tfe", "jax")
+
+
+def check_framework(framework: Any) -> None:
+    """``framework`` must be ``"torch"``: flowrl's models and losses are PyTorch only."""
+    if framework == "torch":
+        return
+    what = "is a framework flowrl does not run" if framework in OTHER_FRAMEWORKS \
+        else "is unknown"
+    raise ValueError(f"framework={framework!r} {what}: flowrl's models and losses are "
+                     "PyTorch only. Set \"framework\": \"torch\" (or leave the key out).")
 
 
 def require(condition: bool, message: str) -> None:
@@ -210,7 +355,8 @@ def resolve_auto_resources(config: dict) -> dict:
 
     ``num_gpus``: 1 if a GPU exists, else 0. ``num_workers``: one per CPU left after the
     driver, at least 2. ``num_cpus_per_worker``: the CPUs left after the driver shared
-    among the workers, at most 1. ``num_replay_buffer_shards``: one per 4 workers, 1 to 4.
+    among the rollout and evaluation workers, at most 1. ``num_replay_buffer_shards``:
+    one per 4 workers, 1 to 4.
     Returns the dict of resolved keys (empty when nothing was "auto").
     """
     if not any(config.get(key) == "auto" for key in AUTO_KEYS):
@@ -224,7 +370,9 @@ def resolve_auto_resources(config: dict) -> dict:
         resolved["num_workers"] = max(2, int(spare))
     workers = resolved.get("num_workers", config.get("num_workers"))
     if config.get("num_cpus_per_worker") == "auto":
-        per_worker = min(1.0, spare / max(workers, 1))
+        # Evaluation workers take the same per-worker share as rollout workers.
+        sharing = workers + (config.get("evaluation_num_workers") or 0)
+        per_worker = min(1.0, spare / max(sharing, 1))
         resolved["num_cpus_per_worker"] = per_worker if per_worker < 1 else 1
     if config.get("num_replay_buffer_shards") == "auto":
         resolved["num_replay_buffer_shards"] = max(1, min(4, workers // 4))
@@ -261,6 +409,9 @@ def validate_common(config: dict) -> None:
             f"evaluation_interval={interval!r} must be None or an int >= 1.")
     num_eval = config["evaluation_num_episodes"]
     require(num_eval >= 1, f"evaluation_num_episodes={num_eval!r} must be >= 1.")
+    eval_workers = config["evaluation_num_workers"]
+    require(eval_workers >= 0, f"evaluation_num_workers={eval_workers!r} must be >= 0.")
+    check_framework(config["framework"])
     check_filter_name(config["observation_filter"])
     from flowrl.workers.multi_agent_sampler import validate_multiagent
     validate_multiagent(config)

@@ -22,6 +22,7 @@ ALGORITHMS: dict[str, str] = {
     "APEX_DDPG": "flowrl.plans.apex_ddpg:ApexDDPGAgent",
     "ES": "flowrl.plans.es:ESAgent",
     "IMPALA": "flowrl.plans.impala:ImpalaAgent",
+    "APPO": "flowrl.plans.appo:APPOAgent",
 }
 
 

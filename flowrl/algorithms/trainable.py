@@ -14,6 +14,7 @@ the cluster can never satisfy fails at once instead of leaving the trial pending
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from ray import tune
 from ray.tune import PlacementGroupFactory, Trainable
@@ -21,6 +22,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, LoggerCallbac
 
 from flowrl.algorithms.registry import ALGORITHMS, get_agent_class
 from flowrl.algorithms.resources import check_cluster_fits
+from flowrl.policies.policy import Policy
 from flowrl.algorithms.result_logger import TensorBoardWriter, progress_line
 
 _TRAINABLES: dict[str, type] = {}
@@ -35,9 +37,10 @@ def make_trainable(agent_cls: type) -> type:
         @classmethod
         def default_resource_request(cls, config: dict) -> PlacementGroupFactory:
             c = agent_cls.merge_config(config)
+            # The driver, then the rollout workers and the evaluation workers.
             bundles = [{"CPU": c["num_cpus_for_driver"], "GPU": c["num_gpus"]}] + [
                 {"CPU": c["num_cpus_per_worker"], "GPU": c["num_gpus_per_worker"]}
-                for _ in range(c["num_workers"])]
+                for _ in range(c["num_workers"] + c["evaluation_num_workers"])]
             check_cluster_fits(
                 {r: sum(b[r] for b in bundles) for r in ("CPU", "GPU")},
                 f"The {agent_cls._name} trial (num_cpus_for_driver / num_gpus + "
@@ -73,11 +76,40 @@ def make_trainable(agent_cls: type) -> type:
         def load_checkpoint(self, checkpoint: str) -> None:
             self.agent.restore(checkpoint)
 
+        def reset_config(self, new_config: dict) -> bool:
+            """Tune's actor reuse (``reuse_actors``, PBT): True when the new config
+            differs only in hyperparameters the policies change in place."""
+            return reset_agent_config(self.agent, new_config)
+
         def cleanup(self) -> None:
             self.agent.stop()
 
     AgentTrainable.__name__ = AgentTrainable.__qualname__ = agent_cls._name
     return AgentTrainable
+
+
+def reset_agent_config(agent: Any, new_config: dict) -> bool:
+    """Applies ``new_config`` to a running agent if it differs from the agent's config
+    only in :attr:`Policy.IN_PLACE_KEYS <flowrl.policies.policy.Policy.IN_PLACE_KEYS>`
+    (lr and its schedule, entropy coefficients, clipping, ...): every policy on every
+    worker takes the new values, and True is returned. Any other difference (batch
+    sizes, workers, the env, ...) shapes the plan itself: False, and Tune builds a new
+    trial actor instead."""
+    merged = type(agent).merge_config(new_config)
+    if new_config.get("env") is None:  # an agent built with env=... keeps it
+        merged["env"] = agent.config["env"]
+    changes = {key: value for key, value in merged.items() if agent.config.get(key) != value}
+    if set(changes) - Policy.IN_PLACE_KEYS:
+        return False
+    local_policies = agent.workers.local_worker().foreach_policy(lambda policy, _pid: policy)
+    if changes and not all(isinstance(policy, Policy) for policy in local_policies):
+        return False  # ES: its own policy class, nothing to change in place
+    if changes:
+        agent.workers.foreach_worker(
+            lambda worker: worker.foreach_policy(
+                lambda policy, _pid: policy.update_hyperparameters(changes)))
+        agent.config.update(changes)
+    return True
 
 
 def get_trainable_class(name: str) -> type:

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import sys
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import yaml
 
@@ -29,6 +29,8 @@ TRAIN_EXAMPLES = """examples:
   python scripts/train.py --run PPO --env CartPole-v1 --experiment-name long \\
       --checkpoint-freq 10 --keep-checkpoints-num 3
   python scripts/train.py --run PPO --env CartPole-v1 --experiment-name long --resume
+  python scripts/train.py --run PPO --env CartPole-v1 \
+      --callbacks 'ray.air.integrations.wandb:WandbLoggerCallback={"project": "flowrl"}'
 
 Each trial writes params.json, result.json, progress.csv, a TensorBoard event file
 (tensorboard --logdir ~/ray_results) and checkpoint_<n>/ directories under
@@ -46,6 +48,68 @@ def _json_arg(name: str):
             raise argparse.ArgumentTypeError(f"{name} must be a JSON object, got {text!r}")
         return value
     return parse
+
+
+class CallbackSpec(NamedTuple):
+    """One ``--callbacks`` value: the import string and the keyword arguments."""
+
+    path: str
+    kwargs: dict
+
+
+def _callback_arg(text: str) -> CallbackSpec:
+    """``"module:Class"``, ``"path/file.py:Class"``, either followed by ``=JSON``."""
+    path, _, kwargs_text = text.partition("=")
+    kwargs: dict = {}
+    if kwargs_text:
+        try:
+            kwargs = json.loads(kwargs_text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(
+                f"--callbacks {text!r}: the keyword arguments after '=' must be a JSON "
+                f"object: {e}") from e
+        if not isinstance(kwargs, dict):
+            raise argparse.ArgumentTypeError(
+                f"--callbacks {text!r}: the keyword arguments after '=' must be a JSON "
+                "object, e.g. '{\"project\": \"flowrl\"}'")
+    from flowrl.imports import is_import_string
+    if not is_import_string(path):
+        raise argparse.ArgumentTypeError(
+            f"--callbacks {text!r}: expected an import string 'package.module:Class' or "
+            "'path/to/file.py:Class', optionally followed by =JSON keyword arguments")
+    return CallbackSpec(path, kwargs)
+
+
+def load_callbacks(specs: list[CallbackSpec]) -> Callable[[], list]:
+    """Checks each ``--callbacks`` class (a ``ray.tune.Callback`` subclass that can be
+    built with its keyword arguments) and returns a function making fresh instances,
+    one set per Tune run. Raises ``ValueError`` naming the bad value."""
+    from ray.tune import Callback
+
+    from flowrl.imports import load_object
+    classes = []
+    for spec in specs:
+        cls = load_object(spec.path)
+        if not (isinstance(cls, type) and issubclass(cls, Callback)):
+            what = f"the class {cls.__name__}" if isinstance(cls, type) \
+                else f"a {type(cls).__name__}"
+            raise ValueError(f"--callbacks {spec.path!r} names {what}, not a "
+                             "ray.tune.Callback subclass (Tune's LoggerCallback classes, "
+                             "e.g. ray.air.integrations.wandb:WandbLoggerCallback, are ones)")
+        classes.append((spec, cls))
+
+    def make() -> list:
+        made = []
+        for spec, cls in classes:
+            try:
+                made.append(cls(**spec.kwargs))
+            except Exception as e:  # a missing tracker package, a wrong keyword, ...
+                raise ValueError(f"--callbacks {spec.path!r} with {spec.kwargs}: "
+                                 f"{type(e).__name__}: {e}") from e
+        return made
+
+    make()  # built once here, so that a bad argument fails before Tune starts
+    return make
 
 
 def make_train_parser() -> argparse.ArgumentParser:
@@ -103,6 +167,15 @@ def make_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-mode", action="store_true",
                    help="run everything in one process (Ray local mode) for debugging "
                         "with breakpoints")
+    p.add_argument("--callbacks", type=_callback_arg, action="append", default=[],
+                   metavar="IMPORT[=JSON]",
+                   help="a Tune callback (e.g. an experiment tracker's logger callback) "
+                        "by import string, built with the optional JSON keyword "
+                        "arguments after '='; repeat the flag for several (e.g. "
+                        "--callbacks 'ray.air.integrations.wandb:WandbLoggerCallback="
+                        "{\"project\": \"flowrl\"}', --callbacks "
+                        "ray.air.integrations.mlflow:MLflowLoggerCallback, or a file: "
+                        "--callbacks my_callbacks.py:MyCallback)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="default: one progress line per iteration; -v adds Tune's status "
                         "table, -vv also Tune's per-result detail")
@@ -242,6 +315,10 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         experiments = {name: _normalize_spec(name, spec, args)
                        for name, spec in _experiments_from_args(args).items()}
+        if args.callbacks and args.local_mode:
+            raise ValueError("--callbacks are Tune callbacks; --local-mode runs without "
+                             "Tune: leave one of them out")
+        user_callbacks = load_callbacks(args.callbacks)
     except (ValueError, FileNotFoundError) as e:
         print(f"flowrl train: error: {e}", file=sys.stderr)
         return 2
@@ -282,7 +359,8 @@ def train_main(argv: list[str] | None = None) -> int:
         try:
             trials += tune.run_experiments(
                 {name: spec}, resume=args.resume or None, verbose=min(args.verbose, 2),
-                raise_on_failed_trial=False, callbacks=tune_callbacks(progress=True))
+                raise_on_failed_trial=False,
+                callbacks=tune_callbacks(progress=True) + user_callbacks())
         except ValueError as e:  # e.g. a resource request the cluster can never meet
             print(f"flowrl train: error: {e}", file=sys.stderr)
             return 2
@@ -298,7 +376,8 @@ def _stop_reached(stop: dict, result: dict) -> bool:
 
 def _run_local(experiments: dict, args: argparse.Namespace) -> int:
     """``--local-mode``: each experiment runs in this process, one after the other,
-    with ``num_workers=0`` and no Tune, so breakpoints and profilers see everything.
+    with ``num_workers=0`` (and ``evaluation_num_workers=0``) and no Tune, so
+    breakpoints and profilers see everything.
 
     (Ray removed its own local mode; this is the debugging path it used to provide.)
     The trial directory, result files and checkpoints are the same as under Tune.
@@ -314,7 +393,8 @@ def _run_local(experiments: dict, args: argparse.Namespace) -> int:
             print(f"flowrl train: error: --local-mode runs one trial per experiment; "
                   f"{name!r} has a search space or num_samples > 1", file=sys.stderr)
             return 2
-        config = {**config, "num_workers": 0}
+        # One process: evaluation, if any, runs in it too.
+        config = {**config, "num_workers": 0, "evaluation_num_workers": 0}
         stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         logdir = os.path.join(spec["storage_path"], name,
                               f"{spec['run']}_{config['env']}_{stamp}".replace("/", "_"))

@@ -29,7 +29,9 @@ class TrainOneStep:
     ``TrainedBatch(batch, info, source)`` with the learner stats per policy and the
     shard (None for a bare batch), so UpdatePriorities can answer that shard.
     ``num_sgd_iter`` epochs of shuffled minibatches of ``sgd_minibatch_size``
-    (0 = one step on the whole batch).
+    (0 = one step on the whole batch). Before learning, the local worker's policies
+    get ``{"timestep": num_steps_sampled}``, so lr / entropy schedules are at the
+    steps sampled so far.
     Counters: num_steps_trained. Timers: learn. Info: learner (stats per policy).
     """
 
@@ -43,9 +45,10 @@ class TrainOneStep:
     def __call__(self, item: AnyBatch | SourcedItem) -> TrainedBatch:
         source, batch = source_and_batch("TrainOneStep", item)
         timer = self.metrics.timer(LEARN_TIMER)
+        local = self.workers.local_worker()
+        local.set_global_vars({"timestep": self.metrics.get(NUM_STEPS_SAMPLED)})
         with timer:
-            info = self.workers.local_worker().learn_on_batch(
-                batch, self.num_sgd_iter, self.sgd_minibatch_size)
+            info = local.learn_on_batch(batch, self.num_sgd_iter, self.sgd_minibatch_size)
         timer.push_units_processed(batch.count)
         self.metrics.inc(NUM_STEPS_TRAINED, batch.count)
         self.metrics.update_info(LEARNER_INFO, info)

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from flowrl.algorithms.agent import Agent
-from flowrl.algorithms.config import require
+from flowrl.algorithms.config import require, with_common_config
 from flowrl.flow import Metrics, Plan
 from flowrl.ops import (ApplyGradients, AverageGradients, BroadcastWeights, ComputeGradients,
                         ConcatBatches, ParallelRollouts, StandardMetricsReporting,
@@ -19,7 +19,7 @@ from flowrl.ops import (ApplyGradients, AverageGradients, BroadcastWeights, Comp
 from flowrl.policies.a2c import A2CTorchPolicy
 from flowrl.workers.worker_set import WorkerSet
 
-DEFAULT_CONFIG: dict = {
+DEFAULT_CONFIG: dict = with_common_config({
     "num_workers": 0,
     "num_envs_per_worker": 8,
     "rollout_fragment_length": 20,
@@ -39,7 +39,7 @@ DEFAULT_CONFIG: dict = {
     "vf_loss_coeff": 0.5,
     "entropy_coeff": 0.01,
     "grad_clip": 0.5,
-}
+})
 
 
 def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> Plan:

@@ -5,10 +5,10 @@ per-worker exploration noise scales ``0.4 ** (1 + 7 i / (N - 1))``.
 from __future__ import annotations
 
 from flowrl.algorithms.agent import Agent
-from flowrl.algorithms.config import require
+from flowrl.algorithms.config import require, with_common_config
 from flowrl.plans import apex, ddpg
 
-DEFAULT_CONFIG: dict = {
+DEFAULT_CONFIG: dict = with_common_config({
     **{k: v for k, v in apex.DEFAULT_CONFIG.items() if k not in ddpg._DQN_ONLY},
     **{k: v for k, v in ddpg.DEFAULT_CONFIG.items() if k not in apex.DEFAULT_CONFIG},
     "n_step": 3,
@@ -24,7 +24,7 @@ DEFAULT_CONFIG: dict = {
     "worker_side_prioritization": True,
     "grad_clip": None,
     "exploration_config": ddpg.DEFAULT_CONFIG["exploration_config"],
-}
+})
 
 
 class ApexDDPGAgent(Agent):

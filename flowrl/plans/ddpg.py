@@ -14,14 +14,14 @@ TD3's options (twin Q, target policy smoothing, delayed actor updates) are on by
 from __future__ import annotations
 
 from flowrl.algorithms.agent import Agent
-from flowrl.algorithms.config import require
+from flowrl.algorithms.config import require, with_common_config
 from flowrl.plans import dqn
 from flowrl.policies.ddpg import DDPGTorchPolicy
 
 # DQN keys with no meaning for an actor-critic policy.
 _DQN_ONLY = ("hiddens", "dueling", "double_q", "adam_epsilon", "exploration_config", "lr")
 
-DEFAULT_CONFIG: dict = {
+DEFAULT_CONFIG: dict = with_common_config({
     **{k: v for k, v in dqn.DEFAULT_CONFIG.items() if k not in _DQN_ONLY},
     "num_workers": 0,
     "rollout_fragment_length": 4,
@@ -53,7 +53,7 @@ DEFAULT_CONFIG: dict = {
                            "random_timesteps": 1000, "ou_theta": 0.15, "ou_sigma": 0.2,
                            "ou_base_scale": 0.1},
     "timesteps_per_iteration": 1000,
-}
+})
 
 
 def validate_ddpg_config(config: dict) -> None:

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from flowrl.algorithms.agent import Agent
-from flowrl.algorithms.config import require
+from flowrl.algorithms.config import require, with_common_config
 from flowrl.flow import Metrics, Plan
 from flowrl.ops import (BroadcastWeights, Concurrently, ParallelRollouts, Replay,
                         StandardMetricsReporting, StoreToReplay, TrainOneStep,
@@ -19,7 +19,7 @@ from flowrl.replay.actor import ReplayActor
 from flowrl.replay.checkpoint import ReplayCheckpoint
 from flowrl.workers.worker_set import WorkerSet
 
-DEFAULT_CONFIG: dict = {
+DEFAULT_CONFIG: dict = with_common_config({
     "num_workers": 0,
     "num_envs_per_worker": 1,
     "rollout_fragment_length": 4,
@@ -49,7 +49,7 @@ DEFAULT_CONFIG: dict = {
     "prioritized_replay_beta_annealing_timesteps": 20000,
     "prioritized_replay_eps": 1e-6,
     "timesteps_per_iteration": 1000,
-}
+})
 
 
 def round_robin_weights(config: dict) -> list[float]:

@@ -39,7 +39,7 @@ number of parameters (2k-10k for classic-control MLPs) so that slices rarely ove
 from __future__ import annotations
 
 from flowrl.algorithms.agent import Agent
-from flowrl.algorithms.config import require
+from flowrl.algorithms.config import require, with_common_config
 from flowrl.flow import Metrics, Plan
 from flowrl.ops import StandardMetricsReporting
 from flowrl.ops.es import (ESGradientStep, ESRollouts, ESStats, EvalEpisodes,
@@ -56,7 +56,7 @@ __all__ = ["DEFAULT_CONFIG", "ESAgent", "ESWorker", "RETURN_PROC_MODES",
            "batched_weighted_sum", "compute_centered_ranks", "create_noise_table",
            "es_gradient", "execution_plan", "perturb", "process_returns"]
 
-DEFAULT_CONFIG: dict = {
+DEFAULT_CONFIG: dict = with_common_config({
     # ES actors (not RolloutWorkers); 0 = perturbations run in the driver process.
     "num_workers": 2,
     # Per iteration: at least this many perturbed episodes (pairs count as 2) ...
@@ -86,7 +86,7 @@ DEFAULT_CONFIG: dict = {
     # "centered_rank" (ranks scaled to [-0.5, 0.5]) or "raw" returns.
     "return_proc_mode": "centered_rank",
     "model": {"fcnet_hiddens": [32, 32], "fcnet_activation": "tanh"},
-}
+})
 
 
 def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> Plan:

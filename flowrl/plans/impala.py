@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from flowrl.algorithms.agent import Agent
-from flowrl.algorithms.config import require
+from flowrl.algorithms.config import require, with_common_config
 from flowrl.flow import Metrics, Plan
 from flowrl.ops import (ConcatBatches, Concurrently, CountTrainedSteps, Dequeue, Enqueue,
                         LearnerThread, MixInReplay, ParallelRollouts,
@@ -19,7 +19,7 @@ from flowrl.ops import (ConcatBatches, Concurrently, CountTrainedSteps, Dequeue,
 from flowrl.policies.impala import VTraceTorchPolicy
 from flowrl.workers.worker_set import WorkerSet
 
-DEFAULT_CONFIG: dict = {
+DEFAULT_CONFIG: dict = with_common_config({
     "num_workers": 2,
     "num_envs_per_worker": 4,
     "rollout_fragment_length": 50,
@@ -47,7 +47,7 @@ DEFAULT_CONFIG: dict = {
     "momentum": 0.0,
     "epsilon": 0.1,
     "min_iter_time_s": 1,
-}
+})
 
 
 def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> Plan:

@@ -11,13 +11,14 @@ Pendulum) still pushes up the better episodes instead of all of them down.
 from __future__ import annotations
 
 from flowrl.algorithms.agent import Agent
+from flowrl.algorithms.config import with_common_config
 from flowrl.flow import Metrics, Plan
 from flowrl.ops import (BroadcastWeights, ConcatBatches, ParallelRollouts,
                         StandardMetricsReporting, StandardizeFields, TrainOneStep)
 from flowrl.policies.pg import PGTorchPolicy
 from flowrl.workers.worker_set import WorkerSet
 
-DEFAULT_CONFIG: dict = {
+DEFAULT_CONFIG: dict = with_common_config({
     "num_workers": 0,
     "num_envs_per_worker": 8,
     "batch_mode": "complete_episodes",  # returns over whole episodes, no bootstrapping
@@ -29,7 +30,7 @@ DEFAULT_CONFIG: dict = {
     # for tasks whose rewards are far from unit scale. Metrics report raw rewards.
     "normalize_rewards": False,
     "standardize_returns": True,  # per train batch: zero mean, unit std
-}
+})
 
 
 def execution_plan(workers: WorkerSet, config: dict, metrics: Metrics) -> Plan:

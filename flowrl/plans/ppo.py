@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from flowrl.algorithms.agent import Agent
-from flowrl.algorithms.config import require
+from flowrl.algorithms.config import require, with_common_config
 from flowrl.data.items import TrainedBatch, expect_item
 from flowrl.flow import Metrics, Plan
 from flowrl.ops import (BroadcastWeights, ConcatBatches, ParallelRollouts, SelectExperiences,
@@ -16,7 +16,7 @@ from flowrl.ops import (BroadcastWeights, ConcatBatches, ParallelRollouts, Selec
 from flowrl.policies.ppo import PPOTorchPolicy
 from flowrl.workers.worker_set import WorkerSet
 
-DEFAULT_CONFIG: dict = {
+DEFAULT_CONFIG: dict = with_common_config({
     "num_workers": 0,
     "num_envs_per_worker": 8,
     "rollout_fragment_length": 256,
@@ -48,7 +48,7 @@ DEFAULT_CONFIG: dict = {
     "kl_coeff": 0.2,
     "kl_target": 0.01,
     "grad_clip": 0.5,
-}
+})
 
 
 class UpdateKL:

@@ -76,5 +76,5 @@ class A2CTorchPolicy(Policy):
             value_targets=train_batch.get(SampleBatch.VALUE_TARGETS),
             entropy=dist.entropy(),
             vf_loss_coeff=float(self.config["vf_loss_coeff"]),
-            entropy_coeff=float(self.config["entropy_coeff"]),
+            entropy_coeff=self.entropy_coeff,
         )

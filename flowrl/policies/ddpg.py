@@ -187,6 +187,8 @@ class DDPGTorchPolicy(Policy):
                 "DDPG, TD3 and APEX_DDPG replay single transitions and have no recurrent replay; "
                 "model.use_lstm is for the on-policy algorithms PPO, A2C, A3C, PG and "
                 "IMPALA")
+        # Made after the model (below); optimizer_lrs() runs during the base __init__.
+        self.actor_optimizer: torch.optim.Optimizer | None = None
         super().__init__(observation_space, action_space, config)
         cfg = self.config
         self.act_dim = int(np.prod(action_space.shape))
@@ -228,6 +230,7 @@ class DDPGTorchPolicy(Policy):
         self.actor_optimizer = _adam(
             list(self.model.actor.parameters()), float(cfg["actor_lr"]), float(cfg["l2_reg"])
         )
+        self.apply_hyperparameters()  # lr_schedule, if any, for the actor too
         self._actor_params = list(self.model.actor.parameters())
         self._critic_params = list(self.model.critic.parameters())
         self.target_model: DDPGModel = copy.deepcopy(self.model)
@@ -240,6 +243,14 @@ class DDPGTorchPolicy(Policy):
         self._last_actor_gnorm = torch.tensor(float("nan"), device=self.device)
 
     # ------------------------------------------------------------ construction
+    def optimizer_lrs(self) -> list[tuple[torch.optim.Optimizer, float]]:
+        """The critic's optimizer with ``critic_lr`` and the actor's with ``actor_lr``
+        (an ``lr_schedule`` sets both to its value)."""
+        pairs = [(self.optimizer, float(self.config["critic_lr"]))]
+        if self.actor_optimizer is not None:
+            pairs.append((self.actor_optimizer, float(self.config["actor_lr"])))
+        return pairs
+
     def make_model(self) -> nn.Module:
         """The online :class:`DDPGModel` (the target nets are a copy of it)."""
         return DDPGModel(self.obs_packer.kept_space, self.action_space, self.config,
@@ -606,6 +617,7 @@ class DDPGTorchPolicy(Policy):
         if state.get("actor_optimizer") is not None:
             self.actor_optimizer.load_state_dict(state["actor_optimizer"])
         self.global_timestep = int(state.get("global_timestep", 0))
+        self.apply_hyperparameters()  # this policy's actor / critic lrs, not the saved ones
         self.num_critic_updates = int(state.get("num_critic_updates", 0))
         self.num_actor_updates = int(state.get("num_actor_updates", 0))
 

@@ -74,7 +74,7 @@ __all__ = [
     "EXPORT_FILE", "METADATA_FILE", "ArgmaxHead", "DistInputsGreedy", "BoxActionHead",
     "MultiArgmaxHead", "ProductGreedyHead", "RecurrentStep", "RecurrentGreedy",
     "greedy_head", "describe_space",
-    "describe_action_row", "to_torchscript", "write_export",
+    "describe_action_row", "describe_export", "to_torchscript", "write_export",
 ]
 
 EXPORT_FILE = "policy.pt"
@@ -684,30 +684,22 @@ def _recurrent_usage(space: gym.Space, step: RecurrentStep) -> str:
             "ended starts again from the initial state (and zero previous action / reward)")
 
 
-def write_export(export_dir: str, module: nn.Module, observation_space: gym.Space,
-                 action_space: gym.Space, metadata: dict[str, Any] | None = None) -> str:
-    """Converts ``module`` with :func:`to_torchscript` and writes ``policy.pt`` and
-    ``policy.json`` into ``export_dir`` (each file atomically); returns the ``.pt`` path.
-
-    ``metadata`` entries (algorithm, env, ...) are added to ``policy.json``, which
-    also describes the input and output of the module.
-    """
-    export_dir = os.path.abspath(os.path.expanduser(str(export_dir)))
-    os.makedirs(export_dir, exist_ok=True)
-    exported = to_torchscript(module, observation_space)
+def describe_export(module: nn.Module, observation_space: gym.Space,
+                    action_space: gym.Space,
+                    metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``policy.json`` entries every export format shares: ``metadata`` (algorithm,
+    env, ...), the spaces, the module's input and output in words, whether it is
+    recurrent (then its ``state``), the ``action_row`` of ``Tuple`` / ``Dict`` actions,
+    and the versions. The format's writer adds ``file``, ``format`` and ``usage``."""
     obs_desc = describe_space(observation_space)
     act_desc = describe_space(action_space)
     step = _step_of(module)
     info = {
         **(metadata or {}),
-        "file": EXPORT_FILE,
-        "format": "torchscript",
         "observation_space": obs_desc,
         "action_space": act_desc,
         "input": _input_text(observation_space, obs_desc),
         "output": _output_text(action_space, act_desc),
-        "usage": (f"torch.jit.load('{EXPORT_FILE}')(*leaf_batches)" if is_nested(
-            observation_space) else f"torch.jit.load('{EXPORT_FILE}')(torch.as_tensor(obs_batch))"),
         "recurrent": step is not None,
         "flowrl_version": __version__,
         "torch_version": torch.__version__,
@@ -722,9 +714,30 @@ def write_export(export_dir: str, module: nn.Module, observation_space: gym.Spac
                          "part (as state_in): pass it back in at the next step",
         }
         info["state"] = _describe_state(step)
-        info["usage"] = _recurrent_usage(observation_space, step)
     if isinstance(action_space, (gym.spaces.Tuple, gym.spaces.Dict)):
         info["action_row"] = describe_action_row(action_space)
+    return info
+
+
+def write_export(export_dir: str, module: nn.Module, observation_space: gym.Space,
+                 action_space: gym.Space, metadata: dict[str, Any] | None = None) -> str:
+    """Converts ``module`` with :func:`to_torchscript` and writes ``policy.pt`` and
+    ``policy.json`` into ``export_dir`` (each file atomically); returns the ``.pt`` path.
+
+    ``metadata`` entries (algorithm, env, ...) are added to ``policy.json``, which
+    also describes the input and output of the module (:func:`describe_export`).
+    """
+    export_dir = os.path.abspath(os.path.expanduser(str(export_dir)))
+    os.makedirs(export_dir, exist_ok=True)
+    exported = to_torchscript(module, observation_space)
+    step = _step_of(module)
+    info = describe_export(module, observation_space, action_space, metadata)
+    info["file"] = EXPORT_FILE
+    info["format"] = "torchscript"
+    info["usage"] = (f"torch.jit.load('{EXPORT_FILE}')(*leaf_batches)" if is_nested(
+        observation_space) else f"torch.jit.load('{EXPORT_FILE}')(torch.as_tensor(obs_batch))")
+    if step is not None:
+        info["usage"] = _recurrent_usage(observation_space, step)
     path = os.path.join(export_dir, EXPORT_FILE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # see to_torchscript

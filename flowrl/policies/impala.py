@@ -33,6 +33,17 @@ state after the piece, so :meth:`VTraceTorchPolicy.learn_on_batch` recomputes
 forward pass as the batch's observations) instead of using the ``bootstrap_value``
 column written at sampling time; that column is the fallback for batches
 without ``new_obs``. Terminated pieces bootstrap with 0.
+
+Recurrent models (``model.use_lstm`` or any
+:class:`~flowrl.policies.recurrent.RecurrentModel`). The model runs on sequences
+that never cross a piece: each piece is cut every ``model.max_seq_len`` rows, and
+each sequence starts from its first row's ``state_in_*`` (as the behaviour policy
+had it). The outputs return to rows, and V-trace runs per piece on them exactly as
+above. The learner cannot recompute ``V(new_obs[-1])``: it lacks the state after
+the piece. So :meth:`VTraceTorchPolicy.postprocess_trajectory` bootstraps each
+open piece on the worker from its last row's ``state_out_*`` (and previous action
+/ reward), drops the ``state_out_*`` columns, and the learner always uses the
+``bootstrap_value`` column.
 """
 
 from __future__ import annotations
@@ -43,11 +54,13 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from flowrl.policies.policy import Policy, TensorDict, _writable
+from flowrl.policies.policy import SEQ_INDEX, SEQ_MASK, Policy, TensorDict, _writable
 from flowrl.policies.nested import Rows, cat_rows, map_rows, num_rows, records_to_tensors
 from flowrl.data.sample_batch import SampleBatch, minibatch_bounds
+from flowrl.data.sequences import state_out_key
 
-__all__ = ["BOOTSTRAP_VALUE", "split_pieces", "piece_layout", "vtrace", "VTraceTorchPolicy"]
+__all__ = ["BOOTSTRAP_VALUE", "split_pieces", "piece_sequences", "piece_layout", "vtrace",
+           "VTraceTorchPolicy"]
 
 #: Column added by :meth:`VTraceTorchPolicy.postprocess_trajectory`.
 BOOTSTRAP_VALUE = "bootstrap_value"
@@ -60,6 +73,8 @@ _PIECE_TERMINATED = "_piece_terminated"
 _ROW_INDEX = "_row_index"
 _MASK = "_mask"
 _PIECE_KEYS = (_PIECE_BOOT_OBS, _PIECE_BOOT_VALUE, _PIECE_TERMINATED)
+# Layout entries (pieces, and a recurrent model's sequences): rebuilt per minibatch.
+_LAYOUT_KEYS = frozenset({_ROW_INDEX, _MASK, SampleBatch.SEQ_LENS, SEQ_INDEX, SEQ_MASK})
 
 
 # --------------------------------------------------------------------- pieces
@@ -90,6 +105,24 @@ def split_pieces(batch: SampleBatch) -> tuple[np.ndarray, np.ndarray]:
     starts = np.flatnonzero(new_piece).astype(np.int64)
     lengths = np.diff(np.append(starts, n)).astype(np.int64)
     return starts, lengths
+
+
+def piece_sequences(lengths: np.ndarray, max_seq_len: int) -> np.ndarray:
+    """Lengths (int64) of a recurrent model's sequences over contiguous pieces.
+
+    Each piece is cut into runs of ``max_seq_len`` rows plus its remainder, so no
+    sequence crosses a piece, e.g. pieces ``[5, 2]`` with ``max_seq_len=3`` give
+    ``[3, 2, 2]``.
+    """
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    full, rest = np.divmod(lengths, max_seq_len)
+    per_piece = full + (rest > 0)
+    seq_lens = np.full(int(per_piece.sum()), max_seq_len, dtype=np.int64)
+    has_rest = rest > 0
+    seq_lens[(np.cumsum(per_piece) - 1)[has_rest]] = rest[has_rest]
+    return seq_lens
 
 
 def piece_layout(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -203,6 +236,10 @@ class VTraceTorchPolicy(Policy):
     :meth:`learn_on_batch` (and :meth:`compute_gradients`, :meth:`evaluate_loss`)
     split the batch into pieces with :func:`split_pieces` and run V-trace with
     the current network.
+
+    Recurrent models work too (``model.use_lstm``): sequences of at most
+    ``model.max_seq_len`` rows within pieces, bootstrap values from the workers
+    (see the module docstring).
     """
 
     DEFAULT_CONFIG: dict[str, Any] = {
@@ -260,10 +297,13 @@ class VTraceTorchPolicy(Policy):
         Per piece (see :func:`split_pieces`; normally the sampler passes one):
         0 if its last row is terminated, else ``V(new_obs[-1])``, repeated on
         every row of the piece. All piece ends go through one forward pass.
+        A recurrent policy evaluates ``new_obs[-1]`` from the last row's
+        ``state_out_*`` with its action / reward as the previous ones, then drops
+        the ``state_out_*`` columns.
         """
         if batch.count == 0:
             batch[BOOTSTRAP_VALUE] = np.zeros(0, dtype=np.float32)
-            return batch
+            return self.drop_state_out(batch) if self.recurrent else batch
         starts, lengths = split_pieces(batch)
         ends = starts + lengths - 1
         if SampleBatch.TERMINATEDS in batch:
@@ -277,9 +317,17 @@ class VTraceTorchPolicy(Policy):
                 raise ValueError(
                     "postprocess_trajectory needs 'new_obs' to bootstrap a piece that did not terminate"
                 )
-            boot[~terminated] = self.value(np.asarray(batch[SampleBatch.NEW_OBS])[open_ends])
+            new_obs = np.asarray(batch[SampleBatch.NEW_OBS])[open_ends]
+            if self.recurrent:
+                state = [np.asarray(batch[state_out_key(i)])[open_ends]
+                         for i in range(len(self.get_initial_state()))]
+                boot[~terminated] = self.value(
+                    new_obs, state, np.asarray(batch[SampleBatch.ACTIONS])[open_ends],
+                    np.asarray(batch[SampleBatch.REWARDS])[open_ends])
+            else:
+                boot[~terminated] = self.value(new_obs)
         batch[BOOTSTRAP_VALUE] = np.repeat(boot, lengths)
-        return batch
+        return self.drop_state_out(batch) if self.recurrent else batch
 
     # ---------------------------------------------------------------- learning
     def _to_tensor(self, arr: Any, column: str = "") -> Rows:
@@ -295,9 +343,12 @@ class VTraceTorchPolicy(Policy):
     def _batch_to_tensors(self, batch: SampleBatch) -> TensorDict:
         """Row columns, per-piece bootstrap inputs and the ``[P, T]`` layout as tensors.
 
-        Only ``new_obs`` of each piece's last row is moved to the device.
+        Only ``new_obs`` of each piece's last row is moved to the device. A
+        recurrent policy's also hold its state / previous-step columns, the
+        sequence layout within pieces, and the sampled bootstrap values.
         """
-        for column in self.loss_columns:
+        columns = (*self.loss_columns, *self.recurrent_columns())
+        for column in columns:
             if column not in batch:
                 raise KeyError(
                     f"{type(self).__name__}.learn_on_batch needs column {column!r}; "
@@ -307,7 +358,7 @@ class VTraceTorchPolicy(Policy):
         ends = starts + lengths - 1
         tensors: TensorDict = {
             c: self._to_tensor(self._normalize_column(c, np.asarray(batch[c])), c)
-            for c in self.loss_columns
+            for c in columns
         }
         n = batch.count
         terminated = (
@@ -317,7 +368,7 @@ class VTraceTorchPolicy(Policy):
         )
         tensors[SampleBatch.TERMINATEDS] = self._to_tensor(terminated.astype(np.float32))
         tensors[_PIECE_TERMINATED] = self._to_tensor(terminated[ends].astype(np.float32))
-        if SampleBatch.NEW_OBS in batch:
+        if SampleBatch.NEW_OBS in batch and not self.recurrent:
             tensors[_PIECE_BOOT_OBS] = self._to_tensor(self._normalize_column(
                 SampleBatch.NEW_OBS, np.asarray(batch[SampleBatch.NEW_OBS])[ends]))
         elif BOOTSTRAP_VALUE in batch:
@@ -325,17 +376,21 @@ class VTraceTorchPolicy(Policy):
                 np.asarray(batch[BOOTSTRAP_VALUE], dtype=np.float32)[ends]
             )
         elif not terminated[ends].all():
-            raise KeyError(
-                f"{type(self).__name__}.learn_on_batch needs 'new_obs' (or '{BOOTSTRAP_VALUE}') "
-                "to bootstrap pieces that did not terminate"
-            )
+            needs = (f"'{BOOTSTRAP_VALUE}' (from postprocess_trajectory: a recurrent model "
+                     "needs the state after each piece)" if self.recurrent
+                     else f"'new_obs' (or '{BOOTSTRAP_VALUE}')")
+            raise KeyError(f"{type(self).__name__}.learn_on_batch needs {needs} to "
+                           "bootstrap pieces that did not terminate")
         self._add_layout(tensors, lengths)
         return tensors
 
     def _add_layout(self, tensors: TensorDict, lengths: np.ndarray) -> None:
+        """The ``[P, T]`` piece layout, plus a recurrent model's sequences in the pieces."""
         row_index, mask = piece_layout(lengths)
         tensors[_ROW_INDEX] = torch.from_numpy(row_index).to(self.device)
         tensors[_MASK] = torch.from_numpy(mask).to(self.device)
+        if self.recurrent:
+            self._add_sequences(tensors, piece_sequences(lengths, self.max_seq_len))
 
     def loss(self, train_batch: TensorDict) -> tuple[torch.Tensor, TensorDict]:
         """V-trace loss over whole pieces (a tensor dict from :meth:`_batch_to_tensors`)."""
@@ -348,7 +403,8 @@ class VTraceTorchPolicy(Policy):
             dist_inputs, values = dist_inputs[:n], values_all[:n]
             boot_values = values_all[n:].detach()
         else:
-            dist_inputs, values = self.model(obs)
+            # A recurrent model runs on its sequences; outputs come back per row.
+            dist_inputs, values = self.model_outputs(train_batch)
             boot_values = train_batch.get(_PIECE_BOOT_VALUE)
             if boot_values is None:  # every piece terminated
                 boot_values = torch.zeros_like(train_batch[_PIECE_TERMINATED])
@@ -386,7 +442,7 @@ class VTraceTorchPolicy(Policy):
         total = (
             policy_loss
             + float(self.config["vf_loss_coeff"]) * vf_loss
-            - float(self.config["entropy_coeff"]) * entropy
+            - self.entropy_coeff * entropy
         )
         with torch.no_grad():
             explained_var = 1.0 - torch.var(vs_flat - values, correction=0) / torch.var(
@@ -420,7 +476,7 @@ class VTraceTorchPolicy(Policy):
         for key, value in tensors.items():
             if key in _PIECE_KEYS:
                 sub[key] = map_rows(lambda t: t.index_select(0, pieces_t), value)
-            elif key not in (_ROW_INDEX, _MASK):
+            elif key not in _LAYOUT_KEYS:
                 sub[key] = map_rows(lambda t: t.index_select(0, rows_t), value)
         self._add_layout(sub, sub_lengths)
         return sub
@@ -433,7 +489,8 @@ class VTraceTorchPolicy(Policy):
         ``sgd_minibatch_size`` 0 (IMPALA's usual single step) uses the whole batch;
         otherwise each epoch shuffles whole pieces and groups them into
         minibatches of about that many rows (pieces are never split, so a
-        minibatch may run over by up to one piece). Each step recomputes the
+        minibatch may run over by up to one piece; a recurrent model's sequences,
+        which lie within pieces, stay whole with them). Each step recomputes the
         V-trace targets with the current network. Stats (``policy_loss``,
         ``vf_loss``, ``entropy``, ``total_loss``, ``mean_rho``, ``mean_is_ratio``,
         ``vf_explained_var``, ``grad_gnorm``) are averaged over the last epoch's

@@ -35,7 +35,8 @@ by wrapping the model of its ``observations`` part in :class:`ActionMaskedModel`
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import gymnasium as gym
@@ -45,6 +46,8 @@ from torch import nn
 
 from flowrl.data.spaces import ACTION_MASK, LeafPath, array_leaf_spaces, is_nested
 from flowrl.imports import is_import_string, load_object
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MODEL_DEFAULTS",
@@ -118,7 +121,73 @@ _ACTIVATION_FNS: dict[type[nn.Module], Callable[[torch.Tensor], torch.Tensor]] =
     nn.SiLU: nn.functional.silu,
 }
 
-_CUSTOM_MODELS: dict[str, type[nn.Module]] = {}
+
+class CustomModelRegistry(Mapping):
+    """Model classes registered by name, seen by every process of the Ray job.
+
+    A name registered in the driver is stored in this process and in Ray's registry
+    (the one ``register_env`` and Tune use, category ``rllib_model``), so rollout
+    workers and Tune trial processes find it too: a lookup that misses here asks Ray's
+    registry (when Ray runs) and keeps what it finds. Iterating lists this process's
+    names.
+    """
+
+    # Ray's category for models (Tune's registry accepts known categories only).
+    RAY_CATEGORY = "rllib_model"
+
+    def __init__(self) -> None:
+        self._local: dict[str, type[nn.Module]] = {}
+
+    def register(self, name: str, cls: type[nn.Module]) -> None:
+        """Stores ``cls`` under ``name`` here and, for other processes, in Ray's registry."""
+        self._local[name] = cls
+        from ray.tune.registry import _global_registry
+        try:
+            # Pickled now; flushed to Ray when it starts (or at once if it runs).
+            _global_registry.register(self.RAY_CATEGORY, name, cls)
+        except Exception as e:  # an unpicklable class still works in this process
+            logger.warning("register_custom_model(%r): %s cannot be pickled (%s); it is "
+                           "available in this process only, not in Ray workers.",
+                           name, cls, e)
+
+    def _remote(self, name: str) -> type[nn.Module] | None:
+        """``name`` from Ray's registry (a class registered by the driver), or None."""
+        import ray
+        if not ray.is_initialized():
+            return None
+        from ray.tune.registry import _global_registry
+        if not _global_registry.contains(self.RAY_CATEGORY, name):
+            return None
+        try:
+            cls = _global_registry.get(self.RAY_CATEGORY, name)
+        except Exception as e:  # pickled by reference to a module this process lacks
+            raise ValueError(
+                f"custom_model {name!r} was registered in the driver, but its class cannot "
+                f"be loaded in this process ({type(e).__name__}: {e}); define it in a "
+                "module the workers can import, or in the driver script itself") from e
+        self._local[name] = cls
+        return cls
+
+    def __getitem__(self, name: str) -> type[nn.Module]:
+        if name in self._local:
+            return self._local[name]
+        cls = self._remote(name) if isinstance(name, str) else None
+        if cls is None:
+            raise KeyError(name)
+        return cls
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._local or (isinstance(name, str) and
+                                       self._remote(name) is not None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._local)
+
+    def __len__(self) -> int:
+        return len(self._local)
+
+
+_CUSTOM_MODELS = CustomModelRegistry()
 
 
 def merge_model_config(model_config: dict | None) -> dict[str, Any]:
@@ -137,13 +206,18 @@ def register_custom_model(name: str, cls: type[nn.Module]) -> None:
     without an array form left out) for a ``Dict`` / ``Tuple`` space. An
     :class:`ObservationEncoder` turns either into float32 features.
 
-    The registry is per process: register in a module the rollout workers
-    import too, or put the class itself in ``custom_model`` (it travels with
-    the pickled config to Ray actors).
+    Registering in the driver is enough: the class is also stored in Ray's registry
+    (pickled by value where it is not importable, e.g. defined in a script), so remote
+    rollout workers and Tune trial processes of the same Ray job find the name. Classes
+    that cannot be pickled stay available in this process only (a warning says so).
+    Putting the class itself in ``custom_model`` works too.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"custom model name must be a non-empty string, got {name!r}")
-    _CUSTOM_MODELS[name] = cls
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"register_custom_model({name!r}, ...): expected a torch.nn.Module "
+                        f"subclass, got {cls!r}")
+    _CUSTOM_MODELS.register(name, cls)
 
 
 def _activation_fn(name: str | None) -> Callable[[torch.Tensor], torch.Tensor] | None:

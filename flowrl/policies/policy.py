@@ -44,6 +44,7 @@ from flowrl.policies.filters import (NormalizedInputs, ObservationNormalizer, Ru
 from flowrl.policies.models import ActionMaskedModel, get_model, merge_model_config
 from flowrl.policies.nested import Rows, map_rows, num_rows, records_to_tensors
 from flowrl.policies.recurrent import LSTMWrapper, RecurrentModel
+from flowrl.policies.schedules import make_schedule
 from flowrl.data.sequences import (PREV_ACTIONS, PREV_REWARDS, STATE_OUT, padded_layout,
                                    sequence_lengths, state_in_key, state_out_key)
 from flowrl.policies.postprocessing import compute_advantages
@@ -267,6 +268,16 @@ class Policy:
         self._params: list[nn.Parameter] = list(self.model.parameters())
         self.optimizer: torch.optim.Optimizer = self.make_optimizer()
         self.global_timestep = 0
+        #: ``lr_schedule`` / ``entropy_coeff_schedule`` (None: the constant config value).
+        self.lr_schedule = make_schedule(merged.get("lr_schedule"), "lr_schedule")
+        self.entropy_coeff_schedule = make_schedule(merged.get("entropy_coeff_schedule"),
+                                                    "entropy_coeff_schedule")
+        if self.entropy_coeff_schedule is not None and "entropy_coeff" not in merged:
+            raise ValueError(f"entropy_coeff_schedule is set, but {type(self).__name__} has "
+                             "no entropy term (no entropy_coeff)")
+        #: The entropy coefficient the loss uses now (scheduled or ``entropy_coeff``).
+        self.entropy_coeff = float(merged.get("entropy_coeff", 0.0))
+        self.apply_hyperparameters()
 
         self._discrete_actions = isinstance(action_space, gym.spaces.Discrete)
         self._action_shape = tuple(self.action_layout.shape)
@@ -778,6 +789,8 @@ class Policy:
         num_scalars = len(keys) + len(latest)
         summary: dict[str, Any] = dict(zip([*keys, *latest], host[:num_scalars].tolist()))
         summary["cur_lr"] = float(self.optimizer.param_groups[0]["lr"])
+        if "entropy_coeff" in self.config:
+            summary["cur_entropy_coeff"] = float(self.entropy_coeff)
         summary.update(self._extra_learn_stats())
         offset = num_scalars
         for name, rows in per_row.items():
@@ -906,11 +919,58 @@ class Policy:
             # load_state_dict moves the optimizer state onto the parameters' device.
             self.optimizer.load_state_dict(state["optimizer"])
         self.global_timestep = int(state.get("global_timestep", 0))
+        self.apply_hyperparameters()  # this policy's lr, not the one saved in the state
 
     def on_global_var_update(self, global_vars: dict[str, Any]) -> None:
-        """Receive global variables (``{"timestep": int}``) from the driver."""
+        """Receive global variables (``{"timestep": int}``) from the driver; the
+        schedules move to the new timestep."""
         if "timestep" in global_vars:
             self.global_timestep = int(global_vars["timestep"])
+            self.apply_hyperparameters()
+
+    def optimizer_lrs(self) -> list[tuple[torch.optim.Optimizer, float]]:
+        """Each optimizer with the learning rate its config gives it (DDPG: two)."""
+        return [(self.optimizer, float(self.config["lr"]))]
+
+    def apply_hyperparameters(self) -> None:
+        """Sets every optimizer's lr and :attr:`entropy_coeff` from this policy's config
+        and schedules at :attr:`global_timestep`.
+
+        Called after construction, on each timestep update, after :meth:`set_state`
+        (an optimizer state loaded from a checkpoint carries the lr it was saved with,
+        e.g. a PBT donor's; the policy's own config must win) and after
+        :meth:`update_hyperparameters`.
+        """
+        t = self.global_timestep
+        for optimizer, lr in self.optimizer_lrs():
+            value = lr if self.lr_schedule is None else self.lr_schedule.value(t)
+            for group in optimizer.param_groups:
+                group["lr"] = value
+        if self.entropy_coeff_schedule is not None:
+            self.entropy_coeff = self.entropy_coeff_schedule.value(t)
+        elif "entropy_coeff" in self.config:
+            self.entropy_coeff = float(self.config["entropy_coeff"])
+
+    #: Config keys :meth:`update_hyperparameters` changes in place (each read by the loss
+    #: or by :meth:`apply_hyperparameters` whenever it is used).
+    IN_PLACE_KEYS = frozenset({
+        "lr", "lr_schedule", "entropy_coeff", "entropy_coeff_schedule", "grad_clip",
+        "clip_param", "vf_clip_param", "vf_loss_coeff", "kl_target", "actor_lr", "critic_lr",
+        "tau", "gamma", "lambda"})
+
+    def update_hyperparameters(self, changes: dict[str, Any]) -> None:
+        """Applies new values of :attr:`IN_PLACE_KEYS` (Tune's ``reset_config``)."""
+        unknown = sorted(set(changes) - self.IN_PLACE_KEYS)
+        if unknown:
+            raise ValueError(f"{type(self).__name__} cannot change {unknown} in place; "
+                             f"it can change {sorted(self.IN_PLACE_KEYS)}")
+        self.config.update(changes)
+        if "lr_schedule" in changes:
+            self.lr_schedule = make_schedule(changes["lr_schedule"], "lr_schedule")
+        if "entropy_coeff_schedule" in changes:
+            self.entropy_coeff_schedule = make_schedule(changes["entropy_coeff_schedule"],
+                                                        "entropy_coeff_schedule")
+        self.apply_hyperparameters()
 
     def export(self, export_dir: str) -> str:
         """Write the model as TorchScript (``torch.jit.trace``) to ``export_dir/model.pt``.

@@ -147,7 +147,7 @@ class PPOTorchPolicy(Policy):
             entropy,
             kl_coeff=self.kl_coeff,
             vf_loss_coeff=float(self.config["vf_loss_coeff"]),
-            entropy_coeff=float(self.config["entropy_coeff"]),
+            entropy_coeff=self.entropy_coeff,
         )
         stats: TensorDict = {
             "policy_loss": policy_loss.detach(),

@@ -36,15 +36,7 @@ from flowrl.data.actions import ActionLayout
 from flowrl.policies.models import ObservationEncoder, TorchModel, _activation, _linear, _mlp
 from flowrl.policies.nested import map_rows
 
-__all__ = ["RecurrentModel", "LSTMWrapper", "is_recurrent_config"]
-
-
-def is_recurrent_config(model_config: dict[str, Any]) -> bool:
-    """Whether the model config asks for a recurrent model (``use_lstm``, or a custom
-    model class that is a :class:`RecurrentModel`)."""
-    custom = model_config.get("custom_model")
-    return bool(model_config.get("use_lstm")) or (
-        isinstance(custom, type) and issubclass(custom, RecurrentModel))
+__all__ = ["RecurrentModel", "LSTMWrapper"]
 
 
 class RecurrentModel(TorchModel):

@@ -51,6 +51,10 @@ class _Trajectory:
         self.agent_index = agent_index
         self.rows: dict[str, list] = defaultdict(list)
         self.pending: dict | None = None  # the last action's row, waiting for its reward
+        # A row whose step gave no next observation for this agent (a turn-based game:
+        # the others move next). It stays open, collecting the agent's rewards, until
+        # the agent observes again (its next turn) or leaves the episode.
+        self.open_row: dict | None = None
         self.episode_return = 0.0         # this agent-episode's summed reward
         self.state: list[np.ndarray] = []
         self.prev_action: np.ndarray | None = None
@@ -210,32 +214,41 @@ class MultiAgentSampler:
         episode = self._episodes[i]
         t = self._t[i]
         closed = []
+        # Rows still open from earlier steps: their agents' rewards of this step, and
+        # their end once the agent observes again or leaves.
+        for agent, trajectory in list(self._trajectories[i].items()):
+            if trajectory.open_row is None or agent in actions:
+                continue
+            reward = float(rewards.get(agent, 0.0))
+            trajectory.open_row[SampleBatch.REWARDS] += reward
+            trajectory.episode_return += reward
+            ended = bool(terms.get(agent) or truncs.get(agent))
+            if agent in obs or ended:
+                self._finish_row(i, agent, trajectory, trajectory.open_row, obs, terms, truncs,
+                                 closed)
         for agent in actions:
             trajectory = self._trajectory(i, agent)
             row = trajectory.pending
             trajectory.pending = None
             reward = float(rewards.get(agent, 0.0))
-            new_obs = row[SampleBatch.OBS] if agent not in obs else \
-                self._packed_row(trajectory.policy_id, obs[agent])
             row.update({SampleBatch.REWARDS: reward,
-                        SampleBatch.TERMINATEDS: bool(terms.get(agent, False)),
-                        SampleBatch.TRUNCATEDS: bool(truncs.get(agent, False)),
-                        SampleBatch.NEW_OBS: new_obs,
                         SampleBatch.EPS_ID: episode.episode_id, SampleBatch.T: t})
-            for key, value in row.items():
-                trajectory.rows[key].append(value)
             trajectory.episode_return += reward
-            trajectory.prev_reward = reward
-            if row[SampleBatch.TERMINATEDS] or row[SampleBatch.TRUNCATEDS]:
-                self._policy_rewards[i][trajectory.policy_id].append(trajectory.episode_return)
-                closed.append(self._close(trajectory))
-                del self._trajectories[i][agent]
+            if agent in obs or terms.get(agent) or truncs.get(agent):
+                self._finish_row(i, agent, trajectory, row, obs, terms, truncs, closed)
+            else:  # not its turn next: the row waits for its next observation
+                trajectory.open_row = row
         episode.add_step(obs, actions, float(sum(rewards.values())), infos)
         if self.callbacks is not None:
             self.callbacks.on_episode_step(worker=self.worker, episode=episode, env_index=i)
         self._t[i] = t + 1
         if terms.get(ALL) or truncs.get(ALL):
             for agent, trajectory in list(self._trajectories[i].items()):
+                if trajectory.open_row is not None:  # ends with the episode
+                    final = self._packed_row(trajectory.policy_id, obs[agent]) \
+                        if agent in obs else trajectory.open_row[SampleBatch.OBS]
+                    self._append_row(trajectory, trajectory.open_row, final,
+                                     bool(terms.get(agent)), bool(truncs.get(agent)))
                 self._policy_rewards[i][trajectory.policy_id].append(
                     trajectory.episode_return)
                 if len(trajectory):  # agents still in when the whole episode ended
@@ -265,6 +278,29 @@ class MultiAgentSampler:
             self._held[i].extend(closed)
             return []
         return closed
+
+    def _finish_row(self, i: int, agent: Any, trajectory: _Trajectory, row: dict, obs: dict,
+                    terms: dict, truncs: dict, closed: list) -> None:
+        """Completes ``row`` with the agent's next observation (its own last one if the
+        env gave none) and end flags, and closes the trajectory if the agent left."""
+        new_obs = self._packed_row(trajectory.policy_id, obs[agent]) if agent in obs \
+            else row[SampleBatch.OBS]
+        terminated, truncated = bool(terms.get(agent, False)), bool(truncs.get(agent, False))
+        self._append_row(trajectory, row, new_obs, terminated, truncated)
+        if terminated or truncated:
+            self._policy_rewards[i][trajectory.policy_id].append(trajectory.episode_return)
+            closed.append(self._close(trajectory))
+            del self._trajectories[i][agent]
+
+    @staticmethod
+    def _append_row(trajectory: _Trajectory, row: dict, new_obs: Any, terminated: bool,
+                    truncated: bool) -> None:
+        row.update({SampleBatch.NEW_OBS: new_obs, SampleBatch.TERMINATEDS: terminated,
+                    SampleBatch.TRUNCATEDS: truncated})
+        for key, value in row.items():
+            trajectory.rows[key].append(value)
+        trajectory.open_row = None
+        trajectory.prev_reward = float(row[SampleBatch.REWARDS])
 
     def _packed_row(self, policy_id: str, observation: Any) -> Any:
         """One observation as its batch row (a record for Dict / Tuple spaces)."""

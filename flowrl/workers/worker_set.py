@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, ClassVar
 
 from flowrl.envs.registry import EnvContext
 from flowrl.flow.restart import ActorRestarter
@@ -29,7 +30,10 @@ class WorkerSet:
     """The local worker (index 0) and the remote workers (indexes 1..num_workers).
 
     ``monitor_dir``: the video directory handed to the workers (used when
-    ``config["monitor"]`` is on; see RolloutWorker).
+    ``config["monitor"]`` is on; see RolloutWorker). ``scheduling_strategy``: Ray's
+    actor option for the remote workers (None: Ray's default, inside the current
+    placement group if there is one; ``"DEFAULT"``: outside it). ``label``: how logs
+    and errors name the workers ("Rollout worker 2 (pid ...) died").
 
     Counters: ``num_worker_restarts`` (read by the Agent's reports; see
     :class:`~flowrl.flow.restart.ActorRestarter`).
@@ -37,7 +41,8 @@ class WorkerSet:
 
     def __init__(self, env_creator: Callable[[EnvContext], Any], policy_cls: type,
                  config: dict, num_workers: int | None = None,
-                 monitor_dir: str | None = None):
+                 monitor_dir: str | None = None, scheduling_strategy: str | None = None,
+                 label: str = "Rollout worker"):
         self.env_creator = env_creator
         self.policy_cls = policy_cls
         self.config = config
@@ -48,13 +53,17 @@ class WorkerSet:
                                     monitor_dir)
         self._remote: list = []
         # Tracks each remote worker's index and replaces dead ones (num_worker_restarts).
-        self.restarter = ActorRestarter.from_config("worker", "Rollout worker",
-                                                    self._start_actor, config)
+        self.restarter = ActorRestarter.from_config("worker", label, self._start_actor,
+                                                    config)
         if self.num_workers > 0:
             import ray
+            options: dict[str, Any] = {}
+            if scheduling_strategy is not None:
+                options["scheduling_strategy"] = scheduling_strategy
             self._actor_cls = ray.remote(RolloutWorker).options(
                 num_cpus=config.get("num_cpus_per_worker", 1),
                 num_gpus=config.get("num_gpus_per_worker", 0),
+                **options,
             )
             self._remote = [self.restarter.start(i) for i in range(1, self.num_workers + 1)]
             self._wait_until_started()
@@ -124,14 +133,21 @@ class WorkerSet:
                                 for w in self._remote])
         return results
 
-    def sync_weights(self, global_vars: dict | None = None) -> None:
-        """Sends the local worker's weights to all remote workers (one ``ray.put``)."""
+    def sync_weights(self, global_vars: dict | None = None,
+                     weights: dict | None = None) -> None:
+        """Sends the local worker's weights to all remote workers (one ``ray.put``).
+
+        ``weights``: send these instead (e.g. a learner's from another WorkerSet, as
+        for evaluation workers); the local worker takes them too.
+        """
         if global_vars:
             self._local.set_global_vars(global_vars)
+        if weights is not None:
+            self._local.set_weights(weights)
         if not self._remote:
             return
         import ray
-        weights_ref = ray.put(self._local.get_weights())
+        weights_ref = ray.put(self._local.get_weights() if weights is None else weights)
         for w in self._remote:
             w.set_weights.remote(weights_ref, global_vars)
 
@@ -172,3 +188,59 @@ class WorkerSet:
                 for w in self._remote:
                     ray.kill(w)
                 self._remote = []
+
+
+class DeprecatedOptimizerAliases:
+    """RLlib 0.x's ``agent.optimizer`` evaluator API, mapped onto a :class:`WorkerSet`.
+
+        agent.optimizer.foreach_evaluator(fn)             # -> agent.workers.foreach_worker(fn)
+        agent.optimizer.foreach_evaluator_with_index(fn)  # -> ...foreach_worker_with_index(fn)
+        agent.optimizer.local_evaluator                   # -> agent.workers.local_worker()
+        agent.optimizer.remote_evaluators                 # -> agent.workers.remote_workers()
+        agent.optimizer.workers                           # -> agent.workers
+
+    Each alias works as its new call does and warns once per process with a
+    ``DeprecationWarning`` that names the new call.
+    """
+
+    _warned: ClassVar[set[str]] = set()
+
+    def __init__(self, workers: WorkerSet):
+        self._workers = workers
+
+    def _deprecated(self, old: str, new: str) -> None:
+        if old in self._warned:
+            return
+        self._warned.add(old)
+        # stacklevel 3: the user's line, above this helper and the alias.
+        warnings.warn(f"agent.optimizer.{old} is RLlib 0.x's API and is deprecated: use "
+                      f"{new} instead.", DeprecationWarning, stacklevel=3)
+
+    def foreach_evaluator(self, fn: Callable[[RolloutWorker], Any]) -> list:
+        """Deprecated alias of :meth:`WorkerSet.foreach_worker`."""
+        self._deprecated("foreach_evaluator(fn)", "agent.workers.foreach_worker(fn)")
+        return self._workers.foreach_worker(fn)
+
+    def foreach_evaluator_with_index(self, fn: Callable[[RolloutWorker, int], Any]) -> list:
+        """Deprecated alias of :meth:`WorkerSet.foreach_worker_with_index`."""
+        self._deprecated("foreach_evaluator_with_index(fn)",
+                         "agent.workers.foreach_worker_with_index(fn)")
+        return self._workers.foreach_worker_with_index(fn)
+
+    @property
+    def local_evaluator(self) -> RolloutWorker:
+        """Deprecated alias of :meth:`WorkerSet.local_worker`."""
+        self._deprecated("local_evaluator", "agent.workers.local_worker()")
+        return self._workers.local_worker()
+
+    @property
+    def remote_evaluators(self) -> list:
+        """Deprecated alias of :meth:`WorkerSet.remote_workers`."""
+        self._deprecated("remote_evaluators", "agent.workers.remote_workers()")
+        return self._workers.remote_workers()
+
+    @property
+    def workers(self) -> WorkerSet:
+        """Deprecated: the WorkerSet itself (``agent.workers``)."""
+        self._deprecated("workers", "agent.workers")
+        return self._workers
