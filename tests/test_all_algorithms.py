@@ -31,6 +31,9 @@ TINY = {
                              "target_update_frequency": 200}),
     "ES": ("CartPole-v1", {"num_workers": 1, "num_cpus_per_worker": 0.5}),
     "DDPG": ("Pendulum-v1", {"learning_starts": 100, "timesteps_per_iteration": 300}),
+    "SAC": ("Pendulum-v1", {"learning_starts": 100, "timesteps_per_iteration": 200,
+                            "train_batch_size": 64, "training_intensity": 64,
+                            "actor_hiddens": [64, 64], "critic_hiddens": [64, 64]}),
     "APEX_DDPG": ("Pendulum-v1", {**REMOTE, "num_gpus": 0, "num_replay_buffer_shards": 1,
                                   "buffer_size": 5000, "learning_starts": 100,
                                   "train_batch_size": 32, "timesteps_per_iteration": 600}),
@@ -40,7 +43,7 @@ TINY = {
 def test_every_algorithm_is_registered():
     assert sorted(ALGORITHMS) == sorted(TINY)
     with pytest.raises(ValueError) as error:
-        get_agent_class("SAC")
+        get_agent_class("R2D2")  # not an algorithm of flowrl
     for name in TINY:
         assert name in str(error.value)
 

@@ -42,7 +42,7 @@ def test_sb3_runs_are_shared_by_rows_with_the_same_mapping(suite):
     cartpole_dqn = groups["DQN:CartPole-v1@100000"]
     assert {row.algo for row in cartpole_dqn} == {"DQN", "APEX"}
     assert {row.algo for row in groups["A2C:CartPole-v1@100000"]} == {"PG", "A2C", "IMPALA"}
-    assert all(key.split(":")[0] in ("PPO", "A2C", "DQN", "TD3") for key in groups)
+    assert all(key.split(":")[0] in ("PPO", "A2C", "DQN", "TD3", "SAC") for key in groups)
 
 
 def test_select_and_markdown(suite):

@@ -60,7 +60,13 @@ COMMON_CONFIG: dict[str, Any] = {
     # "auto": the CPUs left after the driver shared among the workers, at most 1 each,
     # so that e.g. num_workers=2 runs on a 2-core laptop instead of waiting forever.
     "num_cpus_per_worker": "auto",
-    "num_gpus_per_worker": 0,
+    "num_gpus_per_worker": 0,    # > 0: a remote worker's policy acts on its GPU
+    # 0: the driver learns, on one device. N >= 1: N learner actors train data-parallel
+    # copies of the policies (each a shard of every train batch, gradients averaged:
+    # gloo on CPUs, NCCL on GPUs); num_gpus is then 0 or N (one GPU per learner).
+    # 1 = one learner actor (its own process / GPU, no all-reduce).
+    "num_learners": 0,
+    "num_cpus_per_learner": 1,
     # -- reporting ----------------------------------------------------------------
     "timesteps_per_iteration": 0,  # at least this many sampled steps per train()
     "min_iter_time_s": 0,          # at least this long per train()
@@ -96,7 +102,7 @@ COMMON_CONFIG: dict[str, Any] = {
 
 # Numeric keys whose integer defaults also accept fractions.
 FRACTIONAL_KEYS = {"num_gpus", "num_cpus_for_driver", "num_cpus_per_worker",
-                   "num_gpus_per_worker", "min_iter_time_s"}
+                   "num_gpus_per_worker", "num_cpus_per_learner", "min_iter_time_s"}
 
 
 def _type_name(value: Any) -> str:
@@ -223,6 +229,10 @@ RENAMED_KEYS: dict[str, Renamed] = {
     "num_envs_per_env_runner": Renamed(("num_envs_per_worker",), "RLlib 2.x's name"),
     "num_cpus_per_env_runner": Renamed(("num_cpus_per_worker",), "RLlib 2.x's name"),
     "num_gpus_per_env_runner": Renamed(("num_gpus_per_worker",), "RLlib 2.x's name"),
+    "num_gpus_per_learner": Renamed(
+        ("num_gpus",), "RLlib 2.x's per-learner GPU count",
+        "flowrl's num_gpus counts all GPUs: with num_learners N, set num_gpus: N (one GPU "
+        "per learner) or 0."),
     "evaluation_num_env_runners": Renamed(("evaluation_num_workers",), "RLlib 2.x's name"),
     "num_epochs": Renamed(("num_sgd_iter",), "RLlib 2.x's name for PPO's SGD epochs"),
     "num_steps_sampled_before_learning_starts": Renamed(("learning_starts",),
@@ -353,7 +363,8 @@ def _available_resources() -> tuple[float, float]:
 def resolve_auto_resources(config: dict) -> dict:
     """Replaces ``"auto"`` resource values with numbers that fit the cluster (or machine).
 
-    ``num_gpus``: 1 if a GPU exists, else 0. ``num_workers``: one per CPU left after the
+    ``num_gpus``: 1 if a GPU exists, else 0 (with ``num_learners`` N: N if the cluster
+    has N GPUs, else 0). ``num_workers``: one per CPU left after the
     driver, at least 2. ``num_cpus_per_worker``: the CPUs left after the driver shared
     among the rollout and evaluation workers, at most 1. ``num_replay_buffer_shards``:
     one per 4 workers, 1 to 4.
@@ -364,7 +375,11 @@ def resolve_auto_resources(config: dict) -> dict:
     cpus, gpus = _available_resources()
     resolved = {}
     if config.get("num_gpus") == "auto":
-        resolved["num_gpus"] = 1 if gpus >= 1 else 0
+        learners = config.get("num_learners", 0)
+        if learners > 0:  # one GPU per learner, or CPU learners
+            resolved["num_gpus"] = learners if gpus >= learners else 0
+        else:
+            resolved["num_gpus"] = 1 if gpus >= 1 else 0
     spare = max(cpus - config["num_cpus_for_driver"], 0.0)
     if config.get("num_workers") == "auto":
         resolved["num_workers"] = max(2, int(spare))
@@ -378,6 +393,25 @@ def resolve_auto_resources(config: dict) -> dict:
         resolved["num_replay_buffer_shards"] = max(1, min(4, workers // 4))
     config.update(resolved)
     return resolved
+
+
+def _validate_learners(config: dict) -> None:
+    """``num_learners`` / ``num_cpus_per_learner`` and how ``num_gpus`` goes with them:
+    never more GPUs than learners can use."""
+    learners, gpus = config["num_learners"], config["num_gpus"]
+    require(learners >= 0, f"num_learners={learners!r} must be >= 0.")
+    require(config["num_cpus_per_learner"] > 0,
+            f"num_cpus_per_learner={config['num_cpus_per_learner']!r} must be > 0.")
+    if learners == 0:
+        require(gpus <= 1,
+                f"num_gpus={gpus!r}, but with num_learners=0 the driver learns on one "
+                f"device and the other GPUs would sit idle. Set num_learners: {int(gpus)} "
+                f"to train {int(gpus)} data-parallel learners, one per GPU, or num_gpus: 1.")
+    else:
+        require(gpus == 0 or gpus == learners,
+                f"num_learners={learners} with num_gpus={gpus!r}: each learner takes one "
+                f"whole GPU, so num_gpus must be {learners} (GPU learners, NCCL) or 0 (CPU "
+                "learners, gloo).")
 
 
 def validate_common(config: dict) -> None:
@@ -404,6 +438,7 @@ def validate_common(config: dict) -> None:
     require(config["num_gpus"] == 0 or config["num_gpus"] <= 1 or
             float(config["num_gpus"]).is_integer(),
             f"num_gpus={config['num_gpus']!r}: fractions are allowed only below 1.")
+    _validate_learners(config)
     interval = config["evaluation_interval"]
     require(interval is None or (isinstance(interval, int) and interval >= 1),
             f"evaluation_interval={interval!r} must be None or an int >= 1.")

@@ -23,6 +23,7 @@ ALGORITHMS: dict[str, str] = {
     "ES": "flowrl.plans.es:ESAgent",
     "IMPALA": "flowrl.plans.impala:ImpalaAgent",
     "APPO": "flowrl.plans.appo:APPOAgent",
+    "SAC": "flowrl.plans.sac:SACAgent",
 }
 
 

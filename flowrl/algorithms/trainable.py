@@ -37,16 +37,21 @@ def make_trainable(agent_cls: type) -> type:
         @classmethod
         def default_resource_request(cls, config: dict) -> PlacementGroupFactory:
             c = agent_cls.merge_config(config)
-            # The driver, then the rollout workers and the evaluation workers.
-            bundles = [{"CPU": c["num_cpus_for_driver"], "GPU": c["num_gpus"]}] + [
-                {"CPU": c["num_cpus_per_worker"], "GPU": c["num_gpus_per_worker"]}
-                for _ in range(c["num_workers"] + c["evaluation_num_workers"])]
+            # The driver, the learners (which then hold the GPUs, one each), the rollout
+            # workers and the evaluation workers.
+            learners = c["num_learners"]
+            bundles = [{"CPU": c["num_cpus_for_driver"],
+                        "GPU": 0 if learners else c["num_gpus"]}]
+            bundles += [{"CPU": c["num_cpus_per_learner"], "GPU": c["num_gpus"] / learners}
+                        for _ in range(learners)]
+            bundles += [{"CPU": c["num_cpus_per_worker"], "GPU": c["num_gpus_per_worker"]}
+                        for _ in range(c["num_workers"] + c["evaluation_num_workers"])]
             check_cluster_fits(
                 {r: sum(b[r] for b in bundles) for r in ("CPU", "GPU")},
                 f"The {agent_cls._name} trial (num_cpus_for_driver / num_gpus + "
-                "num_workers x per-worker resources)",
-                "Lower num_workers or the per-worker resources (fractions are allowed), "
-                "or start Ray with more resources.")
+                "num_learners x per-learner + num_workers x per-worker resources)",
+                "Lower num_learners, num_workers or the per-worker resources (fractions "
+                "are allowed), or start Ray with more resources.")
             return PlacementGroupFactory(bundles)
 
         def setup(self, config: dict) -> None:

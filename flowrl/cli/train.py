@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from typing import Any, Callable, NamedTuple
+from urllib.parse import unquote, urlparse
 
 import yaml
 
@@ -31,11 +33,51 @@ TRAIN_EXAMPLES = """examples:
   python scripts/train.py --run PPO --env CartPole-v1 --experiment-name long --resume
   python scripts/train.py --run PPO --env CartPole-v1 \
       --callbacks 'ray.air.integrations.wandb:WandbLoggerCallback={"project": "flowrl"}'
+  # on a cluster (after `ray start --head` here and `ray start --address=...` on the
+  # other machines): results and checkpoints in storage every node can reach
+  python scripts/train.py -f flowrl/tuned_examples/pong-apex.yaml --ray-address auto \
+      --storage-path s3://my-bucket/experiments --checkpoint-freq 10
 
 Each trial writes params.json, result.json, progress.csv, a TensorBoard event file
 (tensorboard --logdir ~/ray_results) and checkpoint_<n>/ directories under
-<local-dir>/<experiment-name>/<trial>/. Evaluate a checkpoint with scripts/rollout.py.
+<storage-path>/<experiment-name>/<trial>/. Evaluate a checkpoint with scripts/rollout.py.
+Running on a cluster: docs/cluster.md.
 """
+
+DEFAULT_STORAGE_PATH = "~/ray_results"
+# "s3://bucket/x", "gs://...", "file:///...", "hdfs://host/..." (RFC 3986 scheme).
+_URI_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_storage_uri(path: str) -> bool:
+    """True for a storage URI (``s3://bucket/experiments``, ``gs://...``,
+    ``file:///mnt/results``, any ``scheme://``), False for a plain path."""
+    return bool(_URI_PATTERN.match(path))
+
+
+def resolve_storage_path(path: str) -> str:
+    """The results root handed to Tune.
+
+    A URI goes through unchanged: Tune (through pyarrow) opens it, so that every node of
+    a cluster writes checkpoints to the same bucket or share. A plain path is expanded
+    (``~``) and made absolute against the working directory, since trials run in
+    directories of their own.
+    """
+    if is_storage_uri(path):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def local_folder_of(storage_path: str) -> str | None:
+    """The local folder a resolved storage path names: the path itself, or the path of
+    a ``file://`` URI (``file:///tmp/results`` -> ``/tmp/results``); None for remote
+    storage (``s3://``, ``gs://``, ...)."""
+    if not is_storage_uri(storage_path):
+        return storage_path
+    parsed = urlparse(storage_path)
+    if parsed.scheme.lower() == "file" and parsed.netloc in ("", "localhost"):
+        return unquote(parsed.path)
+    return None
 
 
 def _json_arg(name: str):
@@ -144,26 +186,40 @@ def make_train_parser() -> argparse.ArgumentParser:
                    help="trials per config; with grid_search, per grid point "
                         "(e.g. --num-samples 3 runs three seeds)")
     p.add_argument("--experiment-name", default=None, metavar="NAME",
-                   help="results folder under --local-dir (default: the algorithm name, "
-                        "or the experiment's name in -f FILE; e.g. --experiment-name long)")
-    p.add_argument("--local-dir", default=None, metavar="DIR",
-                   help="results root: trials go to <DIR>/<experiment-name>/ "
-                        "(default: ~/ray_results; e.g. --local-dir /tmp/results)")
+                   help="results folder under --storage-path (default: the algorithm "
+                        "name, or the experiment's name in -f FILE; e.g. "
+                        "--experiment-name long)")
+    p.add_argument("--storage-path", default=None, metavar="DIR_OR_URI",
+                   help="results root: trials go to <DIR_OR_URI>/<experiment-name>/. A "
+                        "folder (joined to the working directory, ~ expanded) or a storage "
+                        "URI passed to Tune unchanged, which every node of a cluster can "
+                        "reach (default: ~/ray_results; e.g. --storage-path "
+                        "s3://my-bucket/experiments, gs://my-bucket/experiments, "
+                        "file:///mnt/shared/results or /tmp/results)")
+    p.add_argument("--local-dir", default=None, metavar="DIR_OR_URI",
+                   help="the earlier name of --storage-path, same meaning "
+                        "(e.g. --local-dir /tmp/results)")
     p.add_argument("--restore", default=None, metavar="CHECKPOINT",
-                   help="start from this checkpoint directory (e.g. --restore "
+                   help="start from this checkpoint directory, on a file system the "
+                        "trial's node can read (e.g. --restore "
                         "~/ray_results/PPO/PPO_CartPole-v1_.../checkpoint_000010)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted experiment (same --experiment-name and "
-                        "--local-dir) from the last checkpoint of each trial")
+                        "--storage-path, a URI included) from the last checkpoint of each "
+                        "trial")
     p.add_argument("--ray-address", default=None, metavar="ADDRESS",
-                   help="join a running Ray cluster instead of starting one "
-                        "(e.g. --ray-address 192.168.1.2:6379, or auto)")
+                   help="join a running Ray cluster instead of starting one, from a "
+                        "node of that cluster: auto (the cluster `ray start` started on "
+                        "this machine, or $RAY_ADDRESS) or the head's host:port (e.g. "
+                        "--ray-address auto, --ray-address 192.168.1.2:6379); see "
+                        "docs/cluster.md")
     p.add_argument("--ray-num-cpus", type=int, default=None, metavar="N",
                    help="CPUs for the Ray instance started here (default: all; "
-                        "e.g. --ray-num-cpus 2)")
+                        "e.g. --ray-num-cpus 2); not with --ray-address")
     p.add_argument("--ray-num-gpus", type=int, default=None, metavar="N",
                    help="GPUs for the Ray instance started here (default: the GPUs GPUtil "
-                        "finds; e.g. --ray-num-gpus 0 to train on the CPU)")
+                        "finds; e.g. --ray-num-gpus 0 to train on the CPU); not with "
+                        "--ray-address")
     p.add_argument("--local-mode", action="store_true",
                    help="run everything in one process (Ray local mode) for debugging "
                         "with breakpoints")
@@ -280,13 +336,39 @@ def _normalize_spec(name: str, spec: dict, args: argparse.Namespace) -> dict:
             raise ValueError(f"keep_checkpoints_num={keep!r} must be an int >= 1")
         checkpoint_config["num_to_keep"] = keep
     spec["checkpoint_config"] = checkpoint_config
-    local_dir = option("local_dir", args.local_dir, spec.pop("storage_path", None)
-                       or "~/ray_results")
-    spec["storage_path"] = os.path.abspath(os.path.expanduser(local_dir))
+    # A file may say local_dir (the older name) or storage_path.
+    root = option("local_dir", args.storage_path or args.local_dir,
+                  spec.pop("storage_path", None) or DEFAULT_STORAGE_PATH)
+    spec["storage_path"] = resolve_storage_path(str(root))
     spec["num_samples"] = option("num_samples", args.num_samples, 1)
     if args.restore:
+        if is_storage_uri(args.restore):
+            # Tune takes --restore as a local path and would join the URI to the
+            # working directory.
+            raise ValueError(
+                f"--restore {args.restore}: give a checkpoint directory on a file system "
+                "the trial's node can read (copy a checkpoint down from cloud storage "
+                "first), or continue an experiment kept at a URI with --resume and the "
+                "same --storage-path and --experiment-name")
         spec["restore"] = args.restore
     return spec
+
+
+def build_experiments(args: argparse.Namespace) -> dict[str, dict]:
+    """The experiments ``flowrl train`` hands to ``tune.run_experiments``, one spec per
+    name, from parsed flags (``make_train_parser().parse_args(argv)``): algorithm, env
+    and config checked, CLI defaults filled in, and ``storage_path`` resolved (URIs
+    unchanged, plain paths absolute). Raises ``ValueError`` on bad input."""
+    if args.storage_path and args.local_dir and args.storage_path != args.local_dir:
+        raise ValueError(f"--storage-path {args.storage_path} and --local-dir "
+                         f"{args.local_dir} name two results roots; --local-dir is the "
+                         "earlier name of --storage-path: give one of them")
+    if args.ray_address and (args.ray_num_cpus is not None or args.ray_num_gpus is not None):
+        raise ValueError("--ray-num-cpus / --ray-num-gpus size a Ray instance started "
+                         "here; with --ray-address the cluster's own resources apply "
+                         "(set them with `ray start --num-cpus N --num-gpus N`)")
+    return {name: _normalize_spec(name, spec, args)
+            for name, spec in _experiments_from_args(args).items()}
 
 
 def _resolve_auto(spec: dict) -> None:
@@ -313,8 +395,7 @@ def train_main(argv: list[str] | None = None) -> int:
     parser = make_train_parser()
     args = parser.parse_args(argv)
     try:
-        experiments = {name: _normalize_spec(name, spec, args)
-                       for name, spec in _experiments_from_args(args).items()}
+        experiments = build_experiments(args)
         if args.callbacks and args.local_mode:
             raise ValueError("--callbacks are Tune callbacks; --local-mode runs without "
                              "Tune: leave one of them out")
@@ -333,14 +414,17 @@ def train_main(argv: list[str] | None = None) -> int:
     register_trainables()  # trials look the algorithms up by name
 
     if not ray.is_initialized():
-        init_args = {"include_dashboard": False}
-        if args.ray_address:
-            init_args["address"] = args.ray_address
+        init_args: dict[str, Any] = {"include_dashboard": False}
+        # ray.init reads $RAY_ADDRESS too, and then refuses num_cpus / num_gpus.
+        address = args.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            init_args["address"] = address
         else:
             init_args["num_cpus"] = args.ray_num_cpus
             init_args["num_gpus"] = (args.ray_num_gpus if args.ray_num_gpus is not None
                                      else _detect_gpus())
         ray.init(**init_args)
+    _warn_local_storage_on_cluster(experiments)
     for spec in experiments.values():
         _resolve_auto(spec)
     from flowrl.algorithms.trainable import tune_callbacks
@@ -352,19 +436,35 @@ def train_main(argv: list[str] | None = None) -> int:
     # or more; a driver killed in between resumes from an older checkpoint, or from
     # scratch. Every 2 s bounds that loss at the cost of a small JSON write.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    trials = []
+    trials: list[tuple[Any, str]] = []  # (trial, its experiment's storage_path)
     # One Tune run per experiment, in file order: Ray 2.x Tune keeps one experiment
     # directory per run, and the files of a second experiment in the same run are lost.
     for name, spec in experiments.items():
         try:
-            trials += tune.run_experiments(
+            trials += [(trial, spec["storage_path"]) for trial in tune.run_experiments(
                 {name: spec}, resume=args.resume or None, verbose=min(args.verbose, 2),
                 raise_on_failed_trial=False,
-                callbacks=tune_callbacks(progress=True) + user_callbacks())
+                callbacks=tune_callbacks(progress=True) + user_callbacks())]
         except ValueError as e:  # e.g. a resource request the cluster can never meet
             print(f"flowrl train: error: {e}", file=sys.stderr)
             return 2
     return _report(trials)
+
+
+def _warn_local_storage_on_cluster(experiments: dict) -> None:
+    """On a cluster of several nodes, a plain results folder must be on a shared file
+    system: trials on other nodes write their checkpoints to the same path there, and
+    Tune fails the first checkpoint of a node that cannot see it."""
+    import ray
+
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    local = sorted({spec["storage_path"] for spec in experiments.values()
+                    if not is_storage_uri(spec["storage_path"])})
+    if nodes > 1 and local:
+        print(f"flowrl: the cluster has {nodes} nodes and results go to "
+              f"{', '.join(local)}: every node must reach it at that path (a shared file "
+              "system such as NFS), or give --storage-path s3://bucket/experiments "
+              "(gs://, ...). See docs/cluster.md.", flush=True)
 
 
 def _stop_reached(stop: dict, result: dict) -> bool:
@@ -393,10 +493,16 @@ def _run_local(experiments: dict, args: argparse.Namespace) -> int:
             print(f"flowrl train: error: --local-mode runs one trial per experiment; "
                   f"{name!r} has a search space or num_samples > 1", file=sys.stderr)
             return 2
+        folder = local_folder_of(spec["storage_path"])
+        if folder is None:
+            print(f"flowrl train: error: --local-mode writes results to a local folder, "
+                  f"not to {spec['storage_path']}: give a folder or a file:// URI",
+                  file=sys.stderr)
+            return 2
         # One process: evaluation, if any, runs in it too.
         config = {**config, "num_workers": 0, "evaluation_num_workers": 0}
         stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        logdir = os.path.join(spec["storage_path"], name,
+        logdir = os.path.join(folder, name,
                               f"{spec['run']}_{config['env']}_{stamp}".replace("/", "_"))
         every = spec["checkpoint_config"]["checkpoint_frequency"]
         keep = spec["checkpoint_config"].get("num_to_keep")
@@ -424,17 +530,32 @@ def _run_local(experiments: dict, args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(trials: list) -> int:
+def _location(fs_path: str, storage_path: str) -> str:
+    """A path on the experiment's storage written as a URI again: Tune's paths drop the
+    scheme (``s3://bucket/exp`` -> ``bucket/exp``; ``hdfs://host/exp`` -> ``/exp``).
+    ``fs_path`` lies under ``storage_path``."""
+    if local_folder_of(storage_path) is not None:
+        return fs_path
+    parsed = urlparse(storage_path)
+    for root in (parsed.netloc + parsed.path, parsed.path):  # bucket-style, host-style
+        root = root.rstrip("/")
+        if root and fs_path.startswith(root + "/"):
+            return parsed._replace(path=parsed.path.rstrip("/")
+                                   + fs_path[len(root):]).geturl()
+    return f"{parsed.scheme}://{fs_path}"
+
+
+def _report(trials: list[tuple[Any, str]]) -> int:
     """Prints where each trial's results are; failed trials with their traceback."""
-    failed = [t for t in trials if t.status == "ERROR"]
-    for trial in trials:
+    failed = [t for t, _ in trials if t.status == "ERROR"]
+    for trial, storage_path in trials:
         last = trial.last_result or {}
         print(f"{trial}: {trial.status}, iterations={last.get('training_iteration')}, "
               f"timesteps={last.get('timesteps_total')}, "
               f"episode_reward_mean={last.get('episode_reward_mean')}, "
-              f"dir={getattr(trial, 'path', None) or trial.local_path}")
+              f"dir={_location(trial.path, storage_path)}")
         if trial.checkpoint is not None:
-            print(f"  last checkpoint: {trial.checkpoint.path}")
+            print(f"  last checkpoint: {_location(trial.checkpoint.path, storage_path)}")
     for trial in failed:
         print(f"Trial {trial} failed; error file: {trial.error_file}", file=sys.stderr)
         if trial.error_file and os.path.exists(trial.error_file):

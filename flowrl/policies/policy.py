@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -267,6 +267,11 @@ class Policy:
         self.uses_prev_rewards = self.recurrent and bool(model_config.get("lstm_use_prev_reward"))
         self._params: list[nn.Parameter] = list(self.model.parameters())
         self.optimizer: torch.optim.Optimizer = self.make_optimizer()
+        #: Called as ``gradient_hook(params)`` after each backward pass of the SGD loop,
+        #: before the gradient norm and clip (:meth:`_grad_norm_and_clip`). A
+        #: data-parallel learner (``flowrl.workers.learner_group``) sets it to average
+        #: the gradients over all learners, so that the clip sees the average. None: off.
+        self.gradient_hook: Callable[[list[nn.Parameter]], None] | None = None
         self.global_timestep = 0
         #: ``lr_schedule`` / ``entropy_coeff_schedule`` (None: the constant config value).
         self.lr_schedule = make_schedule(merged.get("lr_schedule"), "lr_schedule")
@@ -650,6 +655,8 @@ class Policy:
             self.obs_filter.update(np.asarray(batch[SampleBatch.OBS]))
 
     def _grad_norm_and_clip(self) -> torch.Tensor:
+        if self.gradient_hook is not None:
+            self.gradient_hook(self._params)
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.device)
