@@ -117,19 +117,20 @@ def test_policy_devices_follow_the_gpu_settings():
     assert remote.get_policy().config["num_gpus"] == 0.5
 
 
-def test_trial_resources_hold_a_bundle_per_learner(monkeypatch):
-    asked = []
-    monkeypatch.setattr("flowrl.algorithms.trainable.check_cluster_fits",
-                        lambda totals, *_: asked.append(totals))
+def test_trial_resources_hold_a_bundle_per_learner(ray_session):
     trainable = get_trainable_class("PPO")
     request = trainable.default_resource_request(
-        {"env": "CartPole-v1", "num_learners": 2, "num_gpus": 2, "num_cpus_per_learner": 2,
-         "num_workers": 1, "num_cpus_per_worker": 1})
-    assert request.bundles == [{"CPU": 1}, {"CPU": 2, "GPU": 1}, {"CPU": 2, "GPU": 1},
-                               {"CPU": 1}]
-    assert asked[-1] == {"CPU": 6, "GPU": 2}
-    default = trainable.default_resource_request({"env": "CartPole-v1", "num_gpus": 1})
-    assert default.bundles == [{"CPU": 1, "GPU": 1}]
+        {"env": "CartPole-v1", "num_learners": 2, "num_cpus_per_learner": 0.25,
+         "num_cpus_for_driver": 0.5, "num_workers": 1, "num_cpus_per_worker": 0.5})
+    assert request.bundles == [{"CPU": 0.5}, {"CPU": 0.25}, {"CPU": 0.25}, {"CPU": 0.5}]
+    # GPU learners get one GPU each in their own bundles; this 2-CPU, 0-GPU session's
+    # cluster cannot hold them, which the request says before any actor starts.
+    with pytest.raises(ValueError, match="asks for 2 GPUs, but the Ray cluster has 0"):
+        trainable.default_resource_request(
+            {"env": "CartPole-v1", "num_learners": 2, "num_gpus": 2,
+             "num_cpus_per_learner": 0.25, "num_cpus_for_driver": 0.5})
+    default = trainable.default_resource_request({"env": "CartPole-v1"})
+    assert default.bundles == [{"CPU": 1}]
 
 
 # -- sharding -------------------------------------------------------------------------

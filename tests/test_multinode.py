@@ -74,8 +74,11 @@ def test_cluster_tests_in_a_process_of_their_own():
     ray_tmp = tempfile.mkdtemp(prefix="flowrl-mn-")  # short: Ray's socket paths live here
     try:
         child = subprocess.run(
+            # Without hypothesis's plugin: its end-of-session import (ast.parse) trips
+            # CPython 3.11.7's "AST constructor recursion depth mismatch" after Ray tears
+            # down a cluster (see tests/conftest.py).
             [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-x",
-             "-p", "no:cacheprovider"],
+             "-p", "no:cacheprovider", "-p", "no:hypothesispytest"],
             env={**os.environ, CHILD_FLAG: "1", "RAY_TMPDIR": ray_tmp},
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
             capture_output=True, text=True, timeout=600)

@@ -130,6 +130,7 @@ def test_pbt_trials_train_with_their_own_lr_after_every_exploit(ray_session, tmp
     recorder = LrRecorder()
     pbt = PopulationBasedTraining(
         time_attr="training_iteration", perturbation_interval=2, quantile_fraction=0.5,
+        synch=True,  # every trial reaches each interval first: an exploit always happens
         hyperparam_mutations={"lr": [3e-3, 1e-3, 3e-4, 1e-4, 3e-5]})
     random.seed(0)  # PBT's explore draws from Python's random
     # Half a CPU per trial: all four run at once on 2 CPUs, as PBT's population should.

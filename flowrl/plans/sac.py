@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from flowrl.algorithms.agent import Agent
-from flowrl.algorithms.config import require
+from flowrl.algorithms.config import require, with_common_config
 from flowrl.plans import dqn
 from flowrl.policies.sac import SACTorchPolicy
 
@@ -26,7 +26,8 @@ from flowrl.policies.sac import SACTorchPolicy
 _DQN_ONLY = ("hiddens", "dueling", "double_q", "adam_epsilon", "exploration_config", "lr",
              "per_worker_exploration", "worker_side_prioritization")
 
-DEFAULT_CONFIG: dict = {
+# The common keys stay (``lr`` too: SAC ignores it for actor_lr / critic_lr / alpha_lr).
+DEFAULT_CONFIG: dict = with_common_config({
     **{k: v for k, v in dqn.DEFAULT_CONFIG.items() if k not in _DQN_ONLY},
     "num_workers": 0,
     "rollout_fragment_length": 1,
@@ -52,7 +53,7 @@ DEFAULT_CONFIG: dict = {
     "prioritized_replay": False,
     "exploration_config": {"random_timesteps": 1000},
     "timesteps_per_iteration": 1000,
-}
+})
 
 
 def validate_sac_config(config: dict) -> None:
