@@ -94,14 +94,11 @@ class Report:
 
 
 def _json_default(value: Any) -> Any:
-    try:
-        import numpy as np
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, np.ndarray):
-            return value.tolist()
-    except ImportError:  # pragma: no cover
-        pass
+    import numpy as np
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
     return repr(value)
 
 
@@ -124,7 +121,7 @@ def _cpu_model() -> str | None:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
     except OSError:
-        pass
+        pass  # no /proc (not Linux): fall back to what platform says
     return platform.processor() or None
 
 
