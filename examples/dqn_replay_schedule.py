@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stop-reward", type=float, default=150.0)
     parser.add_argument("--max-iterations", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    agent = DQNBurstReplay(env="CartPole-v1", config={"seed": 0})
+    agent = DQNBurstReplay(env="CartPole-v1", config={"seed": args.seed})
     try:
         for _ in range(args.max_iterations):
             result = agent.train()

@@ -133,13 +133,43 @@ def test_missing_and_bad_checkpoints(tmp_path, results_dir):
     agent.stop()
 
 
+def greedy_returns(agent, seeds):
+    """Returns of the agent's greedy policy, played here on fresh CartPole envs."""
+    import gymnasium as gym
+    returns = []
+    for seed in seeds:
+        env = gym.make("CartPole-v1")
+        obs, _ = env.reset(seed=seed)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(
+                agent.compute_action(obs, explore=False))
+            total += reward
+            done = terminated or truncated
+        returns.append(total)
+    return returns
+
+
 def test_evaluation_interval_reports_greedy_returns(results_dir):
-    agent = A2CAgent(config={"evaluation_interval": 1, "evaluation_num_episodes": 2,
+    agent = A2CAgent(config={"evaluation_interval": 1, "evaluation_num_episodes": 3,
                              "seed": 3}, env="CartPole-v1")
-    result = agent.train()
-    assert result["evaluation"]["episodes_this_iter"] == 2
-    assert result["evaluation"]["episode_reward_mean"] > 0
-    agent.stop()
+    try:
+        result = agent.train()
+        evaluation = result["evaluation"]
+        # The same 3 episodes replayed here: the learner's weights after this
+        # iteration, greedy actions, documented seeds seed + 10_000_000 + i. A
+        # sampled (exploring) policy or another env stream gives other returns.
+        expected = greedy_returns(agent, [3 + 10_000_000 + i for i in range(3)])
+        assert evaluation["episodes_this_iter"] == 3
+        assert evaluation["episode_reward_mean"] == pytest.approx(np.mean(expected))
+        assert evaluation["episode_reward_min"] == min(expected)
+        assert evaluation["episode_reward_max"] == max(expected)
+        assert evaluation["episode_len_mean"] == pytest.approx(np.mean(expected))
+        # Evaluation steps are not training steps.
+        assert result["timesteps_total"] == result["timesteps_this_iter"]
+        assert agent.train()["evaluation"]["episodes_this_iter"] == 3  # every iteration
+    finally:
+        agent.stop()
 
 
 def test_remote_workers_train_and_foreach_worker(ray_session, results_dir):

@@ -6,17 +6,16 @@ import pickle
 import subprocess
 import sys
 
+# ale-py and opencv are flowrl dependencies: a broken install fails here, not skips.
+import ale_py  # noqa: F401
+import cv2
 import gymnasium as gym
 import numpy as np
 import pytest
 
-pytest.importorskip("ale_py")
-cv2 = pytest.importorskip("cv2")
-
-from flowrl.envs import atari  # noqa: E402  (registers the ALE ids)
-from flowrl.envs.atari import (  # noqa: E402
-    AtariCreator, AtariFrames, resolve_short_name, wrap_deepmind)
-from flowrl.envs.registry import EnvContext, make_env_creator  # noqa: E402
+from flowrl.envs import atari  # (registers the ALE ids)
+from flowrl.envs.atari import AtariCreator, AtariFrames, resolve_short_name, wrap_deepmind
+from flowrl.envs.registry import EnvContext, make_env_creator
 
 
 def _raw(game: str = "Breakout", obs_type: str = "grayscale") -> gym.Env:

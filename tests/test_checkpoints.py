@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -20,41 +19,109 @@ from flowrl.algorithms.checkpoint import MANIFEST_FILE, read_manifest
 DQN_SMALL = {"learning_starts": 100, "timesteps_per_iteration": 200, "seed": 3,
              "checkpoint_replay_buffer": True, "buffer_size": 50000}
 
-SAVE_FOREVER = textwrap.dedent("""
-    import sys
+PROBES = [[0.0, 0.0, 0.0, 0.0], [0.1, -0.3, 0.05, 0.4], [-0.1, 0.2, -0.05, -0.4]]
+
+# Saves a checkpoint, trains on, then overwrites it and stops itself (SIGSTOP) at a
+# named point inside that second write, found with a profile hook on the real calls:
+#   "replay":   replay.pt of the new checkpoint is open and still empty;
+#   "manifest": everything but the manifest is written to the temporary sibling;
+#   "renames":  the old checkpoint is moved aside, the new one not yet moved in.
+KILL_MID_SAVE = textwrap.dedent("""
+    import json, os, signal, sys
+    import numpy as np
+    import torch
     from flowrl import get_agent_class
+    from flowrl.algorithms import checkpoint
+    path, where = sys.argv[1], sys.argv[2]
     agent = get_agent_class("DQN")(config={config}, env="CartPole-v1", log_to_disk=False)
-    for _ in range(20):  # a fuller replay buffer makes each save take longer
+    for _ in range(2):
         agent.train()
-    agent.save(sys.argv[1])
-    print("first", flush=True)
-    while True:              # overwrite the same checkpoint until killed mid-write
-        agent.save(sys.argv[1])
+    agent.save(path)
+    weights = agent.get_policy().get_weights()
+    print(json.dumps({{
+        "iteration": agent.iteration,
+        "steps": agent.metrics.get("num_steps_sampled"),
+        "replay_size": agent.plan.state["replay"].buffers[0].stats()["size"],
+        "weights_sum": float(sum(np.abs(v).sum() for v in weights.values())),
+        "actions": [int(agent.compute_action(np.array(o, np.float32), explore=False))
+                    for o in {probes}]}}), flush=True)
+    agent.train()
+    renames = []
+
+    def stop(event, frame, arg):
+        if where == "replay" and event == "call" and frame.f_code is torch.save.__code__:
+            hit = getattr(frame.f_locals.get("f"), "name", "").endswith("replay.pt")
+        elif where == "manifest" and event == "call" and \\
+                frame.f_code is checkpoint._write_json.__code__:
+            hit = frame.f_locals["path"].endswith(checkpoint.MANIFEST_FILE)
+        elif where == "renames" and event == "c_call" and arg is os.rename:
+            renames.append(1)
+            hit = len(renames) == 2  # the first one moved the old checkpoint aside
+        else:
+            return
+        if hit:
+            sys.setprofile(None)
+            print("stopped", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)  # the test kills it here
+
+    sys.setprofile(lambda frame, event, arg: stop(event, frame, arg))
+    agent.save(path)
+    sys.setprofile(None)
+    print("the save finished: the stop point was never reached", flush=True)
 """)
 
 
-def test_sigkill_while_overwriting_a_checkpoint_never_loses_it(tmp_path):
-    script = tmp_path / "save_forever.py"
-    script.write_text(SAVE_FOREVER.format(config=repr(DQN_SMALL)))
-    path = str(tmp_path / "checkpoint")
-    rng = random.Random(0)
-    for attempt in range(3):
-        child = subprocess.Popen([sys.executable, str(script), path], stdout=subprocess.PIPE,
-                                 text=True)
-        try:
-            assert child.stdout.readline().strip() == "first"
-            time.sleep(rng.uniform(0.2, 1.5))  # somewhere inside a later save
-        finally:
-            child.send_signal(signal.SIGKILL)
-            child.wait()
-        agent = Agent.from_checkpoint(path, config_overrides={"seed": 1})
-        try:
-            assert agent.iteration >= 20
-            assert agent.metrics.get("num_steps_sampled") >= 20 * 200
-        finally:
-            agent.stop()
-    # Leftovers of killed writes are hidden siblings, never mistaken for checkpoints.
-    assert os.listdir(tmp_path).count("checkpoint") == 1
+def hidden_siblings(parent, kind):
+    return [os.path.join(parent, e) for e in os.listdir(parent)
+            if e.startswith(f".checkpoint.{kind}-")]
+
+
+@pytest.mark.parametrize("where", ["replay", "manifest", "renames"])
+def test_sigkill_mid_overwrite_keeps_the_previous_checkpoint_loadable(tmp_path, where):
+    script = tmp_path / "kill_mid_save.py"
+    script.write_text(KILL_MID_SAVE.format(config=repr(DQN_SMALL), probes=repr(PROBES)))
+    parent = tmp_path / "ckpts"
+    path = str(parent / "checkpoint")
+    child = subprocess.Popen([sys.executable, str(script), path, where],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        saved = json.loads(child.stdout.readline())
+        assert child.stdout.readline().strip() == "stopped"
+        # Wait until the child really is stopped at that point, then look at the disk.
+        _, status = os.waitpid(child.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
+        (tmp,) = hidden_siblings(parent, "tmp")
+        assert os.path.getsize(os.path.join(tmp, "policies", "default_policy.pt")) > 0
+        if where == "replay":
+            assert os.path.getsize(os.path.join(tmp, "replay.pt")) == 0  # mid-write
+        if where in ("replay", "manifest"):
+            assert not os.path.exists(os.path.join(tmp, MANIFEST_FILE))
+            assert read_manifest(path)["iteration"] == 2  # the old one, still in place
+        else:  # between the renames: no checkpoint at the path at all
+            assert not os.path.exists(path)
+            assert read_manifest(tmp)["iteration"] == 3  # the new one is whole, not in
+            (old,) = hidden_siblings(parent, "old")
+            assert read_manifest(old)["iteration"] == 2
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+
+    agent = Agent.from_checkpoint(path, config_overrides={"seed": 1})
+    try:
+        # Exactly the checkpoint written before the killed overwrite.
+        assert agent.iteration == saved["iteration"] == 2
+        assert agent.metrics.get("num_steps_sampled") == saved["steps"]
+        assert agent.plan.state["replay"].buffers[0].stats()["size"] == saved["replay_size"]
+        weights = agent.get_policy().get_weights()
+        assert float(sum(np.abs(v).sum() for v in weights.values())) == saved["weights_sum"]
+        assert [int(agent.compute_action(np.array(o, np.float32), explore=False))
+                for o in PROBES] == saved["actions"]
+        # The next save clears the killed write's hidden leftovers.
+        agent.save(path)
+    finally:
+        agent.stop()
+    assert os.listdir(parent) == ["checkpoint"]
 
 
 def test_an_overwrite_killed_between_its_renames_is_recovered(tmp_path):

@@ -1,17 +1,22 @@
 """scripts/train.py as users run it: experiment files, sweeps, --resume after a kill,
 --local-mode, the acceptance commands of the docs, TensorBoard names, and every flag.
 
-Each test runs the real script in a subprocess (its own Ray instance on 2 CPUs).
+Each test runs the real script in a subprocess (its own Ray instance on 2 CPUs, or a
+`ray start --head` cluster of the test's own).
 """
 
 import glob
 import json
 import os
 import re
+import secrets
+import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -118,45 +123,163 @@ def test_progress_lines_tensorboard_names_and_keep_checkpoints(tmp_path):
     assert not any(t.startswith("ray/tune/") for t in tags)  # one copy, plain names
 
 
+# Holds the trial inside iteration 7 (never reported) while the gate file exists: the
+# killed run's last checkpoint is then exactly the one of iteration 6, whatever the
+# machine's speed.
+GATE_CALLBACKS = """
+import os
+import threading
+
+from flowrl.workers.callbacks import DefaultCallbacks
+
+
+class HoldAtIteration7(DefaultCallbacks):
+    def on_train_result(self, *, agent, result):
+        if agent.iteration == 7 and os.path.exists({gate!r}):
+            threading.Event().wait()  # until the test kills the run
+"""
+
+
+def recorded_checkpoints(experiment_dir):
+    """Checkpoint names in Tune's latest experiment-state snapshot (what --resume reads):
+    the trials' checkpoint managers are stored cloudpickled, as hex strings."""
+    states = sorted(glob.glob(os.path.join(experiment_dir, "experiment_state-*.json")))
+    if not states:
+        return set()
+    try:
+        with open(states[-1]) as f:
+            trials = json.load(f)["trial_data"]
+    except (json.JSONDecodeError, KeyError):  # caught mid-write: not yet
+        return set()
+    found = set()
+    for _, runtime in trials:
+        blob = bytes.fromhex(json.loads(runtime)["checkpoint_manager"]["value"])
+        found.update(m.decode() for m in re.findall(rb"checkpoint_\d{6}", blob))
+    return found
+
+
 def test_resume_continues_a_killed_experiment_from_its_last_checkpoint(tmp_path):
-    config = {**TINY_PG, "min_iter_time_s": 0.3}
+    gate = tmp_path / "hold"
+    gate.touch()
+    callbacks = tmp_path / "hold_callbacks.py"
+    callbacks.write_text(GATE_CALLBACKS.format(gate=str(gate)))
+    config = {**TINY_PG, "callbacks": f"{callbacks}:HoldAtIteration7"}
     args = ["--run", "PG", "--env", "CartPole-v1", "--config", json.dumps(config),
-            "--stop", '{"training_iteration": 30}', "--checkpoint-freq", "3",
+            "--stop", '{"training_iteration": 12}', "--checkpoint-freq", "3",
             "--experiment-name", "resume-me", "--local-dir", str(tmp_path),
             "--ray-num-cpus", "2"]
     first = subprocess.Popen([sys.executable, TRAIN, *args], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            dirs = trial_dirs(tmp_path / "resume-me")
-            if dirs and len(glob.glob(os.path.join(dirs[0], "checkpoint_*"))) >= 2:
-                time.sleep(5)  # > the CLI's 2 s experiment-state period: it is recorded
-                break
+        # Kill once the experiment state --resume reads records iteration 6's checkpoint
+        # (checkpoint_000001); the trial is then held in iteration 7.
+        deadline = time.monotonic() + 300
+        while "checkpoint_000001" not in recorded_checkpoints(tmp_path / "resume-me"):
             assert first.poll() is None, "the first run ended before it was killed"
-            time.sleep(0.5)
-        else:
-            pytest.fail("no checkpoint within 180 s")
+            assert time.monotonic() < deadline, "iteration 6's checkpoint never recorded"
+            time.sleep(0.5)  # polling interval only
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
         first.wait()
     (trial,) = trial_dirs(tmp_path / "resume-me")
+    assert [r["training_iteration"] for r in results_of(trial)] == list(range(1, 7))
 
+    gate.unlink()  # the resumed run passes iteration 7
     out, text = run_script(TRAIN, *args, "--resume")
     assert out.returncode == 0, text[-4000:]
     iterations = [int(m) for m in re.findall(r"  iter (\d+)  ts ", out.stdout)]
-    # It restarts from a checkpoint (every 3 iterations), not from iteration 1.
-    assert iterations and iterations[0] > 3 and (iterations[0] - 1) % 3 == 0, iterations
-    assert iterations[-1] == 30
+    assert iterations == list(range(7, 13))  # from iteration 6's checkpoint, not from 1
+    # result.json: the killed run's 6 lines, then the resumed run's, counters continued.
     results = results_of(trial)
-    assert results[-1]["training_iteration"] == 30
-    # result.json keeps the killed run's lines too (Tune appends): the resumed run's
-    # lines start at the last occurrence of its first iteration.
-    start = max(i for i, r in enumerate(results) if r["training_iteration"] == iterations[0])
-    steps = [r["timesteps_total"] for r in results[start:]]
-    assert [r["training_iteration"] for r in results[start:]] == list(range(iterations[0], 31))
-    assert steps == sorted(steps) and steps[0] > 100  # counters continue too
+    assert [r["training_iteration"] for r in results] == list(range(1, 13))
+    assert [r["timesteps_total"] for r in results] == [100 * i for i in range(1, 13)]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray cluster of its own started by `ray start --head --block` (1 CPU, token
+    auth with a token of its own, session files in a temporary folder, so the machine's
+    /tmp/ray and other Ray instances are untouched). Yields (address, env with the
+    token); stopped by SIGTERM to that `ray start` alone, which drains and ends its
+    processes (`ray stop` would stop every Ray instance on the machine)."""
+    temp_dir = tempfile.mkdtemp(prefix="flowrl-head-")  # short: Ray's socket paths
+    address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    with open(os.path.join(temp_dir, "head.log"), "w") as log:
+        head = subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts",  # `ray` of this interpreter
+             "start", "--head", "--block", "--num-cpus=1",
+             f"--port={address.rsplit(':', 1)[1]}", "--include-dashboard=false",
+             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        # `ray start` writes the cluster's address file once its processes are up.
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.path.join(temp_dir, "ray_current_cluster")):
+            assert head.poll() is None, open(os.path.join(temp_dir, "head.log")).read()
+            assert time.monotonic() < deadline, "ray start --head did not come up"
+            time.sleep(0.2)  # polling interval only
+        yield address, env
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # any of its processes still there
+        except ProcessLookupError:
+            pass
+        head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+QUERY_JOBS = """
+import json, sys
+import ray
+from ray._private import state
+ray.init(address=sys.argv[1], logging_level="ERROR")
+print(json.dumps([(j["DriverPid"], j["Entrypoint"], j["IsDead"]) for j in state.jobs()]))
+"""
+
+
+def test_ray_address_joins_a_cluster_started_with_ray_start_head(ray_head, tmp_path):
+    address, env = ray_head
+    args = [sys.executable, TRAIN, "--run", "PG", "--env", "CartPole-v1", "--config",
+            json.dumps(TINY_PG), "--stop", '{"training_iteration": 1}',
+            "--local-dir", str(tmp_path), "--ray-address", address]
+    # Without the cluster's token: one clear error line, not a traceback. (Ray retries
+    # the connection for RAY_gcs_server_port_wait_time_s seconds, 20 by default.)
+    no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**no_token, "RAY_gcs_server_port_wait_time_s": "2"})
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-4000:]
+    (error,) = [line for line in out.stderr.splitlines() if "flowrl train: error" in line]
+    assert f"cannot join the Ray cluster at {address}" in error
+    assert "set RAY_AUTH_MODE=token" in error and "Traceback" not in out.stderr
+
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT, env=env)
+    stdout, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "Connected to Ray cluster" in stderr  # joined, did not start its own
+    (trial,) = trial_dirs(tmp_path / "PG")
+    assert [r["training_iteration"] for r in results_of(trial)] == [1]
+    # The cluster's own job table holds the finished driver: that process, that command.
+    query = subprocess.run([sys.executable, "-c", QUERY_JOBS, address], capture_output=True,
+                           text=True, timeout=120, env=env)
+    assert query.returncode == 0, query.stderr[-3000:]
+    jobs = json.loads(query.stdout.strip().splitlines()[-1])
+    (entrypoint,) = [e for pid, e, dead in jobs if pid == driver.pid and dead]
+    assert "scripts/train.py" in entrypoint and f"--ray-address {address}" in entrypoint
 
 
 def test_local_mode_runs_in_one_process_and_restores(tmp_path):
@@ -186,7 +309,12 @@ def test_documented_dqn_command_then_rollout(tmp_path):
     out, text = run_script(ROLLOUT, checkpoint, "--run", "DQN", "--env", "CartPole-v0",
                            "--episodes", "5", "--no-render")
     assert out.returncode == 0, text[-4000:]
-    assert re.search(r"mean", out.stdout, re.IGNORECASE), out.stdout
+    episodes = [(float(r), int(n)) for r, n in re.findall(
+        r"Episode \d+: return ([\d.]+), length (\d+)", out.stdout)]
+    assert len(episodes) == 5, out.stdout  # --episodes 5
+    assert all(ret == length for ret, length in episodes)  # CartPole: 1 per step
+    mean = sum(ret for ret, _ in episodes) / 5
+    assert f"Mean return: {mean:.2f} over 5 finished episodes" in out.stdout, out.stdout
 
 
 def test_documented_pong_a2c_monitor_command_starts_and_stops(tmp_path):
@@ -214,6 +342,89 @@ def test_every_help_flag_is_exercised_by_a_test_or_documented():
     corpus = "\n".join(texts)
     missing = [f for f in flags if not re.search(re.escape(f) + r"\b", corpus)]
     assert not missing, f"flags neither tested nor documented: {missing}"
-    help_text = make_train_parser().format_help()
-    for flag in flags:  # each flag's help line says what it does, most with an example
-        assert flag in help_text
+
+
+# Each flag -> extra arguments after "--run PG --env CartPole-v1", and what they must
+# change in the parsed arguments or in the experiment spec handed to Tune. Flags that
+# act only when the run starts are run by the tests named in the comments.
+def spec_of(experiments):
+    (spec,) = experiments.values()
+    return spec
+
+
+FLAG_EFFECTS = {
+    "--run": (["--run", "A2C"], lambda a, e: spec_of(e)["run"] == "A2C"),
+    "--env": (["--env", "Acrobot-v1"],
+              lambda a, e: spec_of(e)["config"]["env"] == "Acrobot-v1"),
+    "--config": (["--config", '{"lr": 0.01}'],
+                 lambda a, e: spec_of(e)["config"]["lr"] == 0.01),
+    "--stop": (["--stop", '{"training_iteration": 7}'],
+               lambda a, e: spec_of(e)["stop"] == {"training_iteration": 7}),
+    "--config-file": (["--config-file", "{experiments_file}"],
+                      lambda a, e: list(e) == ["from-file"]
+                      and spec_of(e)["config"]["lr"] == 0.002),
+    "--checkpoint-freq": (["--checkpoint-freq", "3"], lambda a, e: spec_of(e)[
+        "checkpoint_config"]["checkpoint_frequency"] == 3),
+    "--checkpoint-at-end": (["--checkpoint-at-end"], lambda a, e: spec_of(e)[
+        "checkpoint_config"]["checkpoint_at_end"] is True),
+    "--keep-checkpoints-num": (["--keep-checkpoints-num", "2"], lambda a, e: spec_of(e)[
+        "checkpoint_config"]["num_to_keep"] == 2),
+    "--num-samples": (["--num-samples", "4"], lambda a, e: spec_of(e)["num_samples"] == 4),
+    "--experiment-name": (["--experiment-name", "named"],
+                          lambda a, e: list(e) == ["named"]),
+    "--storage-path": (["--storage-path", "rel/results"], lambda a, e: spec_of(e)[
+        "storage_path"] == os.path.abspath("rel/results")),
+    "--local-dir": (["--local-dir", "rel/old"], lambda a, e: spec_of(e)[
+        "storage_path"] == os.path.abspath("rel/old")),
+    "--restore": (["--restore", "/ckpt/checkpoint_000002"],
+                  lambda a, e: spec_of(e)["restore"] == "/ckpt/checkpoint_000002"),
+    # run by test_resume_continues_a_killed_experiment_from_its_last_checkpoint
+    "--resume": (["--resume"], lambda a, e: a.resume is True),
+    # run by test_ray_address_joins_a_cluster_started_with_ray_start_head
+    "--ray-address": (["--ray-address", "127.0.0.1:6390"],
+                      lambda a, e: a.ray_address == "127.0.0.1:6390"),
+    "--ray-num-cpus": (["--ray-num-cpus", "3"], lambda a, e: a.ray_num_cpus == 3),
+    "--ray-num-gpus": (["--ray-num-gpus", "0"], lambda a, e: a.ray_num_gpus == 0),
+    # run by test_local_mode_runs_in_one_process_and_restores
+    "--local-mode": (["--local-mode"], lambda a, e: a.local_mode is True),
+    # run by tests/test_rllib_compat.py (Tune logger callbacks from the command line)
+    "--callbacks": (["--callbacks", "mod.py:Logger"], lambda a, e: len(a.callbacks) == 1),
+    "--verbose": (["--verbose", "-v"], lambda a, e: a.verbose == 2),
+}
+
+
+def holds(check, args, experiments):
+    """``check``, with a key the defaults leave out (``restore``, ``lr``) as False."""
+    try:
+        return check(args, experiments)
+    except KeyError:
+        return False
+
+
+def test_every_flag_changes_what_it_names(tmp_path):
+    from flowrl.cli import make_train_parser
+    from flowrl.cli.train import build_experiments
+
+    parser = make_train_parser()
+    flags = {max(a.option_strings, key=len) for a in parser._actions} - {"--help"}
+    assert flags == set(FLAG_EFFECTS), "give each new flag an entry in FLAG_EFFECTS"
+    experiments_file = tmp_path / "exp.yaml"
+    experiments_file.write_text(yaml.safe_dump({"from-file": {
+        "run": "PG", "env": "CartPole-v1", "config": {"lr": 0.002}}}))
+    base = ["--run", "PG", "--env", "CartPole-v1"]
+    default_args = parser.parse_args(base)
+    default = build_experiments(default_args)
+    for flag, (extra, changed) in FLAG_EFFECTS.items():
+        extra = [str(experiments_file) if x == "{experiments_file}" else x for x in extra]
+        args = parser.parse_args(extra if flag == "--config-file" else base + extra)
+        experiments = build_experiments(args)
+        assert changed(args, experiments), flag
+        assert not holds(changed, default_args, default), f"{flag}: the default matches"
+    # Typed flags refuse what they cannot parse, and the two Ray modes exclude each other.
+    for bad in (["--checkpoint-freq", "often"], ["--config", "{lr: 1"],
+                ["--ray-num-cpus", "two"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(base + bad)
+    with pytest.raises(ValueError, match="with --ray-address the cluster's own resources"):
+        build_experiments(parser.parse_args(base + ["--ray-address", "auto",
+                                                    "--ray-num-cpus", "2"]))

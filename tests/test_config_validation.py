@@ -84,3 +84,52 @@ def test_bad_config_message(outcome, index):
     assert error is not None, f"{algo} accepted {config}"
     assert expected in error, error
     assert "\n" not in error.split(". Valid keys:")[0]  # the message leads with one line
+
+
+ONE_CPU_SCRIPT = textwrap.dedent("""
+    import json, ray
+    from flowrl import get_agent_class
+    from flowrl.algorithms.trainable import get_trainable_class
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    small = {"env": "CartPole-v1", "learning_starts": 100, "timesteps_per_iteration": 200,
+             "buffer_size": 5000, "train_batch_size": 32, "min_iter_time_s": 0, "seed": 0}
+    out = {"ppo_per_worker": get_agent_class("PPO").merge_config(
+        {"env": "CartPole-v1", "num_workers": 2})["num_cpus_per_worker"]}
+    agent = get_agent_class("APEX")(config=small, log_to_disk=False)  # all four "auto"
+    try:
+        out["resolved"] = {k: agent.config[k] for k in (
+            "num_workers", "num_cpus_per_worker", "num_replay_buffer_shards", "num_gpus")}
+        result = agent.train()
+        out["healthy"] = result["num_healthy_workers"]
+        out["steps"] = result["timesteps_total"]
+    finally:
+        agent.stop()
+    trainable = get_trainable_class("APEX")
+    try:
+        trainable.default_resource_request(small)
+        out["tune_error"] = None
+    except ValueError as e:
+        out["tune_error"] = str(e)
+    bundles = trainable.default_resource_request(
+        {**small, "num_cpus_for_driver": 0.5}).bundles
+    out["tune_cpus_with_half_driver"] = sum(b.get("CPU", 0) for b in bundles)
+    print(json.dumps(out))
+""")
+
+
+def test_auto_resources_on_a_one_cpu_cluster_run_or_name_the_shortfall():
+    """1 CPU, all of it the driver's: "auto" used to give num_cpus_per_worker=0, which
+    validation rejects. Now the workers share the CPU and the Agent trains; a Tune trial,
+    which reserves the driver's CPU too, gets one error naming the CPUs asked and had."""
+    proc = subprocess.run([sys.executable, "-c", ONE_CPU_SCRIPT], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["ppo_per_worker"] == 0.5  # an explicit num_workers: 2 fits too
+    assert out["resolved"] == {"num_workers": 2, "num_cpus_per_worker": 0.5,
+                               "num_replay_buffer_shards": 1, "num_gpus": 0}
+    assert out["healthy"] == 2 and out["steps"] >= 200  # both workers ran
+    assert out["tune_error"].startswith("The APEX trial")
+    assert "asks for 2 CPUs, but the Ray cluster has 1" in out["tune_error"]
+    # Lowering num_cpus_for_driver (named in the error) fits: 0.5 + 2 workers x 0.25.
+    assert out["tune_cpus_with_half_driver"] == 1

@@ -6,7 +6,6 @@ and Pendulum-v1 transitions.
 """
 
 import io
-import time
 
 import gymnasium as gym
 import numpy as np
@@ -23,6 +22,8 @@ from flowrl.policies.ddpg import (
 from flowrl.policies.dqn import GAMMAS, TD_ERROR, adjust_nstep
 from flowrl.data.sample_batch import SampleBatch
 from flowrl.workers.sampler import VectorSampler
+
+from learning_bars import SeedRun, two_of_three
 
 PENDULUM = gym.make("Pendulum-v1")
 OBS_SPACE = PENDULUM.observation_space
@@ -559,60 +560,145 @@ def test_export_maps_obs_to_env_actions(tmp_path):
                                policy.compute_actions(obs, explore=False)[0], rtol=1e-5, atol=1e-6)
 
 
-def test_sampler_collects_and_policy_learns_on_real_fragments():
+def test_critic_fits_its_targets_on_real_sampler_fragments():
+    """Real sampler fragments (n-step columns) train the critic: with the target nets
+    held fixed, repeated updates on that batch cut its critic loss five-fold."""
     envs = [gym.make("Pendulum-v1") for _ in range(2)]
-    policy = make_policy(n_step=3, exploration_config={"random_timesteps": 0})
-    sampler = VectorSampler(envs, policy, fragment_length=16, seeds=[0, 1])
+    policy = make_policy(n_step=3, critic_lr=3e-3, exploration_config={"random_timesteps": 0})
+    sampler = VectorSampler(envs, policy, fragment_length=64, seeds=[0, 1])
     batch = sampler.sample()
-    assert batch.count == 32 and batch["actions"].shape == (32, 1)
+    assert batch.count == 128 and batch["actions"].shape == (128, 1)
     assert batch["actions"].dtype == np.float32 and GAMMAS in batch
     assert np.all(np.abs(batch["actions"]) <= 2.0)
-    stats = policy.learn_on_batch(batch)
-    assert stats[TD_ERROR].shape == (32,) and np.isfinite(stats["critic_loss"])
+    batch["rewards"] = batch["rewards"] / 10.0  # Q of order 1: 150 steps reach it
+    before = policy.evaluate_loss(batch)
+    for _ in range(150):
+        stats = policy.learn_on_batch(batch)
+    after = policy.evaluate_loss(batch)
+    assert stats[TD_ERROR].shape == (128,)
+    assert after["critic_loss"] < 0.2 * before["critic_loss"], (before, after)
+
+
+def ou_policy(theta: float, sigma: float) -> DDPGTorchPolicy:
+    """OU exploration from step 0 with noise scale 1 and an actor that outputs 0, so
+    every action is ``2 * x`` (Pendulum's half range times the OU state ``x``)."""
+    policy = make_policy(exploration_config={
+        "type": "ou", "ou_theta": theta, "ou_sigma": sigma, "ou_base_scale": 1.0,
+        "random_timesteps": 0, "initial_scale": 1.0, "final_scale": 1.0})
+    zero_actor(policy)
+    return policy
+
+
+def test_reset_noise_redraws_only_the_given_rows():
+    theta, sigma = 0.15, 0.2
+    policy = ou_policy(theta, sigma)
+    obs = np.stack([OBS_SPACE.sample()] * 4000)
+    policy.compute_actions(obs)  # creates the per-row state
+    policy._ou_state[:] = 5.0  # far outside the stationary distribution (std 0.37)
+    restarted = np.arange(0, 4000, 2)
+    policy.reset_noise(restarted.tolist())
+    kept = np.setdiff1d(np.arange(4000), restarted)
+    assert np.all(policy._ou_state[kept] == 5.0)
+    fresh = policy._ou_state[restarted, 0]
+    assert abs(fresh.mean()) < 0.05  # stationary: mean 0, std sigma / sqrt(theta (2 - theta))
+    assert fresh.std() == pytest.approx(np.sqrt(ou_stationary_variance(theta, sigma)), rel=0.05)
+    policy.reset_noise([4000, 5000])  # rows of a larger batch: its first step redraws all
+    assert np.all(policy._ou_state[kept] == 5.0)
+
+
+def test_sampler_restarts_the_ou_noise_of_an_env_whose_episode_starts():
+    """Env 0's episodes last 5 steps, env 1's 50. After 5 steps env 0 resets: its first
+    action of the new episode uses fresh OU noise, while env 1's noise goes on decaying
+    from where it was (``x_{t+1} = (1 - theta) x_t + sigma * N(0, 1)``)."""
+    theta, sigma = 0.15, 1e-3  # fresh noise: std ~0.002; the displaced rows: 0.5 * 0.85^t
+    policy = ou_policy(theta, sigma)
+    envs = [gym.make("Pendulum-v1", max_episode_steps=5),
+            gym.make("Pendulum-v1", max_episode_steps=50)]
+    policy.compute_actions(np.stack([OBS_SPACE.sample()] * 2))  # creates the per-row state
+    policy._ou_state[:] = 0.5
+    sampler = VectorSampler(envs, policy, fragment_length=8, seeds=[0, 1])
+    batch = sampler.sample()
+    episodes = {int(e): batch["actions"][batch["eps_id"] == e, 0] / 2.0
+                for e in np.unique(batch["eps_id"])}
+    first_env0, env1, second_env0 = (episodes[e] for e in sorted(episodes))  # ids 1, 2, 3
+    assert len(first_env0) == 5 and len(env1) == 8 and len(second_env0) == 3
+    fresh_bound = 5 * np.sqrt(ou_stationary_variance(theta, sigma))
+    continuing_bound = 5 * sigma
+    # The ended episode and env 1 decay from 0.5 step by step: the state carried over.
+    for xs in (first_env0, env1):
+        np.testing.assert_allclose(xs[1:], (1 - theta) * xs[:-1], atol=continuing_bound)
+    assert env1[5] > 0.1  # 0.5 * 0.85^6 ~ 0.19 at the step env 0 restarts
+    # The new episode's first step: fresh noise, not the decayed 0.5 * 0.85^6 ~ 0.19.
+    assert abs(second_env0[0]) < fresh_bound, second_env0
+    np.testing.assert_allclose(second_env0[1:], (1 - theta) * second_env0[:-1],
+                               atol=continuing_bound)
 
 
 # ------------------------------------------------------------------ learning
-@pytest.mark.learning
-def test_td3_learns_pendulum_quickly():
-    """Own tiny loop: TD3 with small nets reaches > -400 on Pendulum within 4000 steps."""
+TD3_EVAL_EVERY = 500  # env steps between greedy evaluations
+TD3_EVAL_EPISODES = 5
+
+
+def greedy_pendulum_return(policy: DDPGTorchPolicy, seed: int) -> float:
+    """Mean return of ``TD3_EVAL_EPISODES`` fresh greedy Pendulum episodes."""
     env = gym.make("Pendulum-v1")
-    policy = DDPGTorchPolicy(env.observation_space, env.action_space, {
-        "seed": 1, "actor_hiddens": [64, 64], "critic_hiddens": [64, 64], "twin_q": True,
-        "smooth_target_policy": True, "policy_delay": 2, "tau": 0.01,
-        "exploration_config": {"random_timesteps": 500}})
-    steps, start, batch_size = 4000, 500, 128
-    columns = {"obs": np.zeros((steps, 3), np.float32), "new_obs": np.zeros((steps, 3), np.float32),
-               "actions": np.zeros((steps, 1), np.float32), "rewards": np.zeros(steps, np.float32),
-               "terminateds": np.zeros(steps, bool)}
-    rng = np.random.default_rng(0)
-    obs, _ = env.reset(seed=1)
-    episode_return, returns = 0.0, []
-    began = time.time()
-    for t in range(steps):
-        policy.on_global_var_update({"timestep": t})
-        action = policy.compute_actions(obs[None])[0][0]
-        new_obs, reward, terminated, truncated, _ = env.step(action)
-        for key, value in zip(columns, (obs, new_obs, action, reward, terminated)):
-            columns[key][t] = value
-        episode_return += reward
-        obs = new_obs
-        if terminated or truncated:
-            returns.append(episode_return)
-            episode_return = 0.0
-            obs, _ = env.reset()
-        if t >= start:
-            idx = rng.integers(0, t + 1, batch_size)
-            policy.learn_on_batch(SampleBatch({k: v[idx] for k, v in columns.items()}))
-            policy.update_target()
-    # Greedy evaluation on fresh episodes (training returns mix in earlier policies).
-    evaluation = []
-    for episode in range(5):
-        obs, _ = env.reset(seed=100 + episode)
+    totals = []
+    for episode in range(TD3_EVAL_EPISODES):
+        obs, _ = env.reset(seed=1000 * seed + 100 + episode)
         total, done = 0.0, False
         while not done:
             obs, reward, terminated, truncated, _ = env.step(
                 policy.compute_actions(obs[None], explore=False)[0][0])
             total += reward
             done = terminated or truncated
-        evaluation.append(total)
-    assert np.mean(evaluation) > -400, (evaluation, returns, time.time() - began)
+        totals.append(total)
+    return float(np.mean(totals))
+
+
+def td3_pendulum_run(seed: int, budget: int) -> SeedRun:
+    """Own tiny loop: TD3 with small nets, one 128-row update per env step after 500
+    random steps; a greedy evaluation every ``TD3_EVAL_EVERY`` steps. The bar: a mean
+    greedy return above -400; ``steps`` is the env steps trained when it was met."""
+    env = gym.make("Pendulum-v1")
+    policy = DDPGTorchPolicy(env.observation_space, env.action_space, {
+        "seed": seed, "actor_hiddens": [64, 64], "critic_hiddens": [64, 64], "twin_q": True,
+        "smooth_target_policy": True, "policy_delay": 2, "tau": 0.01,
+        "exploration_config": {"random_timesteps": 500}})
+    torch.manual_seed(seed)  # target-smoothing draws
+    start, batch_size = 500, 128
+    columns = {"obs": np.zeros((budget, 3), np.float32),
+               "new_obs": np.zeros((budget, 3), np.float32),
+               "actions": np.zeros((budget, 1), np.float32),
+               "rewards": np.zeros(budget, np.float32), "terminateds": np.zeros(budget, bool)}
+    rng = np.random.default_rng(seed)
+    obs, _ = env.reset(seed=seed)
+    history = []
+    for t in range(budget):
+        policy.on_global_var_update({"timestep": t})
+        action = policy.compute_actions(obs[None])[0][0]
+        new_obs, reward, terminated, truncated, _ = env.step(action)
+        for key, value in zip(columns, (obs, new_obs, action, reward, terminated)):
+            columns[key][t] = value
+        obs = new_obs
+        if terminated or truncated:
+            obs, _ = env.reset()
+        if t >= start:
+            idx = rng.integers(0, t + 1, batch_size)
+            policy.learn_on_batch(SampleBatch({k: v[idx] for k, v in columns.items()}))
+            policy.update_target()
+        if (t + 1) % TD3_EVAL_EVERY == 0 and t + 1 > start:
+            history.append((t + 1, round(greedy_pendulum_return(policy, seed), 1)))
+            if history[-1][1] > -400:
+                return SeedRun(seed, t + 1, history)
+    return SeedRun(seed, None, history)
+
+
+@pytest.mark.learning
+def test_td3_learns_pendulum_quickly():
+    """TD3 (own loop, 64x64 nets) reaches a greedy return above -400 on Pendulum.
+
+    Typical steps: 3000 (seeds 0, 1, 2 met the bar at 3000, 2000, 3000 steps, measured
+    with FLOWRL_LEARNING_LOG); the budget of 5000 is 1.7 times that.
+    """
+    two_of_three(td3_pendulum_run, budget=5000, typical=3000,
+                 what="TD3 own loop on Pendulum to -400")

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import gymnasium as gym
 import pytest
 
 from flowrl import build_agent, get_agent_class
@@ -113,9 +114,19 @@ def test_ppo_with_logging_example_counts_its_batches():
 
 @pytest.mark.learning
 def test_dqn_replay_schedule_example_learns():
+    """Iterations of 1000 env steps until the mean return reaches 120."""
     import dqn_replay_schedule
-    result = dqn_replay_schedule.main(["--stop-reward", "120", "--max-iterations", "60"])
-    assert result["episode_reward_mean"] >= 120  # budget: 60k env steps
+    from learning_bars import SeedRun, two_of_three
+
+    def run_seed(seed: int, budget: int) -> SeedRun:
+        result = dqn_replay_schedule.main(["--stop-reward", "120", "--seed", str(seed),
+                                           "--max-iterations", str(budget // 1000)])
+        reached = result["episode_reward_mean"] >= 120
+        return SeedRun(seed, result["timesteps_total"] if reached else None,
+                       [(result["timesteps_total"], result["episode_reward_mean"])])
+
+    two_of_three(run_seed, budget=60_000, typical=30_000,
+                 what="examples/dqn_replay_schedule.py to 120")
 
 
 def test_examples_run_from_the_command_line_by_import_string(tmp_path):
@@ -136,10 +147,81 @@ def test_examples_run_from_the_command_line_by_import_string(tmp_path):
     assert last["info"]["num_batches_logged"] == 2
 
 
-def test_every_example_is_exercised_by_a_test():
-    examples = [os.path.relpath(p, os.path.join(ROOT, "examples"))
-                for p in glob.glob(os.path.join(ROOT, "examples", "**", "*.py"), recursive=True)]
-    tests = "\n".join(open(p).read() for p in glob.glob(os.path.join(ROOT, "tests", "*.py")))
-    missing = [e for e in examples
-               if os.path.splitext(os.path.basename(e))[0] not in tests]
-    assert not missing, f"examples no test runs: {missing}"
+def test_serve_checkpoint_example_answers_a_client_process(tmp_path, results_dir):
+    """examples/serving/serve_checkpoint.py as a user runs it: a checkpoint served over
+    HTTP by one process, examples/serving/cartpole_client.py playing against it from
+    another, and the served actions equal the checkpoint's own greedy actions."""
+    from flowrl.envs.serving import PolicyClient
+    agent = get_agent_class("PPO")(config={"train_batch_size": 400, "seed": 0,
+                                           "rollout_fragment_length": 50,
+                                           "sgd_minibatch_size": 100, "num_sgd_iter": 1},
+                                   env="CartPole-v1")
+    agent.train()
+    checkpoint = agent.save(str(tmp_path / "ckpt"))
+    server = subprocess.Popen(
+        [sys.executable, "examples/serving/serve_checkpoint.py", checkpoint, "--port", "0"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        printed = []
+        for line in server.stdout:  # ends when the server exits
+            printed.append(line)
+            match = re.search(r"listening on (http://[\d.]+:(\d+))", line)
+            if match:
+                break
+        assert match, "".join(printed)
+        url, port = match.groups()
+        client = subprocess.run(
+            [sys.executable, "examples/serving/cartpole_client.py", "--port", port,
+             "--episodes", "10", "--seed", "0"],
+            cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert client.returncode == 0, (client.stdout + client.stderr)[-4000:]
+        # The client prints a line every 10 episodes and says so if the server went away.
+        assert re.search(r"^episode +10 ", client.stdout, re.M), client.stdout
+        assert "server went away" not in client.stdout, client.stdout
+        remote = PolicyClient(url)
+        for seed in range(5):
+            obs, _ = gym.make("CartPole-v1").reset(seed=seed)
+            episode = remote.start_episode(training_enabled=False)
+            assert remote.get_action(episode, obs) == agent.compute_action(obs, explore=False)
+            remote.end_episode(episode, obs)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        agent.stop()
+
+
+# Every script in examples/ and the test that runs it. A new example fails
+# test_every_example_has_a_test until it is added here with its test.
+EXAMPLE_TESTS = {
+    "custom_env.py": "test_examples_and_custom_plans.py::test_custom_env_example_learns",
+    "custom_model.py":
+        "test_examples_and_custom_plans.py::test_custom_model_example_uses_its_model_and_learns",
+    "dqn_replay_schedule.py":
+        "test_examples_and_custom_plans.py::test_dqn_replay_schedule_example_learns",
+    "pettingzoo_selfplay.py":
+        "test_pettingzoo.py::test_selfplay_example_beats_a_random_player",
+    "ppo_with_logging.py":
+        "test_examples_and_custom_plans.py::test_ppo_with_logging_example_counts_its_batches",
+    "serving/cartpole_client.py":
+        "test_serving.py::test_server_example_trains_dqn_with_a_client_process",
+    "serving/cartpole_server.py":
+        "test_serving.py::test_server_example_trains_dqn_with_a_client_process",
+    "serving/serve_checkpoint.py":
+        "test_examples_and_custom_plans.py::test_serve_checkpoint_example_answers_a_client_process",
+    "two_trainer_workflow.py": "test_multi_agent.py::test_two_trainer_workflow_learns_both_policies",
+}
+
+
+def test_every_example_has_a_test():
+    examples = sorted(os.path.relpath(p, os.path.join(ROOT, "examples"))
+                      for p in glob.glob(os.path.join(ROOT, "examples", "**", "*.py"),
+                                         recursive=True))
+    assert sorted(EXAMPLE_TESTS) == examples, (
+        "examples/ and EXAMPLE_TESTS differ: add each new example with the test that runs it")
+    for example, test in EXAMPLE_TESTS.items():
+        file_name, test_name = test.split("::")
+        source = open(os.path.join(ROOT, "tests", file_name)).read()
+        # The test exists, and its file names the example (imports it or runs its path).
+        assert f"def {test_name}(" in source, f"{example}: {test} does not exist"
+        module = os.path.splitext(os.path.basename(example))[0]
+        assert module in source, f"{file_name} does not run examples/{example}"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
-import time
 
 import gymnasium as gym
 import numpy as np
@@ -23,6 +23,7 @@ from flowrl.policies.impala import (
 from flowrl.policies.postprocessing import compute_advantages
 from flowrl.data.sample_batch import SampleBatch
 from flowrl.workers import RolloutWorker
+from learning_bars import SeedRun, two_of_three
 
 IMPALA_KEYS = {
     "lr": 5e-4,
@@ -505,22 +506,41 @@ def test_state_round_trip_weights_only(opt_type):
 
 
 # ------------------------------------------------------------------ learning
-@pytest.mark.learning
-def test_cartpole_learns_from_lagging_actors():
-    """Two actor workers, each re-synced only after it delivers a fragment (stale behaviour)."""
-    overrides = {"num_envs_per_worker": 4, "rollout_fragment_length": 50, "lr": 1e-3}
+# Typical: the median env steps of seeds 0-2 to the bar, measured with FLOWRL_LEARNING_LOG
+# (41.0k, 38.0k, 41.0k; seeds 3-8: 34k-48k; about 3 s per seed on 2 cores). Budget 1.7x.
+TYPICAL_STEPS_LAGGING_ACTORS = 41_000
+BUDGET_STEPS_LAGGING_ACTORS = 70_000
+
+
+def run_lagging_actors(seed: int, budget: int) -> SeedRun:
+    """Two actor workers, each re-synced only after it delivers a fragment (stale
+    behaviour); the learner trains on every 500 sampled steps. The bar: a mean return of
+    150 over the last 20 episodes, within ``budget`` sampled env steps."""
+    overrides = {"num_envs_per_worker": 4, "rollout_fragment_length": 50, "lr": 1e-3,
+                 "seed": seed}
     learner = make_worker(0, **overrides).get_policy()
     actors = [make_worker(i, **overrides) for i in (1, 2)]
-    start, returns, pending, k = time.time(), [], [], 0
-    while time.time() - start < 30:
+    returns, pending, history, steps = [], [], [], 0
+    for k in itertools.count():
         actor = actors[k % 2]
-        k += 1
-        pending.append(actor.sample())
+        batch = actor.sample()
+        steps += batch.count
+        pending.append(batch)
         returns += [ret for ret, _ in actor.get_metrics()]
         if sum(b.count for b in pending) >= 500:
             learner.learn_on_batch(SampleBatch.concat_samples(pending))
             pending = []
+            history.append((steps, round(float(np.mean(returns[-20:] or [0.0])), 1)))
         actor.set_weights({"default_policy": learner.get_weights()})
         if len(returns) >= 20 and np.mean(returns[-20:]) >= 150:
-            break
-    assert np.mean(returns[-20:]) >= 150, (len(returns), np.mean(returns[-20:]))
+            return SeedRun(seed, steps, history)
+        if steps >= budget:
+            return SeedRun(seed, None, history)
+
+
+@pytest.mark.learning
+def test_cartpole_learns_from_lagging_actors():
+    """2 of 3 seeds reach 150 within the step budget (typical steps stated above)."""
+    two_of_three(run_lagging_actors, budget=BUDGET_STEPS_LAGGING_ACTORS,
+                 typical=TYPICAL_STEPS_LAGGING_ACTORS,
+                 what="V-trace learner with lagging actors on CartPole-v1 to 150")

@@ -1,100 +1,65 @@
-"""Learning tests: each algorithm reaches a reward threshold within a step budget.
+"""Learning tests: each algorithm reaches a return within a step budget, on 2 of 3 seeds.
 
-Each test tries up to three seeds (the first success passes); marked ``learning``.
+``typical`` is the median steps of seeds 0-2, measured with ``FLOWRL_LEARNING_LOG`` (see
+``learning_bars``) on this project's 2-core machine while other work kept it busy; the
+budget is twice that. Every test here is marked ``learning``.
 """
 
+import os
+import re
+
 import pytest
+import yaml
 
-from flowrl import get_agent_class
+from learning_bars import assert_learns
 
-SEEDS = (0, 1, 2)
-
-
-def reaches(algorithm: str, config: dict, threshold: float, max_steps: int, seed: int,
-            env: str = "CartPole-v1"):
-    agent = get_agent_class(algorithm)(config={**config, "seed": seed}, env=env,
-                                       log_to_disk=False)
-    try:
-        history = []
-        while True:
-            result = agent.train()
-            history.append((result["timesteps_total"], round(result["episode_reward_mean"], 1)))
-            if result["episode_reward_mean"] >= threshold:
-                return True, history
-            if result["timesteps_total"] >= max_steps:
-                return False, history
-    finally:
-        agent.stop()
+TUNED_DIR = os.path.join(os.path.dirname(__file__), "..", "flowrl", "tuned_examples")
+# The sentence every CartPole/Pendulum example states its learning speed with.
+REACHES = re.compile(r"Reaches (?:a mean return of )?(-?\d+) in ~(\d+)k steps")
 
 
-def assert_learns(algorithm, config, threshold, max_steps, env="CartPole-v1"):
-    histories = []
-    for seed in SEEDS:
-        ok, history = reaches(algorithm, config, threshold, max_steps, seed, env)
-        if ok:
-            return
-        histories.append((seed, history[-5:]))
-    pytest.fail(f"{algorithm} did not reach {threshold} within {max_steps} steps: {histories}")
+def tuned_config(name: str) -> dict:
+    (spec,) = yaml.safe_load(open(os.path.join(TUNED_DIR, name))).values()
+    return spec["config"]
+
+
+def stated_bar(name: str) -> tuple[float, int]:
+    """(return, typical steps) from the example's "Reaches X in ~Nk steps" comment."""
+    comment = " ".join(line.lstrip("# ").rstrip() for line in open(os.path.join(TUNED_DIR, name))
+                       if line.startswith("#"))
+    match = REACHES.search(comment)
+    if match is None:
+        raise ValueError(f"{name}: no 'Reaches X in ~Nk steps' sentence in its comment")
+    return float(match.group(1)), int(match.group(2)) * 1000
+
+
+TUNED_EXAMPLES = sorted(name for name in os.listdir(TUNED_DIR)
+                        if name.startswith(("cartpole-", "pendulum-")))
+
+
+def test_every_small_example_states_its_bar():
+    assert len(TUNED_EXAMPLES) >= 12
+    for name in TUNED_EXAMPLES:
+        threshold, typical = stated_bar(name)
+        (spec,) = yaml.safe_load(open(os.path.join(TUNED_DIR, name))).values()
+        assert spec["stop"]["episode_reward_mean"] == threshold, name
+        assert spec["stop"]["timesteps_total"] >= typical, name
+
+
+@pytest.mark.learning
+@pytest.mark.parametrize("name", TUNED_EXAMPLES)
+def test_tuned_example_reaches_what_its_comment_states(name, ray_session):
+    """Budget: twice the typical steps the example's comment states."""
+    threshold, typical = stated_bar(name)
+    (spec,) = yaml.safe_load(open(os.path.join(TUNED_DIR, name))).values()
+    assert_learns(spec["run"], spec["config"], threshold, 2 * typical, typical=typical,
+                  env=spec["env"])
 
 
 @pytest.mark.learning
 def test_ppo_cartpole_two_workers(ray_session):
-    assert_learns("PPO", {"num_workers": 2, "num_cpus_per_worker": 0.5}, 150, 100_000)
-
-
-@pytest.mark.learning
-def test_a2c_cartpole():
-    assert_learns("A2C", {}, 150, 300_000)
-
-
-@pytest.mark.learning
-def test_pg_cartpole():
-    assert_learns("PG", {}, 100, 300_000)
-
-
-def tuned_config(name: str) -> dict:
-    import os
-
-    import yaml
-    path = os.path.join(os.path.dirname(__file__), "..", "flowrl", "tuned_examples", name)
-    (spec,) = yaml.safe_load(open(path)).values()
-    return spec["config"]
-
-
-@pytest.mark.learning
-def test_dqn_cartpole():
-    assert_learns("DQN", tuned_config("cartpole-dqn.yaml"), 150, 50_000)
-
-
-@pytest.mark.learning
-def test_apex_cartpole_two_workers(ray_session):
-    assert_learns("APEX", tuned_config("cartpole-apex.yaml"), 150, 100_000)
-
-
-@pytest.mark.learning
-def test_a3c_cartpole(ray_session):
-    assert_learns("A3C", tuned_config("cartpole-a3c.yaml"), 150, 300_000)
-
-
-@pytest.mark.learning
-def test_es_cartpole(ray_session):
-    assert_learns("ES", tuned_config("cartpole-es.yaml"), 150, 300_000)
-
-
-@pytest.mark.learning
-def test_impala_cartpole(ray_session):
-    assert_learns("IMPALA", tuned_config("cartpole-impala.yaml"), 150, 300_000)
-
-
-@pytest.mark.learning
-def test_ddpg_td3_pendulum():
-    assert_learns("DDPG", tuned_config("pendulum-ddpg.yaml"), -300, 30_000, env="Pendulum-v1")
-
-
-@pytest.mark.learning
-def test_apex_ddpg_pendulum_two_workers(ray_session):
-    assert_learns("APEX_DDPG", tuned_config("pendulum-apex-ddpg.yaml"), -400, 100_000,
-                  env="Pendulum-v1")
+    assert_learns("PPO", {"num_workers": 2, "num_cpus_per_worker": 0.5}, 150, 66_000,
+                  typical=33_000)
 
 
 # -- defaults beyond CartPole: no config at all, as `train.py --run ALGO --env ENV` ----------
@@ -102,25 +67,24 @@ def test_apex_ddpg_pendulum_two_workers(ray_session):
 @pytest.mark.learning
 def test_ppo_default_config_pendulum():
     """Continuous control with the defaults: rewards of -16..0 per step, returns near
-    -1200 at the start. Default PPO reached about -200 by 80k steps here."""
-    assert_learns("PPO", {}, -400, 150_000, env="Pendulum-v1")
+    -1200 at the start."""
+    assert_learns("PPO", {}, -400, 136_000, typical=68_000, env="Pendulum-v1")
 
 
 @pytest.mark.learning
 def test_ppo_default_config_acrobot():
     """A discrete task that is not CartPole (returns -500..0). Random play: -500."""
-    assert_learns("PPO", {}, -120, 100_000, env="Acrobot-v1")
+    assert_learns("PPO", {}, -120, 70_000, typical=35_000, env="Acrobot-v1")
 
 
 @pytest.mark.learning
 def test_dqn_default_config_acrobot():
-    """DQN's defaults on the same non-CartPole task; about -87 by 70k steps here."""
-    assert_learns("DQN", {}, -120, 100_000, env="Acrobot-v1")
+    """DQN's defaults on the same non-CartPole task."""
+    assert_learns("DQN", {}, -120, 200_000, typical=100_000, env="Acrobot-v1")
 
 
 @pytest.mark.learning
 def test_ppo_default_config_hopper_smoke():
-    """MuJoCo smoke test: a random Hopper policy falls within ~20 steps (return 16.5
-    over 20 episodes here);
-    default PPO passed 250 by about 30k steps here (650 at 90k)."""
-    assert_learns("PPO", {}, 250, 60_000, env="Hopper-v5")
+    """MuJoCo: a random Hopper policy falls within ~20 steps (return 16.5 over 20
+    episodes here)."""
+    assert_learns("PPO", {}, 250, 74_000, typical=37_000, env="Hopper-v5")

@@ -197,13 +197,30 @@ def test_standard_metrics_reporting_waits_for_timesteps_per_iteration():
     metrics = Metrics()
     config = {"timesteps_per_iteration": 100, "min_iter_time_s": 0,
               "metrics_smoothing_episodes": 100}
-    train = ParallelRollouts(workers, metrics).for_each(TrainOneStep(workers, metrics))
+    sampled = []
+
+    def keep(batch):
+        sampled.append(batch)
+        return batch
+
+    train = (ParallelRollouts(workers, metrics).for_each(keep)
+             .for_each(TrainOneStep(workers, metrics)))
     report = StandardMetricsReporting(train, workers, config, metrics)
     result = next(report)
     assert result["timesteps_this_iter"] == 128  # 4 rounds of 32 steps reach >= 100
     assert result["timesteps_total"] == 128
     assert result["info"]["num_steps_trained"] == 128
-    assert result["episodes_this_iter"] == len([1 for _ in range(result["episodes_this_iter"])])
+    # The episodes the report counts are those that ended in the sampled rows, counted
+    # here from the batches' own done flags (random CartPole ends every ~20 steps).
+    assert sum(b.count for b in sampled) == 128
+    ended = np.concatenate([b["terminateds"] | b["truncateds"] for b in sampled])
+    lengths = np.concatenate([b["t"] for b in sampled])[ended] + 1
+    assert len(lengths) >= 2
+    assert result["episodes_this_iter"] == len(lengths)
+    assert result["episodes_total"] == len(lengths)
+    # CartPole pays 1 per step: each episode's return is its length.
+    assert result["episode_len_mean"] == pytest.approx(lengths.mean())
+    assert result["episode_reward_mean"] == pytest.approx(lengths.mean())
     assert "learn_time_ms" in result["timers"]
 
 

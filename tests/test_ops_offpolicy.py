@@ -153,17 +153,55 @@ def test_concurrently_round_robin_output_indexes():
     assert merged.take(4) == [0, 1, 2, 3]
 
 
-def test_resolve_auto_resources():
-    config = {"num_workers": "auto", "num_cpus_per_worker": "auto", "num_gpus": "auto",
-              "num_replay_buffer_shards": "auto", "num_cpus_for_driver": 1}
-    resolved = resolve_auto_resources(config)
-    assert set(resolved) == {"num_workers", "num_cpus_per_worker", "num_gpus",
-                             "num_replay_buffer_shards"}
-    assert config["num_workers"] >= 2
-    assert 0 < config["num_cpus_per_worker"] <= 1
-    assert config["num_workers"] * config["num_cpus_per_worker"] <= max(
-        1, np.ceil(config["num_workers"] * config["num_cpus_per_worker"]))
-    assert resolve_auto_resources({"num_workers": 3}) == {}
+ALL_AUTO = {"num_workers": "auto", "num_cpus_per_worker": "auto", "num_gpus": "auto",
+            "num_replay_buffer_shards": "auto", "num_cpus_for_driver": 1}
+
+
+# (cluster CPUs, GPUs), config overrides -> the resolved values, written out by hand from
+# the documented rules: workers = max(2, spare CPUs); per worker = spare / (rollout +
+# evaluation workers), at most 1 (all CPUs when none is spare); shards = workers // 4
+# within 1..4; one GPU when there is one (N with N learners and N GPUs).
+AUTO_CASES = [
+    ((1, 0), {}, {"num_workers": 2, "num_cpus_per_worker": 0.5, "num_gpus": 0,
+                  "num_replay_buffer_shards": 1}),  # nothing spare: share the 1 CPU
+    ((2, 0), {}, {"num_workers": 2, "num_cpus_per_worker": 0.5, "num_gpus": 0,
+                  "num_replay_buffer_shards": 1}),
+    ((4, 0), {}, {"num_workers": 3, "num_cpus_per_worker": 1, "num_gpus": 0,
+                  "num_replay_buffer_shards": 1}),
+    ((9, 1), {}, {"num_workers": 8, "num_cpus_per_worker": 1, "num_gpus": 1,
+                  "num_replay_buffer_shards": 2}),
+    ((13, 0), {}, {"num_workers": 12, "num_cpus_per_worker": 1, "num_gpus": 0,
+                   "num_replay_buffer_shards": 3}),
+    ((64, 4), {}, {"num_workers": 63, "num_cpus_per_worker": 1, "num_gpus": 1,
+                   "num_replay_buffer_shards": 4}),
+    ((4, 0), {"num_cpus_for_driver": 2}, {"num_workers": 2, "num_cpus_per_worker": 1,
+                                          "num_gpus": 0, "num_replay_buffer_shards": 1}),
+    ((5, 0), {"evaluation_num_workers": 2},  # 4 spare CPUs over 4 + 2 workers
+     {"num_workers": 4, "num_cpus_per_worker": 4 / 6, "num_gpus": 0,
+      "num_replay_buffer_shards": 1}),
+    ((4, 2), {"num_workers": 6, "num_learners": 2},  # 3 spare CPUs over 6 workers
+     {"num_cpus_per_worker": 0.5, "num_gpus": 2, "num_replay_buffer_shards": 1}),
+    ((4, 1), {"num_workers": 6, "num_learners": 2},  # too few GPUs: CPU learners
+     {"num_cpus_per_worker": 0.5, "num_gpus": 0, "num_replay_buffer_shards": 1}),
+]
+
+
+@pytest.mark.parametrize("cluster, overrides, expected", AUTO_CASES,
+                         ids=[f"{c[0]}cpu-{c[1]}gpu-{'-'.join(o) or 'all-auto'}"
+                              for c, o, _ in AUTO_CASES])
+def test_resolve_auto_resources_sizes_for_the_cluster(cluster, overrides, expected):
+    config = {**ALL_AUTO, **overrides}
+    resolved = resolve_auto_resources(config, cluster=cluster)
+    assert resolved == pytest.approx(expected)
+    assert {k: config[k] for k in expected} == pytest.approx(expected)  # written in place
+    assert resolve_auto_resources({"num_workers": 3}) == {}  # nothing "auto": untouched
+
+
+def test_resolve_auto_resources_reads_the_running_ray_cluster(ray_session):
+    # conftest starts Ray with 2 CPUs and no GPU: the 2-CPU row, not this machine's.
+    config = dict(ALL_AUTO)
+    assert resolve_auto_resources(config) == {"num_workers": 2, "num_cpus_per_worker": 0.5,
+                                              "num_gpus": 0, "num_replay_buffer_shards": 1}
 
 
 def test_reporting_ends_an_iteration_without_output_once_thresholds_are_met():

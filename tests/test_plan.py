@@ -177,3 +177,25 @@ def test_two_trainer_example_checkpoints_its_replay(ray_session, tmp_path):
         np.testing.assert_equal(restored.get_state()["buffer"], buffer.get_state()["buffer"])
     finally:
         fresh.stop()
+
+
+@pytest.mark.parametrize("kl_target, factor", [(1e-7, 1.5), (10.0, 0.5)])
+def test_ppo_train_adapts_kl_coeff_through_update_kl(kl_target, factor):
+    """UpdateKL inside PPO's plan: after each train() the learner's kl_coeff follows the
+    KL reported by that iteration (x1.5 above 2x the target, x0.5 below half of it),
+    and the next iteration's loss uses the new coefficient."""
+    from flowrl import get_agent_class
+    agent = get_agent_class("PPO")(config={
+        "train_batch_size": 200, "rollout_fragment_length": 50, "sgd_minibatch_size": 100,
+        "num_sgd_iter": 2, "lr": 1e-3, "seed": 0, "kl_coeff": 0.2, "kl_target": kl_target},
+        env="CartPole-v1", log_to_disk=False)
+    try:
+        expected = 0.2
+        for _ in range(3):
+            stats = agent.train()["info"]["learner"]["default_policy"]
+            assert stats["cur_kl_coeff"] == pytest.approx(expected)
+            assert 2 * kl_target < stats["kl"] if factor > 1 else stats["kl"] < kl_target / 2
+            expected *= factor
+            assert agent.get_policy().kl_coeff == pytest.approx(expected)
+    finally:
+        agent.stop()

@@ -433,10 +433,17 @@ def test_model_catalog_choices():
     for name, param in model.named_parameters():
         assert float(param.grad[0].abs().sum()) == 0.0, name  # index 0 = policy tower
         assert float(param.grad[1].abs().sum()) > 0.0, name
-    # Discrete observations are one-hot encoded inside the model.
+    # Discrete observations are one-hot encoded inside the model: the towers see rows
+    # of the identity, and the outputs are the towers' on those rows.
     discrete = get_model(gym.spaces.Discrete(16), gym.spaces.Discrete(4), 4, {})
-    inputs, values = discrete(torch.tensor([0, 3, 15]))
+    states = torch.tensor([0, 3, 15])
+    one_hot = torch.eye(16)[states]
+    torch.testing.assert_close(discrete.preprocess(states), one_hot, rtol=0, atol=0)
+    inputs, values = discrete(states)
     assert inputs.shape == (3, 4) and values.shape == (3,)
+    expected_inputs, expected_values = discrete.twin(one_hot)
+    torch.testing.assert_close(inputs, expected_inputs)
+    torch.testing.assert_close(values, expected_values)
     # free_log_std: a state-independent log-std parameter, still [mean, log_std] outputs.
     free = get_model(*SPACES["pendulum"], 2, {"free_log_std": True})
     inputs, _ = free(torch.randn(4, 3))
@@ -453,8 +460,19 @@ def test_cnn_model_on_atari_shaped_obs():
     obs = np.stack([obs_space.sample() for _ in range(6)])
     actions, extra = policy.compute_actions(obs)
     assert actions.shape == (6,) and extra["action_dist_inputs"].shape == (6, 6)
-    # 1/255 scaling happens inside: a saturated frame gives finite outputs.
-    assert np.all(np.isfinite(policy.value(np.full((2, 84, 84, 4), 255, dtype=np.uint8))))
+    # uint8 frames are scaled by 1/255 inside: the same weights on float frames / 255 give
+    # the same logits and values.
+    float_space = gym.spaces.Box(0.0, 1.0, (84, 84, 4), dtype=np.float32)
+    on_floats = PPOTorchPolicy(float_space, action_space,
+                               {"seed": 1, "model": {"vf_share_layers": True}})
+    on_floats.set_weights(policy.get_weights())
+    scaled = obs.astype(np.float32) / 255.0
+    _, float_extra = on_floats.compute_actions(scaled)
+    np.testing.assert_allclose(extra["action_dist_inputs"], float_extra["action_dist_inputs"],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(policy.value(obs), on_floats.value(scaled), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(policy.model.preprocess(torch.as_tensor(obs[:1])),
+                               torch.as_tensor(scaled[:1]).permute(0, 3, 1, 2))
     batch = SampleBatch(
         obs=obs, actions=actions, advantages=np.ones(6, dtype=np.float32),
         value_targets=np.zeros(6, dtype=np.float32), **extra,

@@ -22,7 +22,7 @@ from flowrl.policies.impala import (BOOTSTRAP_VALUE, VTraceTorchPolicy, piece_se
                                     split_pieces)
 from flowrl.workers import RolloutWorker
 
-from test_learning import assert_learns
+from learning_bars import assert_learns
 
 # Remote workers build the env class defined here.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -273,4 +273,4 @@ def test_recurrent_impala_learns_cartpole_without_velocities(ray_session):
               "normalize_rewards": True, "min_iter_time_s": 1,
               "model": {"use_lstm": True, "lstm_cell_size": 64, "fcnet_hiddens": [64],
                         "max_seq_len": 20}}
-    assert_learns("IMPALA", config, 150, 250_000, env=VelocitylessCartPole)
+    assert_learns("IMPALA", config, 150, 250_000, typical=145_000, env=VelocitylessCartPole)

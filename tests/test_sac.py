@@ -601,28 +601,22 @@ def test_agent_trains_with_a_remote_worker(ray_session):
 # ---------------------------------------------------------------- learning
 @pytest.mark.learning
 def test_sac_pendulum_default_config():
-    """The defaults reach -250 within 20k steps: about 7-8k steps, a minute per seed on
-    one core here. Pendulum's 200-step episodes make 20k steps only 100 episodes, so the
-    return is the mean of the last 20 episodes (metrics_smoothing_episodes), not of
-    every episode since the start."""
-    from test_learning import assert_learns
-    assert_learns("SAC", {"metrics_smoothing_episodes": 20}, -250, 20_000, env="Pendulum-v1")
-
-
-@pytest.mark.learning
-def test_sac_pendulum_tuned_example():
-    """pendulum-sac.yaml (smaller nets, larger rates): -250 in 7-8k steps, ~12 s a seed."""
-    from test_learning import assert_learns, tuned_config
-    assert_learns("SAC", tuned_config("pendulum-sac.yaml"), -250, 20_000, env="Pendulum-v1")
+    """The defaults reach -250 in about 8k steps, a minute per seed on one core here.
+    Pendulum's 200-step episodes make 16k steps only 80 episodes, so the return is the
+    mean of the last 20 episodes (metrics_smoothing_episodes), not of every episode
+    since the start. (pendulum-sac.yaml's bar is checked in test_learning.py.)"""
+    from learning_bars import assert_learns
+    assert_learns("SAC", {"metrics_smoothing_episodes": 20}, -250, 16_000, typical=8_000,
+                  env="Pendulum-v1")
 
 
 @pytest.mark.learning
 def test_discrete_sac_cartpole():
     """The discrete variant with pendulum-sac.yaml's small nets and rates: 150 (mean of
     the last 20 episodes) in about 5k steps here; random play scores about 22."""
-    from test_learning import assert_learns
+    from learning_bars import assert_learns
     config = {"metrics_smoothing_episodes": 20, "rollout_fragment_length": 4,
               "train_batch_size": 128, "training_intensity": 128,
               "actor_hiddens": [64, 64], "critic_hiddens": [64, 64],
               "actor_lr": 1e-3, "critic_lr": 1e-3, "alpha_lr": 1e-3}
-    assert_learns("SAC", config, 150, 30_000)
+    assert_learns("SAC", config, 150, 10_000, typical=5_000)

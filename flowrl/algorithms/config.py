@@ -360,19 +360,25 @@ def _available_resources() -> tuple[float, float]:
     return float(os.cpu_count() or 1), float(torch.cuda.device_count())
 
 
-def resolve_auto_resources(config: dict) -> dict:
+def resolve_auto_resources(config: dict,
+                           cluster: tuple[float, float] | None = None) -> dict:
     """Replaces ``"auto"`` resource values with numbers that fit the cluster (or machine).
 
     ``num_gpus``: 1 if a GPU exists, else 0 (with ``num_learners`` N: N if the cluster
     has N GPUs, else 0). ``num_workers``: one per CPU left after the
     driver, at least 2. ``num_cpus_per_worker``: the CPUs left after the driver shared
-    among the rollout and evaluation workers, at most 1. ``num_replay_buffer_shards``:
-    one per 4 workers, 1 to 4.
+    among the rollout and evaluation workers, at most 1; on a cluster with no CPU left
+    after the driver (1 CPU, ``num_cpus_for_driver: 1``) the workers share all of its
+    CPUs instead, since 0 would be no valid share (a Tune trial, which also reserves
+    the driver's CPU, then gets a clear "asks for N CPUs" error).
+    ``num_replay_buffer_shards``: one per 4 workers, 1 to 4.
+    ``cluster``: ``(CPUs, GPUs)`` to size for; by default the running Ray cluster's,
+    else this machine's.
     Returns the dict of resolved keys (empty when nothing was "auto").
     """
     if not any(config.get(key) == "auto" for key in AUTO_KEYS):
         return {}
-    cpus, gpus = _available_resources()
+    cpus, gpus = cluster if cluster is not None else _available_resources()
     resolved = {}
     if config.get("num_gpus") == "auto":
         learners = config.get("num_learners", 0)
@@ -387,7 +393,8 @@ def resolve_auto_resources(config: dict) -> dict:
     if config.get("num_cpus_per_worker") == "auto":
         # Evaluation workers take the same per-worker share as rollout workers.
         sharing = workers + (config.get("evaluation_num_workers") or 0)
-        per_worker = min(1.0, spare / max(sharing, 1))
+        pool = spare if spare > 0 else cpus  # nothing spare: share the driver's CPUs
+        per_worker = min(1.0, pool / max(sharing, 1))
         resolved["num_cpus_per_worker"] = per_worker if per_worker < 1 else 1
     if config.get("num_replay_buffer_shards") == "auto":
         resolved["num_replay_buffer_shards"] = max(1, min(4, workers // 4))

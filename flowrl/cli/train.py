@@ -423,7 +423,13 @@ def train_main(argv: list[str] | None = None) -> int:
             init_args["num_cpus"] = args.ray_num_cpus
             init_args["num_gpus"] = (args.ray_num_gpus if args.ray_num_gpus is not None
                                      else _detect_gpus())
-        ray.init(**init_args)
+        try:
+            ray.init(**init_args)
+        except ConnectionError as e:
+            if not address:
+                raise
+            print(f"flowrl train: error: {join_error(address, e)}", file=sys.stderr)
+            return 2
     _warn_local_storage_on_cluster(experiments)
     for spec in experiments.values():
         _resolve_auto(spec)
@@ -449,6 +455,27 @@ def train_main(argv: list[str] | None = None) -> int:
             print(f"flowrl train: error: {e}", file=sys.stderr)
             return 2
     return _report(trials)
+
+
+def join_error(address: str, error: BaseException) -> str:
+    """One line saying why joining the Ray cluster at ``address`` failed.
+
+    A cluster that ``ray start`` began with token authentication (Ray's default when a
+    token exists on that machine) turns away a driver without the token, and Ray sends
+    none to an address given explicitly unless ``RAY_AUTH_MODE=token``: say so.
+    """
+    chain, cause = [], error
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = f"cannot join the Ray cluster at {address}: {' '.join(str(error).split())}"
+    if any("AuthenticationError" in type(c).__name__ or "InvalidAuthToken" in str(c)
+           for c in chain):
+        text += (". The cluster uses token authentication: set RAY_AUTH_MODE=token "
+                 "and give the cluster's token as RAY_AUTH_TOKEN (or in "
+                 "~/.ray/auth_token); Ray sends no token to an explicit address "
+                 "otherwise")
+    return text
 
 
 def _warn_local_storage_on_cluster(experiments: dict) -> None:

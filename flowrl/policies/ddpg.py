@@ -36,7 +36,8 @@ Exploration (``exploration_config``), in normalized units, clipped to the bounds
   Ornstein-Uhlenbeck process ``x_{t+1} = x_t - ou_theta * x_t + ou_sigma * N(0, 1)``
   kept per row of the action batch (its stationary variance is
   ``ou_sigma^2 / (ou_theta * (2 - ou_theta))``; a new state is drawn from that
-  distribution when the batch size changes);
+  distribution when the batch size changes, and for a row whose env starts a new
+  episode: the sampler calls :meth:`DDPGTorchPolicy.on_episode_start`);
 * ``s(t)`` goes linearly from ``initial_scale`` to ``final_scale`` over
   ``scale_timesteps`` steps after ``random_timesteps``. With
   ``per_worker_exploration`` (APEX_DDPG), remote worker ``i`` of ``N`` instead
@@ -47,7 +48,7 @@ Exploration (``exploration_config``), in normalized units, clipped to the bounds
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -288,18 +289,41 @@ class DDPGTorchPolicy(Policy):
         var = ou_stationary_variance(float(cfg["ou_theta"]), float(cfg["ou_sigma"]))
         return float(cfg["ou_base_scale"]) * self.exploration_scale * float(np.sqrt(var))
 
+    def _stationary_ou_draw(self, rows: int) -> np.ndarray:
+        """Fresh OU states ``[rows, act_dim]`` from the process's stationary distribution.
+
+        A fresh state starts there rather than at 0, so the noise has its long-run
+        variance from an episode's first step."""
+        cfg = self.exploration_config
+        std = np.sqrt(ou_stationary_variance(float(cfg["ou_theta"]), float(cfg["ou_sigma"])))
+        return self._rng.normal(0.0, std, size=(rows, self.act_dim))
+
     def _ou_step(self, batch_size: int) -> np.ndarray:
         """Advance the per-row OU state ``[B, act_dim]`` one step and return it."""
         cfg = self.exploration_config
         theta, sigma = float(cfg["ou_theta"]), float(cfg["ou_sigma"])
         shape = (batch_size, self.act_dim)
         if self._ou_state is None or self._ou_state.shape != shape:
-            # Start in the stationary distribution rather than at 0, so the noise
-            # has its long-run variance from the first step.
-            std = np.sqrt(ou_stationary_variance(theta, sigma))
-            self._ou_state = self._rng.normal(0.0, std, size=shape)
+            self._ou_state = self._stationary_ou_draw(batch_size)
         self._ou_state += -theta * self._ou_state + sigma * self._rng.standard_normal(shape)
         return self._ou_state
+
+    def reset_noise(self, rows: Sequence[int]) -> None:
+        """Redraw the OU state of batch ``rows`` from the stationary distribution.
+
+        The other rows keep theirs. Nothing to do for Gaussian noise, before the
+        first OU step, or for a row beyond the current state (a batch of another
+        size redraws every row at its first step anyway)."""
+        if self._ou_state is None:
+            return
+        rows = [row for row in rows if row < len(self._ou_state)]
+        if rows:
+            self._ou_state[rows] = self._stationary_ou_draw(len(rows))
+
+    def on_episode_start(self, rows: list[int]) -> None:
+        """The sampler's ``rows`` began new episodes: their OU noise restarts
+        (:meth:`reset_noise`), independent of the episode that ended."""
+        self.reset_noise(rows)
 
     # ------------------------------------------------------------------ acting
     def compute_actions(

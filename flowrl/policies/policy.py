@@ -935,6 +935,15 @@ class Policy:
             self.global_timestep = int(global_vars["timestep"])
             self.apply_hyperparameters()
 
+    def on_episode_start(self, rows: list[int]) -> None:
+        """The sampler's batch ``rows`` (env indices) have just started a new episode.
+
+        Called after each auto-reset, before the new episode's first action. The
+        default does nothing; a policy with per-row exploration state (DDPG's OU
+        noise) restarts those rows here so one episode's noise does not leak into
+        the next.
+        """
+
     def optimizer_lrs(self) -> list[tuple[torch.optim.Optimizer, float]]:
         """Each optimizer with the learning rate its config gives it (DDPG: two)."""
         return [(self.optimizer, float(self.config["lr"]))]

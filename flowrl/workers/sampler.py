@@ -126,6 +126,11 @@ class VectorSampler:
     hooks receive ``worker``; they run only if the class overrides one of them.
     An :class:`~flowrl.workers.callbacks.Episode` spans what the results count as an episode
     (a whole Atari game across lost lives, see :func:`env_reports_episodes`).
+
+    Row ``i`` of every policy call is env ``i``. When env ``i`` auto-resets, its recurrent
+    state (if any) goes back to the initial state and the sampler calls
+    ``policy.on_episode_start([i, ...])``, where a policy restarts per-row state of its
+    own (DDPG's OU noise).
     """
 
     def __init__(self, envs: Sequence[gym.Env], policy: Any, fragment_length: int,
@@ -299,6 +304,8 @@ class VectorSampler:
                 self._t[i] = 0
                 if hooks:
                     self._episode_reset(i, reset_obs, reset_info)
+            if ended:  # per-row exploration state (DDPG's OU noise) restarts too
+                self.policy.on_episode_start(ended)
             self._obs = next_obs
         self._unroll_id += 1
         if self.reward_scaler is not None:  # metrics above counted the env's own rewards
