@@ -299,9 +299,9 @@ def test_bad_configs_fail_before_any_actor_starts():
 @pytest.mark.learning
 def test_es_cartpole_reaches_150(ray_session):
     """Default config, 2 ES actors: mean evaluation return >= 150, all env steps counted
-    (evaluation included). Typically 10k-35k steps, 3-5 s a seed."""
+    (evaluation included). Seeds 0-2: 13.3k, 18.1k, 13.3k steps, 3-5 s a seed."""
     from learning_bars import assert_learns
-    assert_learns("ES", {}, 150, 50_000, typical=25_000)
+    assert_learns("ES", {}, 150, 26_000, typical=13_300)
 
 
 def test_default_config_is_complete():

@@ -114,7 +114,8 @@ def test_ppo_with_logging_example_counts_its_batches():
 
 @pytest.mark.learning
 def test_dqn_replay_schedule_example_learns():
-    """Iterations of 1000 env steps until the mean return reaches 120."""
+    """Iterations of 1000 env steps until the mean return reaches 120: 15k steps on
+    each of seeds 0-2."""
     import dqn_replay_schedule
     from learning_bars import SeedRun, two_of_three
 
@@ -125,7 +126,7 @@ def test_dqn_replay_schedule_example_learns():
         return SeedRun(seed, result["timesteps_total"] if reached else None,
                        [(result["timesteps_total"], result["episode_reward_mean"])])
 
-    two_of_three(run_seed, budget=60_000, typical=30_000,
+    two_of_three(run_seed, budget=30_000, typical=15_000,
                  what="examples/dqn_replay_schedule.py to 120")
 
 

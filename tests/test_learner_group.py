@@ -390,7 +390,7 @@ def test_tune_trial_places_its_learners_in_its_placement_group(ray_session, tmp_
 @pytest.mark.learning
 def test_ppo_cartpole_with_two_learners_learns(ray_session):
     """Two learners at PPO's usual total batch (4000 rows, minibatches of 128) learn
-    CartPole as one learner does (test_learning: 150 in about 50k steps)."""
+    CartPole as one learner does. Seeds 0-2: 22.5k, 22.5k, 20.5k steps."""
     from learning_bars import assert_learns
-    assert_learns("PPO", {"num_learners": 2, "num_cpus_per_learner": 0.5}, 150, 100_000,
-                  typical=50_000)
+    assert_learns("PPO", {"num_learners": 2, "num_cpus_per_learner": 0.5}, 150, 45_000,
+                  typical=22_500)

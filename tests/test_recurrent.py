@@ -186,12 +186,13 @@ def test_replay_and_es_algorithms_name_the_recurrent_ones(algorithm, ray_session
 
 @pytest.mark.learning
 def test_ppo_lstm_learns_stateless_cartpole_and_the_mlp_does_not():
-    """With the velocities hidden, PPO+LSTM reaches 150 in about 27k steps (seed 0); the
-    same PPO without the LSTM stays near 50 for 300k steps."""
+    """With the velocities hidden, PPO+LSTM reaches 150 in 27k, 25k and 27k steps
+    (seeds 0-2); the same PPO without the LSTM stays below 100 for 150k steps
+    (over 5x what the LSTM needs; near 50 all along)."""
     from learning_bars import agent_run, assert_learns
-    assert_learns("PPO", {"model": {"use_lstm": True}}, 150, 60_000, typical=30_000,
+    assert_learns("PPO", {"model": {"use_lstm": True}}, 150, 54_000, typical=27_000,
                   env=StatelessCartPole)
-    without_lstm = agent_run("PPO", {}, 100, env=StatelessCartPole)(0, 300_000)
+    without_lstm = agent_run("PPO", {}, 100, env=StatelessCartPole)(0, 150_000)
     assert without_lstm.steps is None, without_lstm.history[-5:]
 
 

@@ -261,8 +261,8 @@ def test_compute_gradients_and_fixed_batch_learning():
 @pytest.mark.learning
 def test_recurrent_impala_learns_cartpole_without_velocities(ray_session):
     """IMPALA with an LSTM on CartPole-v1 whose velocities are zeroed reaches a mean
-    return of 150 within a budget of 250k steps. Measured on 2 shared cores: seed 0 at
-    125k steps (41 s), seed 1 at 176k (60 s), seed 2 at 144k (70 s).
+    return of 150 on 2 of 3 seeds within a budget of 250k steps. Seeds 0-2 on 2 busy
+    cores: 128k, 139k and 125k steps (40-70 s a seed).
 
     The LSTM's policy and value heads share the network, so the value targets are kept
     near unit scale (``normalize_rewards``); with raw CartPole returns (lr 1e-3, batches
@@ -273,4 +273,4 @@ def test_recurrent_impala_learns_cartpole_without_velocities(ray_session):
               "normalize_rewards": True, "min_iter_time_s": 1,
               "model": {"use_lstm": True, "lstm_cell_size": 64, "fcnet_hiddens": [64],
                         "max_seq_len": 20}}
-    assert_learns("IMPALA", config, 150, 250_000, typical=145_000, env=VelocitylessCartPole)
+    assert_learns("IMPALA", config, 150, 250_000, typical=128_000, env=VelocitylessCartPole)
