@@ -700,5 +700,5 @@ def test_td3_learns_pendulum_quickly():
     Typical steps: 3000 (seeds 0, 1, 2 met the bar at 3000, 2000, 3000 steps, measured
     with FLOWRL_LEARNING_LOG); the budget of 5000 is 1.7 times that.
     """
-    two_of_three(td3_pendulum_run, budget=5000, typical=3000,
+    two_of_three(td3_pendulum_run, budget=5000, typical=3000, concurrent=True,
                  what="TD3 own loop on Pendulum to -400")

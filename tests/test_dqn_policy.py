@@ -626,5 +626,5 @@ def test_dqn_learns_cartpole():
     Typical steps: 8568 (seeds 0, 1, 2 met the bar at 7212, 8568, 17752 env steps,
     measured with FLOWRL_LEARNING_LOG); the budget of 17000 is just under twice that.
     """
-    two_of_three(dqn_cartpole_run, budget=17_000, typical=8_568,
+    two_of_three(dqn_cartpole_run, budget=17_000, typical=8_568, concurrent=True,
                  what="DQN own loop on CartPole to 150")

@@ -214,7 +214,9 @@ def test_ppo_learns_multidiscrete_actions():
 def test_ppo_minigrid_empty_default_config():
     import minigrid  # noqa: F401  registers the MiniGrid envs (a test dependency)
     from learning_bars import assert_learns
-    assert_learns("PPO", {}, 0.9, 32_000, typical=16_000, env="MiniGrid-Empty-5x5-v0")
+    # In this process: a fresh one would not have the MiniGrid ids registered.
+    assert_learns("PPO", {}, 0.9, 32_000, typical=16_000, env="MiniGrid-Empty-5x5-v0",
+                  concurrent=False)
 
 
 def test_es_acts_with_the_mode_of_a_product_distribution(ray_session):

@@ -151,7 +151,8 @@ class Agent:
     def _ensure_resources(self) -> None:
         """Starts Ray if workers need it; fails fast if they could never be scheduled."""
         c = self.config
-        if c["num_gpus"] > 0:
+        # With num_learners the GPUs belong to the learner actors, not to this process.
+        if c["num_gpus"] > 0 and not c["num_learners"]:
             import torch
             if not torch.cuda.is_available():
                 logger.warning("num_gpus=%s but no CUDA device is visible: the learner "
