@@ -69,23 +69,58 @@ def test_python_api_train_save_restore(algorithm, ray_session, results_dir, tmp_
     restored.stop()
 
 
+def run_train_file(experiments: dict, path, local_dir) -> subprocess.CompletedProcess:
+    path.write_text(json.dumps(experiments))
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "-f", str(path),
+         "--local-dir", str(local_dir), "--ray-num-cpus", "2", "--checkpoint-at-end"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+def only_trial_dir(experiment_dir):
+    (trial,) = [d for d in experiment_dir.iterdir() if d.is_dir()]
+    return trial
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """scripts/train.py as users run it, twice, with one experiment per algorithm in one
+    experiment file (one Ray start per run instead of one per algorithm): first one
+    iteration and a checkpoint at the end, then each experiment restored from its
+    checkpoint (the file's ``restore`` key) and trained to iteration 2."""
+    root = tmp_path_factory.mktemp("cli_runs")
+    first = run_train_file(
+        {f"first-{name}": {"run": name, "env": env, "config": config,
+                           "stop": {"training_iteration": 1}}
+         for name, (env, config) in TINY.items()}, root / "first.json", root)
+    checkpoints = {}
+    for name in TINY:
+        experiment_dir = root / f"first-{name}"
+        if experiment_dir.is_dir():
+            checkpoints[name] = [d for d in only_trial_dir(experiment_dir).iterdir()
+                                 if d.name.startswith("checkpoint_")]
+    second = run_train_file(
+        {f"second-{name}": {"run": name, "env": TINY[name][0], "config": TINY[name][1],
+                            "stop": {"training_iteration": 2},
+                            "restore": str(found[0])}
+         for name, found in checkpoints.items() if len(found) == 1},
+        root / "second.json", root)
+    return root, first, second, checkpoints
+
+
 @pytest.mark.parametrize("algorithm", sorted(TINY))
-def test_cli_train_checkpoint_restore(algorithm, tmp_path):
-    env, config = TINY[algorithm]
-    base = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--run", algorithm,
-            "--env", env, "--config", json.dumps(config), "--local-dir", str(tmp_path),
-            "--ray-num-cpus", "2", "--checkpoint-at-end"]
-    out = subprocess.run(base + ["--stop", '{"training_iteration": 1}',
-                                 "--experiment-name", "first"],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    (trial,) = [d for d in (tmp_path / "first").iterdir() if d.is_dir()]
-    (checkpoint,) = [d for d in trial.iterdir() if d.name.startswith("checkpoint_")]
+def test_cli_train_checkpoint_restore(algorithm, cli_runs):
+    root, first, second, checkpoints = cli_runs
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    (checkpoint,) = checkpoints.get(algorithm, [])
     assert (checkpoint / "flowrl_checkpoint.json").is_file()
-    out = subprocess.run(base + ["--stop", '{"training_iteration": 2}', "--restore",
-                                 str(checkpoint), "--experiment-name", "second"],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    (trial,) = [d for d in (tmp_path / "second").iterdir() if d.is_dir()]
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    first_results = [json.loads(line) for line in
+                     open(only_trial_dir(root / f"first-{algorithm}") / "result.json")]
+    trial = only_trial_dir(root / f"second-{algorithm}")
     results = [json.loads(line) for line in open(trial / "result.json")]
-    assert results[-1]["training_iteration"] == 2   # continued from the checkpoint
+    assert results[-1]["training_iteration"] == 2
+    # Continued from the checkpoint: its step count carries on from the first run's
+    # (a fresh start would count only its own iteration's steps).
+    assert results[0]["timesteps_total"] == \
+        first_results[-1]["timesteps_total"] + results[0]["timesteps_this_iter"]
