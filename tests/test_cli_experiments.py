@@ -233,11 +233,11 @@ def ray_head():
         try:
             head.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            pass
+            pass  # it did not drain in time: the SIGKILL below ends it
         try:
             os.killpg(head.pid, signal.SIGKILL)  # any of its processes still there
         except ProcessLookupError:
-            pass
+            pass  # the group is already gone: nothing left to kill
         head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
