@@ -506,6 +506,43 @@ def test_worker_side_prioritization():
         torch.testing.assert_close(policy.target_model(obs), learner.model(obs))
 
 
+@pytest.mark.parametrize("batch_mode", ["truncate_episodes", "complete_episodes"])
+def test_worker_priorities_from_acting_q_values_match_a_fresh_pass(batch_mode):
+    """A remote worker's initial priorities reuse the Q values it acted on; they must
+    equal compute_td_error's fresh passes over the same rows (the weights are fixed)."""
+    policy = make_policy(worker_side_prioritization=True, n_step=3, worker_index=2,
+                         num_workers=2)
+    rows_through_model, acting_rows = [], []
+    policy.model.register_forward_hook(
+        lambda module, args, out: rows_through_model.append(out.shape[0]))
+    compute_actions = policy.compute_actions
+
+    def counted_compute_actions(obs, **kwargs):
+        acting_rows.append(len(obs))
+        return compute_actions(obs, **kwargs)
+
+    policy.compute_actions = counted_compute_actions
+    # Short time limits give truncated pieces, fragments of 10 give cut ones, and the
+    # untrained net lets CartPole fall over (terminated pieces).
+    envs = [gym.make("CartPole-v1", max_episode_steps=limit) for limit in (7, 500, 12)]
+    sampler = VectorSampler(envs, policy, fragment_length=10, batch_mode=batch_mode,
+                            seeds=[0, 1, 2])
+    seen = {"terminated": 0, "truncated": 0}
+    for _ in range(6):
+        rows_through_model.clear()
+        acting_rows.clear()
+        batch = sampler.sample()
+        postprocessing_rows = sum(rows_through_model) - sum(acting_rows)
+        np.testing.assert_allclose(batch[TD_ERROR], policy.compute_td_error(batch),
+                                   rtol=1e-5, atol=1e-6)
+        seen["terminated"] += int(batch["terminateds"].sum())
+        seen["truncated"] += int(batch["truncateds"].sum())
+        # At most one row per episode piece, not three passes over every row.
+        pieces = len(np.unique(batch["eps_id"]))
+        assert postprocessing_rows <= pieces, (postprocessing_rows, pieces)
+    assert seen["terminated"] > 0 and seen["truncated"] > 0, seen
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 def test_export_gives_q_values(tmp_path):
     policy = make_policy()

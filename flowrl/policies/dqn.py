@@ -44,6 +44,7 @@ __all__ = [
     "TD_ERROR",
     "Q_VALUES",
     "adjust_nstep",
+    "nstep_last_rows",
     "huber_loss",
     "dqn_td_target",
     "per_worker_epsilon",
@@ -87,6 +88,13 @@ def _segment_ends(batch: SampleBatch) -> np.ndarray:
     return ends[np.searchsorted(ends, np.arange(count))]
 
 
+def nstep_last_rows(batch: SampleBatch, n_step: int) -> np.ndarray:
+    """Per row ``t``, the index ``t + m - 1`` of the last step :func:`adjust_nstep`
+    folds into it (``m = min(n_step, rows left in t's episode segment)``)."""
+    rows = np.arange(batch.count)
+    return np.minimum(rows + int(n_step) - 1, _segment_ends(batch))
+
+
 def adjust_nstep(batch: SampleBatch, n_step: int, gamma: float) -> SampleBatch:
     """Rewrite ``batch`` into n-step transitions (returns ``batch``, columns replaced).
 
@@ -115,10 +123,10 @@ def adjust_nstep(batch: SampleBatch, n_step: int, gamma: float) -> SampleBatch:
         return batch
     rewards = np.asarray(batch[SampleBatch.REWARDS])
     rows = np.arange(count)
-    horizon = np.minimum(n_step, _segment_ends(batch) - rows + 1)
+    last = nstep_last_rows(batch, n_step)
+    horizon = last - rows + 1
     batch[GAMMAS] = np.power(float(gamma), horizon).astype(np.float32)
 
-    last = rows + horizon - 1
     rewards64 = rewards.astype(np.float64)
     padded = np.concatenate([rewards64, np.zeros(n_step - 1)])
     returns = rewards64.copy()
@@ -382,13 +390,60 @@ class DQNTorchPolicy(Policy):
         :meth:`learn_on_batch` it is the raw absolute error: the replay buffer
         adds ``prioritized_replay_eps`` when it turns it into priorities.
         """
-        adjust_nstep(batch, self.n_step, self.gamma)
-        if self.config.get("worker_side_prioritization"):
-            if batch.count:
-                batch[TD_ERROR] = self.compute_td_error(batch)
-            else:
+        if not (self.config.get("worker_side_prioritization") and batch.count):
+            adjust_nstep(batch, self.n_step, self.gamma)
+            if self.config.get("worker_side_prioritization"):
                 batch[TD_ERROR] = np.zeros(0, dtype=np.float32)
+            return batch
+        if self._target_follows_online and Q_VALUES in batch:
+            # The Q values the worker acted on already hold Q(s_t) for every row and
+            # Q(s_t+n) for all but the rows whose n-step window reaches the end of
+            # their piece: reusing them saves three network passes per row.
+            last = nstep_last_rows(batch, self.n_step)
+            bootstraps_inside = last < _segment_ends(batch)
+            adjust_nstep(batch, self.n_step, self.gamma)
+            batch[TD_ERROR] = self._td_error_from_acting_q(batch, last, bootstraps_inside)
+        else:
+            adjust_nstep(batch, self.n_step, self.gamma)
+            batch[TD_ERROR] = self.compute_td_error(batch)
         return batch
+
+    @property
+    def _target_follows_online(self) -> bool:
+        """True on remote workers with worker-side priorities (see :meth:`set_weights`)."""
+        return self.worker_index > 0 and bool(self.config.get("worker_side_prioritization"))
+
+    def _td_error_from_acting_q(self, batch: SampleBatch, last: np.ndarray,
+                                bootstraps_inside: np.ndarray) -> np.ndarray:
+        """``|TD error|`` of the n-step rows of ``batch`` from its ``q_values`` column.
+
+        Row ``t`` bootstraps from the observation of row ``last[t] + 1`` when that row
+        is in the same episode segment (``bootstraps_inside``), whose acting Q values
+        are in the batch; the other rows that are not terminated (truncated, or cut at
+        the end of the fragment) get one forward pass over their distinct ``new_obs``. With the
+        target net equal to the online net, double Q's target is the plain max. The
+        values equal :meth:`compute_td_error` when the weights did not change between
+        acting and postprocessing.
+        """
+        q_values = np.asarray(batch[Q_VALUES], dtype=np.float32)
+        rows = np.arange(batch.count)
+        actions = np.asarray(batch[SampleBatch.ACTIONS]).astype(np.int64, copy=False)
+        q_selected = q_values[rows, actions]
+        next_value = np.zeros(batch.count, dtype=np.float32)
+        next_value[bootstraps_inside] = q_values[last[bootstraps_inside] + 1].max(axis=1)
+        terminated = np.asarray(batch[SampleBatch.TERMINATEDS], dtype=bool)
+        needs_pass = ~bootstraps_inside & ~terminated
+        if needs_pass.any():
+            # The rows of one window end share their new_obs: one pass per window end.
+            ends, first_rows, row_to_end = np.unique(
+                last[needs_pass], return_index=True, return_inverse=True)
+            new_obs = batch[SampleBatch.NEW_OBS][np.flatnonzero(needs_pass)[first_rows]]
+            with torch.inference_mode():
+                q_next = self.model(self._obs_to_tensor(new_obs)).float().cpu().numpy()
+            next_value[needs_pass] = q_next.max(axis=1)[row_to_end]
+        target = (np.asarray(batch[SampleBatch.REWARDS], dtype=np.float32)
+                  + np.asarray(batch[GAMMAS], dtype=np.float32) * ~terminated * next_value)
+        return np.abs(q_selected - target).astype(np.float32, copy=False)
 
     # ---------------------------------------------------------------- learning
     def _batch_to_tensors(self, batch: SampleBatch) -> TensorDict:
@@ -484,7 +539,7 @@ class DQNTorchPolicy(Policy):
         initial target.
         """
         super().set_weights(weights)
-        if self.worker_index > 0 and self.config.get("worker_side_prioritization"):
+        if self._target_follows_online:
             self.update_target()
 
     def get_state(self) -> dict[str, Any]:
