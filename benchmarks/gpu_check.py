@@ -1,6 +1,6 @@
 """GPU check: APEX on Breakout with a GPU learner, and learner step times on CPU and GPU.
 
-    python benchmarks/gpu_check.py [--out DIR]     # full check, about 7 minutes
+    python benchmarks/gpu_check.py [--out DIR]     # full check, about 8 minutes
     python benchmarks/gpu_check.py --smoke         # about a minute on CPU (test suite)
 
 Sized for one machine with 16 CPU cores and one NVIDIA GPU (issue 16, part 4). In one
@@ -18,13 +18,17 @@ phase and every APEX iteration, so a run cut short still leaves its figures):
    of several timed steps (at most ``--learner-cell-s`` seconds of timed steps per
    cell, at least 3 steps).
 2. **APEX on Breakout with the GPU learner** (``num_gpus=1``): ``--num-workers`` rollout
-   workers (default 14, 1 CPU each) x ``--num-envs-per-worker`` envs, the settings of
-   ``flowrl/tuned_examples/breakout-apex.yaml`` otherwise, for ``--apex-seconds``.
-   Every iteration (``--iter-seconds`` long) prints and records sampled agent steps/s
-   (x4 = frames/s), trained rows/s (rows the learner consumed) and the game return
-   (``episode_reward_mean``: unclipped whole-game scores of the least-exploring third
-   of the workers).
-3. **The same APEX run with the CPU-only learner** (``num_gpus=0``; the driver's
+   workers (default 14, 1 CPU each) x ``--num-envs-per-worker`` envs (default 16), the
+   settings of ``flowrl/tuned_examples/breakout-apex.yaml`` otherwise, for
+   ``--apex-seconds``. Every iteration (``--iter-seconds`` long) prints and records
+   sampled agent steps/s (x4 = frames/s), trained rows/s (rows the learner consumed)
+   and the game return (``episode_reward_mean``: unclipped whole-game scores of the
+   least-exploring third of the workers).
+3. **The same with the workers acting on the GPU too**: each worker gets
+   ``--worker-gpu-share`` of the GPU (``num_gpus_per_worker``, default 0.04) and the
+   learner the rest, for ``--gpu-workers-seconds`` (0 skips it): the workers' batched
+   CNN forward moves off their CPU core.
+4. **The same APEX run with the CPU-only learner** (``num_gpus=0``; the driver's
    learner thread then has ``num_cpus_for_driver`` = 1 torch thread, as a user gets it)
    for ``--cpu-learner-seconds`` (0 skips it), so that GPU figures stand beside CPU-only
    ones measured on the same machine.
@@ -305,14 +309,14 @@ def learner_phase(report: Report, args: argparse.Namespace, cuda: bool,
 
 
 # -------------------------------------------------------------------------- (2) APEX
-def apex_config(args: argparse.Namespace, num_gpus: int, cpus: int) -> dict:
+def apex_config(args: argparse.Namespace, num_gpus: float, gpus_per_worker: float) -> dict:
     config = _tuned_config("breakout-apex")
     config.update({
         "num_gpus": num_gpus,
         "num_workers": args.num_workers,
         "num_cpus_per_worker": args.num_cpus_per_worker,
         "num_envs_per_worker": args.num_envs_per_worker,
-        "num_gpus_per_worker": args.num_gpus_per_worker,
+        "num_gpus_per_worker": gpus_per_worker,
         "num_replay_buffer_shards": args.replay_shards or "auto",
         "timesteps_per_iteration": 0,
         "min_iter_time_s": args.iter_seconds,
@@ -395,13 +399,14 @@ def summarize_apex(run: dict) -> dict:
     return summary
 
 
-def apex_phase(report: Report, label: str, args: argparse.Namespace, num_gpus: int,
-               seconds: float, cpus: int) -> None:
+def apex_phase(report: Report, label: str, args: argparse.Namespace, num_gpus: float,
+               gpus_per_worker: float, seconds: float) -> None:
     import torch
 
     from flowrl.plans.apex import ApexAgent
-    config = apex_config(args, num_gpus, cpus)
+    config = apex_config(args, num_gpus, gpus_per_worker)
     run: dict[str, Any] = {"label": label, "num_gpus": num_gpus,
+                           "num_gpus_per_worker": gpus_per_worker,
                            "learner_device": "cuda" if num_gpus and torch.cuda.is_available()
                            else "cpu",
                            "seconds_asked": round(seconds, 1), "config": config,
@@ -409,7 +414,8 @@ def apex_phase(report: Report, label: str, args: argparse.Namespace, num_gpus: i
     report.data["apex"].append(run)
     report.save()
     log(f"APEX {label}: {config['num_workers']} workers x {config['num_envs_per_worker']} "
-        f"envs, num_gpus={num_gpus}, {seconds:.0f} s")
+        f"envs, num_gpus={num_gpus}, num_gpus_per_worker={gpus_per_worker}, "
+        f"{seconds:.0f} s")
     t0 = time.perf_counter()
     agent = ApexAgent(config=config, env=args.game, log_to_disk=False)
     try:
@@ -510,9 +516,10 @@ def markdown(data: dict) -> str:
                   "after learning started; return = mean unclipped game score of the "
                   "least-exploring third of the workers):",
                   "",
-                  "| learner | seconds | sampled agent steps/s (frames/s) | trained rows/s | "
-                  "return first -> last (best mean, max game) | sampled / trained total |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| learner | workers act on | seconds | sampled agent steps/s (frames/s) | "
+                  "trained rows/s | return first -> last (best mean, max game) | "
+                  "sampled / trained total |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for run in runs:
             s = run.get("summary", {})
             learner = ("GPU" if run["learner_device"].startswith("cuda")
@@ -520,8 +527,10 @@ def markdown(data: dict) -> str:
             ret = (f"{_fmt_n(s.get('return_first'), 1)} -> {_fmt_n(s.get('return_last'), 1)}"
                    f" ({_fmt_n(s.get('return_best_mean'), 1)}, "
                    f"{_fmt_n(s.get('return_max'), 0)})" if "return_first" in s else "-")
+            share = run.get("num_gpus_per_worker") or 0
+            acting = f"GPU ({share} each)" if share else "CPU"
             lines.append(
-                f"| {learner} | {_fmt_n(s.get('window_s'))} | "
+                f"| {learner} | {acting} | {_fmt_n(s.get('window_s'))} | "
                 f"{_fmt_n(s.get('sampled_steps_per_s'))} ({_fmt_n(s.get('frames_per_s'))}) | "
                 f"{_fmt_n(s.get('trained_rows_per_s'))} | {ret} | "
                 f"{_fmt_n(s.get('total_sampled'))} / {_fmt_n(s.get('total_trained'))} |")
@@ -556,21 +565,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true",
                         help="about a minute on CPU: tiny APEX and learner batch")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="wall-clock budget of the whole run (default 430; smoke 150)")
+                        help="wall-clock budget of the whole run (default 450; smoke 150)")
     parser.add_argument("--game", default="Breakout")
     parser.add_argument("--apex-seconds", type=float, default=None,
-                        help="APEX with the GPU learner (default 210; smoke 12)")
+                        help="APEX with the GPU learner (default 110; smoke 12)")
+    parser.add_argument("--gpu-workers-seconds", type=float, default=None,
+                        help="APEX with the GPU learner and the workers acting on the GPU; "
+                             "0 skips (default 110; needs CUDA)")
+    parser.add_argument("--worker-gpu-share", type=float, default=0.04,
+                        help="num_gpus_per_worker of that phase (default 0.04)")
     parser.add_argument("--cpu-learner-seconds", type=float, default=None,
-                        help="APEX with the CPU-only learner; 0 skips (default 75; smoke 6)")
+                        help="APEX with the CPU-only learner; 0 skips (default 40; smoke 6)")
     parser.add_argument("--iter-seconds", type=float, default=None,
                         help="min_iter_time_s of APEX (default 15; smoke 3)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="APEX rollout workers (default: CPUs - 2, at most 14; smoke 2)")
     parser.add_argument("--num-envs-per-worker", type=int, default=None,
-                        help="default 4 (one batched CNN forward per 4 env steps); smoke 1")
+                        help="default 16 (one batched CNN forward per 16 env steps); "
+                             "smoke 1")
     parser.add_argument("--num-cpus-per-worker", type=float, default=None,
                         help="default 1; smoke 0.5")
-    parser.add_argument("--num-gpus-per-worker", type=float, default=0.0)
     parser.add_argument("--replay-shards", type=int, default=0, help="0: auto")
     parser.add_argument("--learning-starts", type=int, default=None)
     parser.add_argument("--buffer-size", type=int, default=None)
@@ -595,12 +609,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cpus = os.cpu_count() or 2
     smoke = args.smoke
     defaults = {
-        "budget_s": 150.0 if smoke else 430.0,
-        "apex_seconds": 12.0 if smoke else 210.0,
-        "cpu_learner_seconds": 6.0 if smoke else 75.0,
+        "budget_s": 150.0 if smoke else 450.0,
+        "apex_seconds": 12.0 if smoke else 110.0,
+        "gpu_workers_seconds": 0.0 if smoke else 110.0,
+        "cpu_learner_seconds": 6.0 if smoke else 40.0,
         "iter_seconds": 3.0 if smoke else 15.0,
         "num_workers": 2 if smoke else max(2, min(14, cpus - 2)),
-        "num_envs_per_worker": 1 if smoke else 4,
+        "num_envs_per_worker": 1 if smoke else 16,
         "num_cpus_per_worker": 0.5 if smoke else 1.0,
         "learner_batch": 64 if smoke else 4096,
         "learner_warmup": 1 if smoke else 2,
@@ -643,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         report.skip("learner_timing", "--skip-learner")
     else:
         learner_deadline = deadline - (0 if args.skip_apex else
-                                       args.apex_seconds + args.cpu_learner_seconds)
+                                       args.apex_seconds + args.gpu_workers_seconds
+                                       + args.cpu_learner_seconds)
         try:
             learner_phase(report, args, cuda, max(learner_deadline, t_start + 30))
         except Exception as e:  # noqa: BLE001
@@ -664,21 +680,30 @@ def main(argv: list[str] | None = None) -> int:
                      object_store_memory=object_store_bytes(args.object_store_gb))
             report.data["meta"]["ray_resources"] = ray.cluster_resources()
             phases = [("gpu_learner" if cuda else "cpu_learner_no_cuda", 1 if cuda else 0,
-                       args.apex_seconds)]
+                       0.0, args.apex_seconds)]
+            if cuda and args.gpu_workers_seconds > 0:
+                workers_share = round(args.worker_gpu_share * args.num_workers, 4)
+                if workers_share >= 1:
+                    raise ValueError(f"--worker-gpu-share {args.worker_gpu_share} x "
+                                     f"{args.num_workers} workers leaves no GPU for the "
+                                     "learner; give each worker less than 1/workers")
+                phases.append(("gpu_learner_gpu_workers", round(1 - workers_share, 4),
+                               args.worker_gpu_share, args.gpu_workers_seconds))
             if cuda and args.cpu_learner_seconds > 0:
-                phases.append(("cpu_learner", 0, args.cpu_learner_seconds))
+                phases.append(("cpu_learner", 0, 0.0, args.cpu_learner_seconds))
             elif not cuda:
                 report.skip("apex_gpu_learner", "no CUDA device: APEX ran with the CPU "
                             "learner only")
             overhead = 25.0 if args.smoke else 45.0  # workers' start and stop
-            for label, num_gpus, seconds in phases:
+            for label, num_gpus, gpus_per_worker, seconds in phases:
                 left = deadline - time.perf_counter() - overhead
                 if left < min(seconds, 3 * args.iter_seconds):
                     report.skip(f"apex_{label}", f"wall-clock budget spent ({left:.0f} s "
                                 "left after start-up allowance)")
                     continue
                 try:
-                    apex_phase(report, label, args, num_gpus, min(seconds, left), cpus)
+                    apex_phase(report, label, args, num_gpus, gpus_per_worker,
+                               min(seconds, left))
                 except Exception as e:  # noqa: BLE001
                     report.error(f"apex_{label}", e)
         except Exception as e:  # noqa: BLE001

@@ -112,7 +112,12 @@ def test_markdown_and_summary_from_given_figures():
     assert "| PPO (1 SGD pass, minibatch 4096) | 2.00 s (2,048 rows/s) | 50.0 ms " \
            "(81,920 rows/s) | 40.0x |" in table
     assert "| DQN (one SGD step) | 2.00 s (2,048 rows/s) | - | - |" in table
-    assert "| GPU (`num_gpus: 1`) | 15 | 16,000 (64,000) | 22,000 |" in table
+    assert "| GPU (`num_gpus: 1`) | CPU | 15 | 16,000 (64,000) | 22,000 |" in table
+    # The phase whose workers act on the GPU says so in its row.
+    data["apex"] = [{**run, "label": "gpu_learner_gpu_workers", "num_gpus": 0.44,
+                     "num_gpus_per_worker": 0.04}]
+    assert "| GPU (`num_gpus: 0.44`) | GPU (0.04 each) | 15 | 16,000 (64,000) |" \
+        in gc.markdown(data)
     assert "| 2 | 30 | 15,000 | 20,000 | - | - |" in table  # NaN returns shown as "-"
     assert not any(math.isnan(v) for v in (summary["return_first"], summary["return_last"]))
 
@@ -123,7 +128,9 @@ def test_defaults_fit_the_device_limits():
     gc = _load_module()
     full = gc.parse_args([])
     assert full.budget_s <= 450
-    assert full.apex_seconds + full.cpu_learner_seconds < full.budget_s
+    assert full.apex_seconds + full.gpu_workers_seconds + full.cpu_learner_seconds \
+        < full.budget_s
+    assert full.num_envs_per_worker == 16
     assert full.learner_batch == 4096
     smoke = gc.parse_args(["--smoke"])
     assert smoke.budget_s <= 150 and smoke.learner_batch == 64 and smoke.num_workers == 2
