@@ -105,6 +105,30 @@ def test_gpu_learners_without_gpus_fail_before_training(ray_session):
         PPOAgent(config={"env": "CartPole-v1", "num_learners": 2, "num_gpus": 2})
 
 
+def test_learners_that_cannot_be_scheduled_fail_with_numbers_not_hang(ray_session,
+                                                                      monkeypatch):
+    import flowrl.workers.actor_start as actor_start
+    from flowrl.workers import WorkerSet
+
+    holder_config = PPOAgent.merge_config({"env": "CartPole-v1", "num_workers": 2,
+                                           "num_cpus_per_worker": 1.0, "model": SMALL})
+    # Started under the normal timeout (a loaded machine starts actors slowly); only the
+    # learners, which can never be scheduled while it holds both CPUs, get the short one.
+    holder = WorkerSet(make_env_creator("CartPole-v1"), PPOTorchPolicy, holder_config)
+    monkeypatch.setattr(actor_start, "START_TIMEOUT_S", 3.0)
+    reference, grouped = worker_pair(PPOAgent, PPOTorchPolicy)
+    try:
+        with pytest.raises(RuntimeError, match=r"2 of 2 learners did not start within 3 s: "
+                                               r"each needs 0.5 CPU and 0 GPU and the Ray "
+                                               r"cluster has 0 of 2 CPUs free\. .* lower "
+                                               r"num_learners / num_cpus_per_learner"):
+            grouped.learn_on_batch(reference.sample())
+        assert grouped.learner_group is None  # nothing half-started is kept
+    finally:
+        grouped.stop()
+        holder.stop()
+
+
 def test_policy_devices_follow_the_gpu_settings():
     config = PPOAgent.merge_config({"env": "CartPole-v1", "num_gpus": 1,
                                     "num_gpus_per_worker": 0.5})

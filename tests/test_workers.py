@@ -250,17 +250,17 @@ def test_env_reported_episode_stats_replace_sampler_sums():
 
 
 def test_workers_that_cannot_be_scheduled_fail_with_numbers_not_hang(ray_session, monkeypatch):
-    import flowrl.workers.worker_set as worker_set
+    import flowrl.workers.actor_start as actor_start
 
     config = make_config(num_workers=2, num_cpus_per_worker=1.0)
     # The holder starts under the normal timeout: actors killed by earlier tests may
     # still be releasing their CPUs, and starting workers on a loaded machine takes
     # seconds. Only the second set, which can never be scheduled, gets the short one.
     holder = WorkerSet(cartpole(), PPOTorchPolicy, config)   # takes both CPUs
-    monkeypatch.setattr(worker_set, "WORKER_START_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(actor_start, "START_TIMEOUT_S", 3.0)
     try:
-        with pytest.raises(RuntimeError, match=r"did not start within 3 s: .* 0 of 2 CPUs "
-                                               r"free. Another agent"):
+        with pytest.raises(RuntimeError, match=r"2 of 2 rollout workers did not start within "
+                                               r"3 s: .* 0 of 2 CPUs free. Another agent"):
             WorkerSet(cartpole(), PPOTorchPolicy, config)
     finally:
         holder.stop()

@@ -70,13 +70,12 @@ from flowrl.data.sequences import sequence_lengths
 from flowrl.policies.filters import RunningStat
 from flowrl.policies.impala import VTraceTorchPolicy, split_pieces
 from flowrl.policies.policy import Policy
+from flowrl.workers.actor_start import free_resources, wait_until_started
 
 __all__ = ["LearnerGroup", "Learner", "GradientAverager", "PolicySpec", "DriverState",
            "ShardPlan", "plan_shards", "merge_learner_stats", "check_learner_resources",
            "learner_gpus"]
 
-#: How long learner actors may take to start before the group reports why they can't.
-LEARNER_START_TIMEOUT_S = 60.0
 #: A collective that waits longer than this fails instead of hanging (e.g. a learner
 #: died mid-update).
 COLLECTIVE_TIMEOUT_S = 600.0
@@ -458,11 +457,14 @@ class LearnerGroup:
         specs = {pid: PolicySpec(type(p), p.observation_space, p.action_space, p.config)
                  for pid, p in self.policies.items()}
         actor_cls = ray.remote(Learner).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0)
+        free_before = free_resources()
         self._learners = [actor_cls.remote(specs, rank, self.num_learners, gpus,
                                            max(1, int(cpus)))
                           for rank in range(self.num_learners)]
         try:
-            self._wait_until_started(cpus, gpus)
+            wait_until_started(self._learners, "learners", {"CPU": cpus, "GPU": gpus},
+                               free_before,
+                               remedy="lower num_learners / num_cpus_per_learner")
             if self.num_learners > 1:
                 host, port = ray.get(self._learners[0].rendezvous_address.remote())
                 backend = "nccl" if gpus > 0 else "gloo"
@@ -474,21 +476,6 @@ class LearnerGroup:
         except BaseException:
             self.stop()
             raise
-
-    def _wait_until_started(self, cpus: float, gpus: float) -> None:
-        """Waits for every learner; fails with the numbers instead of hanging."""
-        import ray
-        pings = [learner.ping.remote() for learner in self._learners]
-        _, pending = ray.wait(pings, num_returns=len(pings), timeout=LEARNER_START_TIMEOUT_S)
-        if pending:
-            free = ray.available_resources()
-            raise RuntimeError(
-                f"{len(pending)} of {self.num_learners} learners did not start within "
-                f"{LEARNER_START_TIMEOUT_S:g} s: each needs {cpus:g} CPU and {gpus:g} GPU, "
-                f"and the Ray cluster has {free.get('CPU', 0):g} CPUs and "
-                f"{free.get('GPU', 0):g} GPUs free. Lower num_learners / "
-                "num_cpus_per_learner, or free the resources (other agents' stop()).")
-        ray.get(pings)  # a learner's construction error, with its traceback
 
     def learn_on_batch(self, batches: dict[str, SampleBatch], num_sgd_iter: int,
                        sgd_minibatch_size: int, obs_stats: dict[str, RunningStat],

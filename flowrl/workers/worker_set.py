@@ -16,15 +16,11 @@ from typing import Any, Callable, ClassVar
 
 from flowrl.envs.registry import EnvContext
 from flowrl.flow.restart import ActorRestarter
+from flowrl.workers.actor_start import free_resources, wait_until_started
 from flowrl.workers.rollout_worker import RolloutWorker
 
 logger = logging.getLogger(__name__)
 
-# How long remote workers may wait for CPUs before WorkerSet reports why they can't get
-# them. Workers that hold their CPUs and are still starting (a busy machine) get up to
-# WORKER_CONSTRUCT_TIMEOUT_S.
-WORKER_START_TIMEOUT_S = 60.0
-WORKER_CONSTRUCT_TIMEOUT_S = 600.0
 # How long stop() waits for recording workers to finish their videos before killing them.
 WORKER_STOP_TIMEOUT_S = 10.0
 
@@ -68,48 +64,19 @@ class WorkerSet:
                 num_gpus=config.get("num_gpus_per_worker", 0),
                 **options,
             )
-            free_before = ray.available_resources().get("CPU", 0.0)
+            free_before = free_resources()
             self._remote = [self.restarter.start(i) for i in range(1, self.num_workers + 1)]
-            self._wait_until_started(free_before)
+            try:
+                wait_until_started(
+                    self._remote, f"{label.lower()}s",
+                    {"CPU": float(config.get("num_cpus_per_worker", 1)),
+                     "GPU": float(config.get("num_gpus_per_worker", 0))},
+                    free_before, remedy="lower num_workers / num_cpus_per_worker")
+            except BaseException:
+                for worker in self._remote:
+                    ray.kill(worker)
+                raise
             self.sync_weights()
-
-    def _wait_until_started(self, free_cpus_before: float) -> None:
-        """Waits for every remote worker; fails with the numbers instead of hanging.
-
-        Construction errors (bad env, bad policy config) surface here with the worker's
-        traceback. Workers that cannot get their CPUs, because other agents or actors
-        hold them, fail after WORKER_START_TIMEOUT_S rather than waiting forever. Workers
-        that got them (the cluster's free CPUs dropped by their share since
-        ``free_cpus_before``) or that have CPUs free to take are only slow to start, as on
-        a busy machine: they get up to WORKER_CONSTRUCT_TIMEOUT_S.
-        """
-        import ray
-        pings = {w.ping.remote(): w for w in self._remote}
-        per_worker = float(self.config.get("num_cpus_per_worker", 1))
-        pending, waited = list(pings), 0.0
-        while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending),
-                                  timeout=WORKER_START_TIMEOUT_S)
-            waited += WORKER_START_TIMEOUT_S
-            if not pending:
-                break
-            free = ray.available_resources().get("CPU", 0.0)
-            share = len(pending) * per_worker
-            starting = free_cpus_before - free >= share - 1e-9 or free >= share - 1e-9
-            if starting and waited < WORKER_CONSTRUCT_TIMEOUT_S:
-                logger.warning("%d of %d rollout workers still starting after %.0f s (a busy "
-                               "machine?); waiting up to %.0f s", len(pending),
-                               self.num_workers, waited, WORKER_CONSTRUCT_TIMEOUT_S)
-                continue
-            total = ray.cluster_resources().get("CPU", 0)
-            for w in self._remote:
-                ray.kill(w)
-            raise RuntimeError(
-                f"{len(pending)} of {self.num_workers} rollout workers did not start within "
-                f"{waited:g} s: each needs {per_worker:g} CPU and the Ray cluster has "
-                f"{free:g} of {total:g} CPUs free. Another agent or actor may hold them "
-                "(call its stop()), or lower num_workers / num_cpus_per_worker.")
-        ray.get(list(pings))  # raises a worker's construction error with its traceback
 
     def _start_actor(self, index: int):
         return self._actor_cls.remote(self.env_creator, self.policy_cls, self.config,
