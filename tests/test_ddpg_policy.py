@@ -589,20 +589,20 @@ def ou_policy(theta: float, sigma: float) -> DDPGTorchPolicy:
     return policy
 
 
-def test_reset_noise_redraws_only_the_given_rows():
+def test_episode_start_redraws_only_the_given_rows():
     theta, sigma = 0.15, 0.2
     policy = ou_policy(theta, sigma)
     obs = np.stack([OBS_SPACE.sample()] * 4000)
     policy.compute_actions(obs)  # creates the per-row state
     policy._ou_state[:] = 5.0  # far outside the stationary distribution (std 0.37)
     restarted = np.arange(0, 4000, 2)
-    policy.reset_noise(restarted.tolist())
+    policy.on_episode_start(restarted.tolist())
     kept = np.setdiff1d(np.arange(4000), restarted)
     assert np.all(policy._ou_state[kept] == 5.0)
     fresh = policy._ou_state[restarted, 0]
     assert abs(fresh.mean()) < 0.05  # stationary: mean 0, std sigma / sqrt(theta (2 - theta))
     assert fresh.std() == pytest.approx(np.sqrt(ou_stationary_variance(theta, sigma)), rel=0.05)
-    policy.reset_noise([4000, 5000])  # rows of a larger batch: its first step redraws all
+    policy.on_episode_start([4000, 5000])  # rows of a larger batch: its first step redraws all
     assert np.all(policy._ou_state[kept] == 5.0)
 
 

@@ -61,10 +61,9 @@ from flowrl.policies.ddpg_networks import (_DEFAULT_EXPLORATION, ActionNormalize
                                            ddpg_td_target, linear_scale,
                                            ou_stationary_variance)
 from flowrl.policies.filters import RunningStat
-from flowrl.policies.policy import Policy, TensorDict, _to_cpu_copy, _writable
+from flowrl.policies.policy import Policy, TensorDict, _to_cpu_copy
 from flowrl.data.sample_batch import SampleBatch
 from flowrl.data.spaces import action_mask_keys
-from flowrl.policies.nested import records_to_tensors
 
 __all__ = [
     "DDPGTorchPolicy",
@@ -308,8 +307,9 @@ class DDPGTorchPolicy(Policy):
         self._ou_state += -theta * self._ou_state + sigma * self._rng.standard_normal(shape)
         return self._ou_state
 
-    def reset_noise(self, rows: Sequence[int]) -> None:
-        """Redraw the OU state of batch ``rows`` from the stationary distribution.
+    def on_episode_start(self, rows: Sequence[int]) -> None:
+        """The sampler's batch ``rows`` began new episodes: their OU state is redrawn
+        from the stationary distribution, independent of the episode that ended.
 
         The other rows keep theirs. Nothing to do for Gaussian noise, before the
         first OU step, or for a row beyond the current state (a batch of another
@@ -319,11 +319,6 @@ class DDPGTorchPolicy(Policy):
         rows = [row for row in rows if row < len(self._ou_state)]
         if rows:
             self._ou_state[rows] = self._stationary_ou_draw(len(rows))
-
-    def on_episode_start(self, rows: list[int]) -> None:
-        """The sampler's ``rows`` began new episodes: their OU noise restarts
-        (:meth:`reset_noise`), independent of the episode that ended."""
-        self.reset_noise(rows)
 
     # ------------------------------------------------------------------ acting
     def compute_actions(
@@ -383,29 +378,11 @@ class DDPGTorchPolicy(Policy):
         return batch
 
     # ---------------------------------------------------------------- learning
-    def _batch_to_tensors(self, batch: SampleBatch) -> TensorDict:
-        """Loss columns as tensors on the learner device; actions become normalized units."""
-        tensors: TensorDict = {}
-        for column in (*self.loss_columns, *self.optional_loss_columns):
-            if column not in batch:
-                if column in self.loss_columns:
-                    raise KeyError(
-                        f"{type(self).__name__}.learn_on_batch needs column {column!r}; "
-                        f"the batch has {sorted(batch.keys())}"
-                    )
-                continue
-            arr = self._normalize_column(column, np.asarray(batch[column]))
-            if arr.dtype.names is not None:  # nested observations
-                tensors[column] = records_to_tensors(arr, self.obs_packer, self.device)
-                continue
-            if column == SampleBatch.ACTIONS:
-                arr = self.normalizer.to_normalized(arr.reshape(arr.shape[0], -1))
-            elif column == SampleBatch.TERMINATEDS:
-                arr = arr.astype(np.float32, copy=False)
-            elif arr.dtype == np.float64:
-                arr = arr.astype(np.float32)
-            tensors[column] = torch.from_numpy(_writable(arr)).to(self.device)
-        return tensors
+    def _loss_array(self, column: str, arr: np.ndarray) -> np.ndarray:
+        """Actions become normalized units (see :class:`ActionNormalizer`)."""
+        if column == SampleBatch.ACTIONS:
+            return self.normalizer.to_normalized(arr.reshape(arr.shape[0], -1))
+        return super()._loss_array(column, arr)
 
     def _clip_unit(self, u: torch.Tensor) -> torch.Tensor:
         """Clip normalized actions to ``[-1, 1]`` on the bounded dimensions."""

@@ -35,8 +35,7 @@ from torch import nn
 from flowrl.data.spaces import action_mask_keys
 from flowrl.policies.dqn_networks import QNetwork
 from flowrl.policies.models import ActionMaskedModel
-from flowrl.policies.nested import records_to_tensors
-from flowrl.policies.policy import Policy, TensorDict, _writable
+from flowrl.policies.policy import Policy, TensorDict
 from flowrl.data.sample_batch import SampleBatch
 
 __all__ = [
@@ -446,30 +445,6 @@ class DQNTorchPolicy(Policy):
         return np.abs(q_selected - target).astype(np.float32, copy=False)
 
     # ---------------------------------------------------------------- learning
-    def _batch_to_tensors(self, batch: SampleBatch) -> TensorDict:
-        """Required + present optional loss columns as tensors on the learner device."""
-        tensors: TensorDict = {}
-        for column in (*self.loss_columns, *self.optional_loss_columns):
-            if column not in batch:
-                if column in self.loss_columns:
-                    raise KeyError(
-                        f"{type(self).__name__}.learn_on_batch needs column {column!r}; "
-                        f"the batch has {sorted(batch.keys())}"
-                    )
-                continue
-            arr = self._normalize_column(column, np.asarray(batch[column]))
-            if arr.dtype.names is not None:  # nested observations
-                tensors[column] = records_to_tensors(arr, self.obs_packer, self.device)
-                continue
-            if column == SampleBatch.ACTIONS:
-                arr = arr.astype(np.int64, copy=False)
-            elif column == SampleBatch.TERMINATEDS:
-                arr = arr.astype(np.float32, copy=False)
-            elif arr.dtype == np.float64:
-                arr = arr.astype(np.float32)
-            tensors[column] = torch.from_numpy(_writable(arr)).to(self.device)
-        return tensors
-
     def _td_error(self, tensors: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(q_t_selected [B], td_error [B])`` (signed); grads flow through ``q_t`` only."""
         q_selected, target = self._q_and_target(tensors)

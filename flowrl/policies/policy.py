@@ -220,6 +220,9 @@ class Policy:
 
     #: Train-batch columns the loss reads; only these are converted to tensors.
     loss_columns: tuple[str, ...] = (SampleBatch.OBS, SampleBatch.ACTIONS, SampleBatch.ADVANTAGES)
+    #: Columns the loss reads when the batch has them (e.g. replay's importance
+    #: ``weights``); converted like :attr:`loss_columns`, skipped when absent.
+    optional_loss_columns: tuple[str, ...] = ()
 
     #: Names of :meth:`loss` stats that hold one value per minibatch row (a
     #: ``[rows, ...]`` tensor) instead of a scalar, e.g. DQN's ``td_error``. The SGD
@@ -605,11 +608,15 @@ class Policy:
         return tensors
 
     def _batch_to_tensors(self, batch: SampleBatch) -> TensorDict:
-        """The loss columns of ``batch`` as tensors on the learner device (one copy each);
-        a recurrent policy's also hold the whole batch's sequence layout."""
+        """The loss columns of ``batch`` (and the optional ones it has) as tensors on the
+        learner device, one copy each, in the dtypes of :meth:`_loss_array`; a recurrent
+        policy's also hold the whole batch's sequence layout."""
         tensors: TensorDict = {}
-        for column in (*self.loss_columns, *self.recurrent_columns()):
+        for column in (*self.loss_columns, *self.recurrent_columns(),
+                       *self.optional_loss_columns):
             if column not in batch:
+                if column in self.optional_loss_columns:
+                    continue
                 raise KeyError(
                     f"{type(self).__name__}.learn_on_batch needs column {column!r}; "
                     f"the batch has {sorted(batch.keys())}"
@@ -618,14 +625,21 @@ class Policy:
             if arr.dtype.names is not None:  # nested observations
                 tensors[column] = records_to_tensors(arr, self.obs_packer, self.device)
                 continue
-            if arr.dtype == np.float64:
-                arr = arr.astype(np.float32)
-            elif column == SampleBatch.ACTIONS and self._discrete_actions and arr.dtype != np.int64:
-                arr = arr.astype(np.int64)
+            arr = self._loss_array(column, arr)
             tensors[column] = torch.from_numpy(_writable(arr)).to(self.device)
         if self.recurrent:
             self._add_sequences(tensors, sequence_lengths(batch, self.max_seq_len))
         return tensors
+
+    def _loss_array(self, column: str, arr: np.ndarray) -> np.ndarray:
+        """``arr`` in the dtype the loss computes with: float32 for float64 columns and
+        for ``terminateds``, int64 for Discrete actions. Subclasses that keep actions in
+        other units (DDPG's normalized ones) convert them here."""
+        if column == SampleBatch.ACTIONS and self._discrete_actions:
+            return arr.astype(np.int64, copy=False)
+        if column == SampleBatch.TERMINATEDS or arr.dtype == np.float64:
+            return arr.astype(np.float32, copy=False)
+        return arr
 
     def _normalize_column(self, column: str, arr: np.ndarray) -> np.ndarray:
         """``arr`` normalized by :attr:`obs_filter` (a float32 copy) if ``column``

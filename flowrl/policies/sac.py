@@ -60,9 +60,8 @@ from flowrl.policies.ddpg_networks import ActionNormalizer, _adam, _ExportedActo
 from flowrl.policies.dqn import GAMMAS, TD_ERROR, adjust_nstep
 from flowrl.policies.export import ArgmaxHead
 from flowrl.policies.filters import RunningStat
-from flowrl.policies.nested import num_rows, records_to_tensors
-from flowrl.policies.policy import (Policy, TensorDict, _to_cpu_copy, _total_norm_and_clip,
-                                    _writable)
+from flowrl.policies.nested import num_rows
+from flowrl.policies.policy import Policy, TensorDict, _to_cpu_copy, _total_norm_and_clip
 from flowrl.policies.sac_networks import (GreedyUnitAction, SACModel, discrete_sac_td_target,
                                           sac_td_target)
 
@@ -313,30 +312,12 @@ class SACTorchPolicy(Policy):
         return adjust_nstep(batch, self.n_step, float(self.config["gamma"]))
 
     # ---------------------------------------------------------------- learning
-    def _batch_to_tensors(self, batch: SampleBatch) -> TensorDict:
-        """Loss columns as tensors on the learner device; Box actions in normalized units,
-        Discrete ones int64."""
-        tensors: TensorDict = {}
-        for column in (*self.loss_columns, *self.optional_loss_columns):
-            if column not in batch:
-                if column in self.loss_columns:
-                    raise KeyError(
-                        f"{type(self).__name__}.learn_on_batch needs column {column!r}; "
-                        f"the batch has {sorted(batch.keys())}")
-                continue
-            arr = self._normalize_column(column, np.asarray(batch[column]))
-            if arr.dtype.names is not None:  # nested observations
-                tensors[column] = records_to_tensors(arr, self.obs_packer, self.device)
-                continue
-            if column == SampleBatch.ACTIONS:
-                arr = (arr.reshape(-1).astype(np.int64, copy=False) if self.discrete
-                       else self.normalizer.to_normalized(arr.reshape(arr.shape[0], -1)))
-            elif column == SampleBatch.TERMINATEDS:
-                arr = arr.astype(np.float32, copy=False)
-            elif arr.dtype == np.float64:
-                arr = arr.astype(np.float32)
-            tensors[column] = torch.from_numpy(_writable(arr)).to(self.device)
-        return tensors
+    def _loss_array(self, column: str, arr: np.ndarray) -> np.ndarray:
+        """Box actions become normalized units, Discrete ones a flat int64 column."""
+        if column == SampleBatch.ACTIONS:
+            return (arr.reshape(-1).astype(np.int64, copy=False) if self.discrete
+                    else self.normalizer.to_normalized(arr.reshape(arr.shape[0], -1)))
+        return super()._loss_array(column, arr)
 
     def critic_target(self, tensors: TensorDict, noise: torch.Tensor | None = None
                       ) -> torch.Tensor:
