@@ -221,6 +221,23 @@ def test_conv_filters_take_an_optional_padding():
     assert model.policy_tower[1].in_features == 4 * 6 * 6  # 8 -> 8 (padded) -> 6
 
 
+def test_conv_filters_take_square_pairs_and_name_bad_entries():
+    """RLlib-style entries, ``[out, [k, k], stride]``, build the same net as ``[out, k,
+    stride]``; a non-square or non-numeric entry is a ValueError naming it."""
+    space = Box(0, 255, (84, 84, 4), np.uint8)
+    pairs = get_model(space, Discrete(2), 2, {"conv_filters": [[16, [8, 8], 4],
+                                                               [32, [4, 4], [2, 2]]]})
+    ints = get_model(space, Discrete(2), 2, {"conv_filters": [[16, 8, 4], [32, 4, 2]]})
+    assert [(c.kernel_size, c.stride) for c in _convs(pairs.policy_tower)] == \
+        [(c.kernel_size, c.stride) for c in _convs(ints.policy_tower)] == \
+        [((8, 8), (4, 4)), ((4, 4), (2, 2))]
+    for bad, words in (([[16, [8, 4], 4]], r"\[16, \[8, 4\], 4\].*square.*\[8, 4\]"),
+                       ([[16, "8", 4]], r"whole numbers, got \[16, '8', 4\]"),
+                       ([16, 32], r"got 16")):
+        with pytest.raises(ValueError, match=words):
+            get_model(space, Discrete(2), 2, {"conv_filters": bad})
+
+
 # ------------------------------------------------------------ custom models
 class _NestedInputModel(nn.Module):
     """Asserts that it receives the nested observation as nested tensors."""

@@ -387,13 +387,35 @@ def _too_small_for_convs(space: gym.spaces.Box, owner: str) -> ValueError:
     )
 
 
+def _conv_filter_entry(entry: Any) -> list[int]:
+    """One ``conv_filters`` entry as ints; a square ``[k, k]`` kernel or stride (the
+    form RLlib configs use) becomes ``k``."""
+    def size(value: Any) -> int:
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2 or value[0] != value[1]:
+                raise ValueError(
+                    f"conv_filters entry {entry!r}: kernels and strides are square here, "
+                    f"one int or [k, k]; got {value!r}")
+            value = value[0]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ValueError(
+                "conv_filters entries are [out_channels, kernel, stride] or [out_channels, "
+                f"kernel, stride, padding] with whole numbers, got {entry!r}")
+        return int(value)
+    if not isinstance(entry, (list, tuple)):
+        raise ValueError(
+            "conv_filters entries are [out_channels, kernel, stride] or [out_channels, "
+            f"kernel, stride, padding], got {entry!r}")
+    return [size(value) for value in entry]
+
+
 def _conv_filters_for(model_config: dict[str, Any], height: int,
                       width: int) -> tuple[list[list[int]], int]:
     """``conv_filters`` (or the default stack for this size) and the flattened size of
     their output on a ``height x width`` image; ValueError if they shrink it to nothing."""
     given = model_config.get("conv_filters")
     if given:
-        filters = [[int(v) for v in entry] for entry in given]
+        filters = [_conv_filter_entry(entry) for entry in given]
     elif min(height, width) >= _NATURE_MIN_SIDE:
         filters = _NATURE_CONV_FILTERS
     else:
