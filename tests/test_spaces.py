@@ -212,11 +212,10 @@ def test_ppo_learns_multidiscrete_actions():
 
 @pytest.mark.learning
 def test_ppo_minigrid_empty_default_config():
-    import minigrid  # noqa: F401  registers the MiniGrid envs (a test dependency)
     from learning_bars import assert_learns
-    # In this process: a fresh one would not have the MiniGrid ids registered.
-    assert_learns("PPO", {}, 0.9, 32_000, typical=16_000, env="MiniGrid-Empty-5x5-v0",
-                  concurrent=False)
+    # gymnasium's "module:EnvId": each seed's fresh process imports minigrid itself.
+    assert_learns("PPO", {}, 0.9, 32_000, typical=16_000,
+                  env="minigrid:MiniGrid-Empty-5x5-v0")
 
 
 def test_es_acts_with_the_mode_of_a_product_distribution(ray_session):

@@ -165,6 +165,20 @@ def test_old_gym_api_env_is_adapted():
     assert batch.count == 6 and batch[SampleBatch.TRUNCATEDS].sum() == 2
 
 
+def test_gymnasium_module_env_ids_import_their_module():
+    """gymnasium's "module:EnvId": the module registers the id; typos and missing
+    modules are ValueErrors that say which."""
+    creator = make_env_creator("minigrid:MiniGrid-Empty-5x5-v0")
+    env = creator(EnvContext({}))
+    assert env.unwrapped.spec.id == "MiniGrid-Empty-5x5-v0"
+    with pytest.raises(ValueError, match=r"importing 'minigrid' registered no gymnasium env "
+                                         r"'MiniGrid-Empty-5x5-v9'\. Did you mean "
+                                         r"'MiniGrid-Empty-5x5-v0'"):
+        make_env_creator("minigrid:MiniGrid-Empty-5x5-v9")
+    with pytest.raises(ValueError, match=r"module 'no_such_env_module'.*cannot be imported"):
+        make_env_creator("no_such_env_module:Corridor-v0")
+
+
 def test_register_env_and_unknown_env_error():
     register_env("counting-test-env", lambda ctx: CountingEnv(ctx))
     env = make_env_creator("counting-test-env")(EnvContext({"length": 2}))

@@ -64,8 +64,10 @@ def make_env_creator(env: Any) -> EnvCreator:
 
     ``env`` may be a name given to :func:`register_env`, a gymnasium id
     (``"CartPole-v1"``), a short Atari name (``"Breakout"``, when Atari support is
-    installed), an env class / callable taking the ``EnvContext``, or an import string
-    naming one (``"examples/custom_env.py:SimpleCorridor"``).
+    installed), gymnasium's ``"module:EnvId"`` (``"minigrid:MiniGrid-Empty-5x5-v0"``:
+    the module is imported, in every worker too, to register the id), an env class /
+    callable taking the ``EnvContext``, or an import string naming one
+    (``"examples/custom_env.py:SimpleCorridor"``).
     Unknown names fail here, before any worker starts.
     """
     if env is None:
@@ -75,6 +77,11 @@ def make_env_creator(env: Any) -> EnvCreator:
         if env in _ENV_CREATORS:
             creator = _ENV_CREATORS[env]
         elif env in gym.registry:
+            creator = _GymnasiumCreator(env)
+        elif _is_module_env_id(env):
+            # gymnasium's "module:EnvId" (e.g. "minigrid:MiniGrid-Empty-5x5-v0"): the
+            # module registers the id on import; gym.make does the same in each worker.
+            _check_module_env_id(env)
             creator = _GymnasiumCreator(env)
         elif is_import_string(env):
             # "path/to/file.py:MyEnv" or "package.module:MyEnv": an env class or a
@@ -91,6 +98,34 @@ def make_env_creator(env: Any) -> EnvCreator:
     else:
         raise ValueError(f"env must be a name or a callable, got {env!r}")
     return _CompatCreator(creator)
+
+
+def _is_module_env_id(name: str) -> bool:
+    """``"package.module:EnvId"`` whose EnvId is not a Python name (so not an import
+    string of a class or function): gymnasium's form for an env a module registers."""
+    if name.count(":") != 1:
+        return False
+    module, env_id = name.split(":")
+    return (bool(module) and bool(env_id) and not env_id.isidentifier()
+            and all(part.isidentifier() for part in module.split(".")))
+
+
+def _check_module_env_id(name: str) -> None:
+    """Imports the module of ``"module:EnvId"``; ValueError unless it registers EnvId."""
+    import importlib
+    module, env_id = name.split(":")
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(
+            f"env {name!r}: module {module!r}, which should register {env_id!r} with "
+            f"gymnasium, cannot be imported ({e}); install it, or give the env id alone "
+            "if it is registered already") from e
+    if env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"env {name!r}: importing {module!r} registered no gymnasium env "
+                         f"{env_id!r}.{hint}")
 
 
 def _from_tune_registry(name: str) -> EnvCreator | None:
