@@ -384,26 +384,29 @@ class DQNTorchPolicy(Policy):
         """n-step transitions (:func:`adjust_nstep`) plus, optionally, initial priorities.
 
         Adds ``gammas`` (float32). With ``worker_side_prioritization`` also
-        adds ``td_error`` = ``|TD error|`` per row (float32), computed with this
-        policy's current nets. Like the ``td_error`` stat of
+        adds ``td_error`` = ``|TD error|`` per row (float32): on a remote worker from
+        the Q values it acted on, else with this policy's current nets. Like the
+        ``td_error`` stat of
         :meth:`learn_on_batch` it is the raw absolute error: the replay buffer
         adds ``prioritized_replay_eps`` when it turns it into priorities.
         """
-        if not (self.config.get("worker_side_prioritization") and batch.count):
-            adjust_nstep(batch, self.n_step, self.gamma)
-            if self.config.get("worker_side_prioritization"):
-                batch[TD_ERROR] = np.zeros(0, dtype=np.float32)
-            return batch
-        if self._target_follows_online and Q_VALUES in batch:
-            # The Q values the worker acted on already hold Q(s_t) for every row and
-            # Q(s_t+n) for all but the rows whose n-step window reaches the end of
-            # their piece: reusing them saves three network passes per row.
+        prioritize = bool(self.config.get("worker_side_prioritization"))
+        # A remote worker reuses the Q values it acted on (see _td_error_from_acting_q):
+        # Q(s_t) for every row and Q(s_t+n) for all but the rows whose n-step window
+        # reaches the end of their piece, which saves three network passes per row.
+        reuse_acting_q = (prioritize and batch.count > 0 and self._target_follows_online
+                          and Q_VALUES in batch)
+        if reuse_acting_q:  # before adjust_nstep rewrites terminateds and new_obs
             last = nstep_last_rows(batch, self.n_step)
             bootstraps_inside = last < _segment_ends(batch)
-            adjust_nstep(batch, self.n_step, self.gamma)
+        adjust_nstep(batch, self.n_step, self.gamma)
+        if not prioritize:
+            return batch
+        if batch.count == 0:
+            batch[TD_ERROR] = np.zeros(0, dtype=np.float32)
+        elif reuse_acting_q:
             batch[TD_ERROR] = self._td_error_from_acting_q(batch, last, bootstraps_inside)
         else:
-            adjust_nstep(batch, self.n_step, self.gamma)
             batch[TD_ERROR] = self.compute_td_error(batch)
         return batch
 
@@ -419,10 +422,10 @@ class DQNTorchPolicy(Policy):
         Row ``t`` bootstraps from the observation of row ``last[t] + 1`` when that row
         is in the same episode segment (``bootstraps_inside``), whose acting Q values
         are in the batch; the other rows that are not terminated (truncated, or cut at
-        the end of the fragment) get one forward pass over their distinct ``new_obs``. With the
-        target net equal to the online net, double Q's target is the plain max. The
-        values equal :meth:`compute_td_error` when the weights did not change between
-        acting and postprocessing.
+        the end of the fragment) get one forward pass over their distinct ``new_obs``.
+        With the target net equal to the online net, double Q's target is the plain
+        max. The values equal :meth:`compute_td_error` when the weights did not change
+        between acting and postprocessing.
         """
         q_values = np.asarray(batch[Q_VALUES], dtype=np.float32)
         rows = np.arange(batch.count)
@@ -434,7 +437,7 @@ class DQNTorchPolicy(Policy):
         needs_pass = ~bootstraps_inside & ~terminated
         if needs_pass.any():
             # The rows of one window end share their new_obs: one pass per window end.
-            ends, first_rows, row_to_end = np.unique(
+            _, first_rows, row_to_end = np.unique(
                 last[needs_pass], return_index=True, return_inverse=True)
             new_obs = batch[SampleBatch.NEW_OBS][np.flatnonzero(needs_pass)[first_rows]]
             with torch.inference_mode():
