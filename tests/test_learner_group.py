@@ -20,6 +20,7 @@ from flowrl.plans.ddpg import DDPGAgent
 from flowrl.plans.dqn import DQNAgent
 from flowrl.plans.impala import ImpalaAgent
 from flowrl.plans.ppo import PPOAgent
+from flowrl.plans.sac import SACAgent
 from flowrl.policies.a2c import A2CTorchPolicy
 from flowrl.policies.ddpg import DDPGTorchPolicy
 from flowrl.policies.dqn import DQNTorchPolicy
@@ -27,6 +28,7 @@ from flowrl.envs import make_env_creator, register_env
 from flowrl.envs.multi_agent import MultiCartPole
 from flowrl.policies.impala import VTraceTorchPolicy, split_pieces
 from flowrl.policies.ppo import PPOTorchPolicy
+from flowrl.policies.sac import SACTorchPolicy
 from flowrl.workers import RolloutWorker
 from flowrl.workers.learner_group import merge_learner_stats, plan_shards
 from flowrl.workers.rollout_worker import policy_gpus
@@ -307,6 +309,28 @@ def test_ddpg_actor_and_critic_steps_stay_identical(ray_session):
         assert got["num_actor_updates"] == expected["num_actor_updates"] == 2
         assert max_diff(reference.get_weights()["default_policy"],
                         grouped.get_weights()["default_policy"]) < 1e-4
+    finally:
+        grouped.stop()
+
+
+def test_sac_learners_stay_identical_alpha_included(ray_session):
+    """SAC's actor, twin critics and entropy temperature all step on averaged
+    gradients. Each learner samples its own actions, so the step is close to one
+    learner's, not equal: the learners must still agree bit for bit."""
+    reference, grouped = worker_pair(SACAgent, SACTorchPolicy, env="Pendulum-v1",
+                                     rollout_fragment_length=64)
+    try:
+        batch = reference.sample()
+        start = grouped.get_state()["default_policy"]
+        for _ in range(4):
+            expected = reference.learn_on_batch(batch)["default_policy"]
+            got = grouped.learn_on_batch(batch)["default_policy"]
+            assert_learners_identical(grouped)
+            assert got["critic_loss"] == pytest.approx(expected["critic_loss"], rel=0.05)
+            assert got["alpha"] == pytest.approx(expected["alpha"], rel=1e-3)
+        learned = grouped.get_state()["default_policy"]
+        assert float(learned["log_alpha"]) < float(start["log_alpha"])  # alpha stepped
+        assert max_diff(start["weights"], learned["weights"]) > 1e-4
     finally:
         grouped.stop()
 
