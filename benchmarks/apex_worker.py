@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from atari_env_rate import preprocessed_step_rate  # noqa: E402
+from atari_env_rate import interleaved_rates, preprocessed_step_rate  # noqa: E402
 
 
 def apex_worker(game: str, num_envs: int, priorities: bool):
@@ -44,24 +44,27 @@ def apex_worker(game: str, num_envs: int, priorities: bool):
                          worker_index=1, num_workers=14)
 
 
+def _sampling_runner(worker):
+    """``run(seconds) -> (agent steps, elapsed)`` of ``worker.sample()`` calls."""
+    def run(seconds: float) -> tuple[int, float]:
+        steps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            steps += worker.sample().count
+        return steps, time.perf_counter() - start
+    return run
+
+
 def measure(game: str, envs: list[int], seconds: float, rounds: int = 4) -> list[dict]:
     """Per env count: ``{"envs", "with_priorities", "without"}`` in agent steps/s."""
     rows = []
     for num_envs in envs:
         workers = {"with_priorities": apex_worker(game, num_envs, True),
                    "without": apex_worker(game, num_envs, False)}
-        totals = {name: [0, 0.0] for name in workers}
         for worker in workers.values():
             worker.sample()  # warm-up: torch's first calls, env resets
-        for _ in range(rounds):
-            for name, worker in workers.items():
-                steps, start = 0, time.perf_counter()
-                while time.perf_counter() - start < seconds / rounds:
-                    steps += worker.sample().count
-                totals[name][0] += steps
-                totals[name][1] += time.perf_counter() - start
-        rows.append({"envs": num_envs, **{name: steps / elapsed
-                                          for name, (steps, elapsed) in totals.items()}})
+        rates = interleaved_rates({name: _sampling_runner(worker)
+                                   for name, worker in workers.items()}, seconds, rounds)
+        rows.append({"envs": num_envs, **rates})
         for worker in workers.values():
             worker.stop()
     return rows

@@ -116,6 +116,13 @@ def measure_interleaved(game: str = "Breakout", seconds: float = 5.0,
     runners = {"raw_frames": _raw_ale_runner(game),
                "deepmind_steps": _step_runner(_deepmind_env(game)),
                "gymnasium_steps": _step_runner(_gymnasium_env(game))}
+    return interleaved_rates(runners, seconds, rounds)
+
+
+def interleaved_rates(runners: dict[str, Callable[[float], tuple[int, float]]],
+                      seconds: float, rounds: int) -> dict[str, float]:
+    """``{name: count / elapsed}`` of ``run(slice) -> (count, elapsed)`` runners, each
+    given ``seconds`` in total, in ``rounds`` alternating slices (shared load hits all)."""
     totals = {name: [0, 0.0] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():

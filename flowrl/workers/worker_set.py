@@ -59,19 +59,15 @@ class WorkerSet:
             options: dict[str, Any] = {}
             if scheduling_strategy is not None:
                 options["scheduling_strategy"] = scheduling_strategy
+            needs = {"CPU": float(config.get("num_cpus_per_worker", 1)),
+                     "GPU": float(config.get("num_gpus_per_worker", 0))}
             self._actor_cls = ray.remote(RolloutWorker).options(
-                num_cpus=config.get("num_cpus_per_worker", 1),
-                num_gpus=config.get("num_gpus_per_worker", 0),
-                **options,
-            )
+                num_cpus=needs["CPU"], num_gpus=needs["GPU"], **options)
             free_before = free_resources()
             self._remote = [self.restarter.start(i) for i in range(1, self.num_workers + 1)]
             try:
-                wait_until_started(
-                    self._remote, f"{label.lower()}s",
-                    {"CPU": float(config.get("num_cpus_per_worker", 1)),
-                     "GPU": float(config.get("num_gpus_per_worker", 0))},
-                    free_before, remedy="lower num_workers / num_cpus_per_worker")
+                wait_until_started(self._remote, f"{label.lower()}s", needs, free_before,
+                                   remedy="lower num_workers / num_cpus_per_worker")
             except BaseException:
                 for worker in self._remote:
                     ray.kill(worker)
